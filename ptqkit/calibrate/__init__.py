@@ -1,0 +1,31 @@
+"""Streaming, mergeable calibrators: statistics (:mod:`.stats`) apart from range solvers
+(:mod:`.solvers`), registered by name (:data:`CALIBRATORS`)."""
+
+from .calibrators import (
+    CALIBRATORS,
+    AutoPercentileCalibrator,
+    Calibrator,
+    EMACalibrator,
+    KLCalibrator,
+    MinMaxCalibrator,
+    MSECalibrator,
+    PercentileCalibrator,
+    make_calibrator,
+    register_calibrator,
+)
+from .stats import HistogramStats, MinMaxStats
+
+__all__ = [
+    "CALIBRATORS",
+    "AutoPercentileCalibrator",
+    "Calibrator",
+    "EMACalibrator",
+    "HistogramStats",
+    "KLCalibrator",
+    "MSECalibrator",
+    "MinMaxCalibrator",
+    "MinMaxStats",
+    "PercentileCalibrator",
+    "make_calibrator",
+    "register_calibrator",
+]

@@ -1,0 +1,246 @@
+"""Calibrators: an observer of statistics plus a solver, registered by name.
+
+Every calibrator is streaming (``observe`` keeps bounded statistics, never the activations) and
+mergeable (``a.merge(b)`` makes ``a`` the calibrator that saw ``a``'s data then ``b``'s).
+``compute_range(spec)`` returns ``(lo, hi)``: 0-d tensors per tensor, ``[C]`` per channel.
+
+Non-finite values (NaN/Inf) in a batch raise :class:`ptqkit.errors.CalibrationError` naming the
+calibrator: a range computed from them would be silently wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ..config import QuantSpec
+from ..errors import CalibrationError, ConfigError
+from . import solvers
+from .stats import HistogramStats, MinMaxStats, as_channels
+
+
+@runtime_checkable
+class Calibrator(Protocol):
+    """What the pipeline needs of a calibrator."""
+
+    def observe(self, x: torch.Tensor) -> None: ...
+
+    def merge(self, other: Any) -> None: ...
+
+    def compute_range(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+CALIBRATORS: dict[str, Callable[..., Calibrator]] = {}
+
+
+def register_calibrator(name: str, factory: Callable[..., Calibrator] | None = None) -> Any:
+    """Register ``factory`` (callable with no arguments for its defaults) under ``name``.
+    Usable as a decorator: ``@register_calibrator("mine")``."""
+
+    def add(f: Callable[..., Calibrator]) -> Callable[..., Calibrator]:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"a calibrator name must be a non-empty string, got {name!r}")
+        CALIBRATORS[name] = f
+        return f
+
+    return add(factory) if factory is not None else add
+
+
+def make_calibrator(name: str, **options: Any) -> Calibrator:
+    """Build the registered calibrator ``name`` with ``options``; a clear error otherwise."""
+    if name not in CALIBRATORS:
+        raise ConfigError(f"unknown calibrator {name!r}; registered: {sorted(CALIBRATORS)}")
+    try:
+        return CALIBRATORS[name](**options)
+    except TypeError as e:
+        raise ConfigError(f"bad options for calibrator {name!r}: {e}") from None
+
+
+class _Base:
+    name = "base"
+
+    def __init__(self, axis: int | None) -> None:
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise ConfigError(f"{self.name}: axis must be None or an int, got {axis!r}")
+        self.axis = axis
+
+    def _check(self, stats: MinMaxStats | HistogramStats, spec: QuantSpec) -> None:
+        if stats.lo is None:
+            raise CalibrationError(f"{self.name}: compute_range called before any data was observed")
+        if spec.per_channel != (self.axis is not None) or (spec.per_channel and spec.axis != self.axis):
+            raise ConfigError(
+                f"{self.name}: observed with axis={self.axis} but asked for per_channel="
+                f"{spec.per_channel}, axis={spec.axis}; build the calibrator with axis=spec.axis"
+            )
+
+    def _out(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = lo.float(), hi.float()
+        return (lo, hi) if self.axis is not None else (lo.reshape(()), hi.reshape(()))
+
+
+class MinMaxCalibrator(_Base):
+    """``lo = min x``, ``hi = max x`` over everything observed."""
+
+    name = "minmax"
+
+    def __init__(self, axis: int | None = None) -> None:
+        super().__init__(axis)
+        self.stats = MinMaxStats(axis, self.name)
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.stats.update(x)
+
+    def merge(self, other: MinMaxCalibrator) -> None:
+        self.stats.merge(other.stats)
+
+    def compute_range(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(self.stats, spec)
+        return self._out(*solvers.minmax_range(self.stats))
+
+
+class EMACalibrator(_Base):
+    """Moving average of the per-batch min/max (the chapter's "moyenne mobile"):
+    ``m_1 = v_1``, ``m_t = β·m_{t-1} + (1-β)·v_t`` with momentum ``β``.
+
+    Kept as ``m_t = β^(t-1)·v_1 + A_t`` with ``A_t = Σ_{k≥2} (1-β)·β^(t-k)·v_k``, which merges
+    exactly in sequence order: ``A_{ab} = β^(n_b)·A_a + β^(n_b)... `` i.e. appending ``b``'s
+    ``n_b`` batches gives ``m = β^(n_b)·m_a + (m_b - β^(n_b-1)·v_{b,1}) + (1-β)·β^(n_b-1)·v_{b,1}``.
+    """
+
+    name = "ema"
+
+    def __init__(self, momentum: float = 0.9, axis: int | None = None) -> None:
+        super().__init__(axis)
+        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"ema: momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        self.batches = 0
+        self.first: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.m: tuple[torch.Tensor, torch.Tensor] | None = None  # current (lo, hi) averages
+        self.lo = None  # for _check
+
+    def observe(self, x: torch.Tensor) -> None:
+        b = MinMaxStats(self.axis, self.name)
+        b.update(x)
+        if b.lo is None:
+            return
+        v = (b.lo.double(), b.hi.double())
+        if self.m is None:
+            self.first, self.m = v, v
+        else:
+            beta = self.momentum
+            self.m = tuple(beta * m + (1 - beta) * vi for m, vi in zip(self.m, v))
+        self.batches += 1
+        self.lo = self.m[0]
+
+    def merge(self, other: EMACalibrator) -> None:
+        if other.m is None:
+            return
+        if self.m is None:
+            self.first, self.m, self.batches, self.lo = other.first, other.m, other.batches, other.m[0]
+            return
+        beta, n = self.momentum, other.batches
+        decay = beta**n
+        # other's average started at its first value instead of continuing ours
+        self.m = tuple(
+            decay * mine + theirs - beta ** (n - 1) * f + (1 - beta) * beta ** (n - 1) * f
+            for mine, theirs, f in zip(self.m, other.m, other.first)
+        )
+        self.batches += n
+        self.lo = self.m[0]
+
+    def compute_range(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(self, spec)
+        return self._out(*self.m)
+
+
+class _HistogramCalibrator(_Base):
+    """Shared observer of the histogram calibrators: one :class:`HistogramStats`."""
+
+    def __init__(self, bins: int = 4096, axis: int | None = None) -> None:
+        super().__init__(axis)
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 8:
+            raise ConfigError(f"{self.name}: bins must be an int >= 8, got {bins!r}")
+        self.stats = HistogramStats(bins, axis, self.name)
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.stats.update(x)
+
+    def merge(self, other: _HistogramCalibrator) -> None:
+        self.stats.merge(other.stats)
+
+    def compute_range(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(self.stats, spec)
+        return self._out(*self._solve(spec))
+
+    def _solve(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class PercentileCalibrator(_HistogramCalibrator):
+    """The ``p``-th percentile of the data (default 99.99), see
+    :func:`ptqkit.calibrate.solvers.percentile_range`."""
+
+    name = "percentile"
+
+    def __init__(self, percentile: float = 99.99, bins: int = 4096, axis: int | None = None) -> None:
+        if not isinstance(percentile, (int, float)) or not 50.0 < percentile <= 100.0:
+            raise ConfigError(f"percentile: must be in (50, 100], got {percentile!r}")
+        super().__init__(bins, axis)
+        self.percentile = float(percentile)
+
+    def _solve(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        return solvers.percentile_range(self.stats, spec, self.percentile)
+
+
+class KLCalibrator(_HistogramCalibrator):
+    """Entropy calibration: the threshold minimizing KL(P‖Q), see
+    :func:`ptqkit.calibrate.solvers.kl_divergence_curve`."""
+
+    name = "kl"
+
+    def _solve(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        return solvers.kl_range(self.stats, spec)
+
+
+class MSECalibrator(_HistogramCalibrator):
+    """The range minimizing the expected squared quantization error, see
+    :func:`ptqkit.calibrate.solvers.mse_range`."""
+
+    name = "mse"
+
+    def _solve(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        return solvers.mse_range(self.stats, spec)
+
+
+class AutoPercentileCalibrator(_HistogramCalibrator):
+    """Finds the best percentile itself (exercise 9.2.1): the candidate percentile whose range
+    minimizes the expected quantization error; the choice is kept in ``chosen_percentile``."""
+
+    name = "auto_percentile"
+
+    def __init__(
+        self,
+        candidates: tuple[float, ...] = solvers.DEFAULT_PERCENTILES,
+        bins: int = 4096,
+        axis: int | None = None,
+    ) -> None:
+        candidates = tuple(candidates)
+        if not candidates or not all(isinstance(p, (int, float)) and 50 < p <= 100 for p in candidates):
+            raise ConfigError(f"auto_percentile: candidates must be in (50, 100], got {candidates!r}")
+        super().__init__(bins, axis)
+        self.candidates = candidates
+        self.chosen_percentile: torch.Tensor | None = None
+
+    def _solve(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi, self.chosen_percentile = solvers.auto_percentile_range(self.stats, spec, self.candidates)
+        return lo, hi
+
+
+for _cls in (MinMaxCalibrator, EMACalibrator, PercentileCalibrator, KLCalibrator, MSECalibrator,
+             AutoPercentileCalibrator):
+    register_calibrator(_cls.name, _cls)
+
+__all__ = ["CALIBRATORS", "Calibrator", "as_channels", "make_calibrator", "register_calibrator"]

@@ -1,0 +1,235 @@
+"""Range solvers: turn statistics (:mod:`ptqkit.calibrate.stats`) into a range ``(lo, hi)``.
+
+All solvers are vectorized over the histogram (no Python loop over bins or thresholds) and return
+float64 tensors of shape ``[C]``. Notation: histogram counts ``c_j`` at bin centers ``x_j``,
+``N = Σ c_j``; ``Δ`` the grid step a range gives (:func:`ptqkit.quant.qparams`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import QuantSpec
+from .stats import HistogramStats, MinMaxStats
+
+Range = tuple[torch.Tensor, torch.Tensor]
+
+
+def minmax_range(stats: MinMaxStats) -> Range:
+    """``(min x, max x)``."""
+    return stats.lo.double(), stats.hi.double()
+
+
+def _levels(spec: QuantSpec) -> int:
+    return spec.qmax - spec.qmin
+
+
+def expected_error(h: HistogramStats, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Expected squared quantization error ``E(lo, hi)`` per channel over the histogram.
+
+    ``E = Σ_{x_j outside} c_j (x_j - clamp(x_j, lo, hi))² + (N_in - zeros) · Δ²/12``:
+    clipping error at the bin centers outside the range, plus uniform rounding noise ``Δ²/12``
+    for the values inside (exact zeros are representable and carry no error).
+    """
+    from ..quant.primitives import qparams
+
+    scale, zp = qparams(lo.float(), hi.float(), spec)
+    s, z = scale.double(), zp.double()
+    a = (spec.qmin - z) * s  # the grid's real bounds
+    b = (spec.qmax - z) * s
+    edges = h.edges()
+    x = 0.5 * (edges[:, :-1] + edges[:, 1:])
+    c = h.counts
+    clip = c * (x - torch.minimum(torch.maximum(x, a[:, None]), b[:, None])).pow(2)
+    inside = ((x >= a[:, None]) & (x <= b[:, None])).double() * c
+    n_in = (inside.sum(1) - h.zeros).clamp_min(0)
+    return clip.sum(1) + n_in * s.pow(2) / 12
+
+
+def _quantile(counts: torch.Tensor, edges: torch.Tensor, frac: float) -> torch.Tensor:
+    """Value below which a fraction ``frac`` of the counts lies (linear inside a bin)."""
+    cum = torch.cumsum(counts, dim=1)
+    target = frac * cum[:, -1:]
+    j = torch.searchsorted(cum, target).clamp(max=counts.shape[1] - 1)  # first bin reaching it
+    before = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), torch.zeros_like(target))
+    inbin = counts.gather(1, j).clamp_min(1e-300)
+    t = ((target - before) / inbin).clamp(0, 1)
+    left, right = edges.gather(1, j), edges.gather(1, j + 1)
+    return (left + t * (right - left)).squeeze(1)
+
+
+def percentile_range(h: HistogramStats, spec: QuantSpec, percentile: float) -> Range:
+    """Percentile range. Asymmetric: ``(Q(1 - p), Q(p))`` of ``x``; symmetric: ``±Q(p)`` of
+    ``|x|``; ``Q`` interpolates linearly inside a bin; the result never exceeds the observed
+    ``[min, max]``."""
+    p = percentile / 100.0
+    lo_obs, hi_obs = h.lo.double(), h.hi.double()
+    if spec.symmetric:
+        folded, w = h.folded()
+        j = torch.arange(folded.shape[1] + 1, dtype=torch.float64, device=w.device)
+        t = _quantile(folded, j[None, :] * w[:, None], p)
+        t = torch.minimum(t, torch.maximum(-lo_obs, hi_obs))
+        return -t, t
+    edges = h.edges()
+    lo = torch.maximum(_quantile(h.counts, edges, 1.0 - p), lo_obs)
+    hi = torch.minimum(_quantile(h.counts, edges, p), hi_obs)
+    return torch.minimum(lo, hi), torch.maximum(lo, hi)
+
+
+def _one_sided(h: HistogramStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """The ``|x|`` histogram a threshold search runs on, the number of grid levels that cover
+    ``[0, T]`` and whether the data is one-sided (``x ≥ 0`` or ``x ≤ 0``) on an unsigned grid."""
+    one_sided = not spec.symmetric and bool(((h.lo >= 0) | (h.hi <= 0)).all())
+    levels = _levels(spec) if one_sided else (_levels(spec) + 1) // 2
+    folded, w = h.folded(drop_zeros=True)
+    return folded, w, levels, one_sided
+
+
+def _threshold_to_range(h: HistogramStats, t: torch.Tensor, one_sided: bool) -> Range:
+    lo_obs, hi_obs = h.lo.double(), h.hi.double()
+    if one_sided:
+        neg = hi_obs <= 0
+        return torch.where(neg, torch.maximum(-t, lo_obs), torch.zeros_like(t)), torch.where(
+            neg, torch.zeros_like(t), torch.minimum(t, hi_obs)
+        )
+    return torch.maximum(-t, lo_obs), torch.minimum(t, hi_obs)
+
+
+def kl_divergence_curve(c: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P‖Q) for every threshold bin ``i`` in ``[levels, m]`` of a 1-D ``|x|`` histogram.
+
+    TensorRT's entropy calibration: ``P`` = the first ``i`` bins with the outlier mass
+    ``Σ_{j≥i} c_j`` added to bin ``i-1``; ``Q`` = those ``i`` bins merged into ``levels`` groups of
+    ``⌊i/levels⌋`` bins (the last takes the remainder), each group's mass spread evenly over its
+    bins where ``P > 0``. With prefix sums ``C1`` (counts), ``NZ`` (non-empty bins) and
+    ``PL`` (``c log c``), each candidate costs ``O(levels)``:
+
+    ``KL = (Σ p log p)/N - log N - Σ_g (M_g/N) log(S_g/nz_g) + log Σ_g S_g``
+
+    with ``S_g`` a group's count, ``nz_g`` its non-empty bins, ``M_g`` its ``P`` mass.
+    Returns ``(i, kl)``; a candidate where ``Q = 0`` under ``P > 0`` gets ``+inf``.
+    """
+    m = c.shape[0]
+    n = c.sum()
+    cands = np.arange(levels, m + 1)
+    if n <= 0 or cands.size == 0:
+        return np.array([m]), np.array([0.0])
+    c1 = np.concatenate([[0.0], np.cumsum(c)])
+    nz = np.concatenate([[0], np.cumsum(c > 0)])
+    clogc = np.where(c > 0, c * np.log(np.where(c > 0, c, 1.0)), 0.0)
+    pl = np.concatenate([[0.0], np.cumsum(clogc)])
+    width = cands // levels
+    bnd = np.arange(levels + 1)[None, :] * width[:, None]  # group boundaries [K, levels+1]
+    bnd[:, -1] = cands
+    s = np.diff(c1[bnd], axis=1)
+    nnz = np.diff(nz[bnd], axis=1).astype(np.float64)
+    out = n - c1[cands]
+    last_c = c[cands - 1]
+    nnz[:, -1] += (last_c == 0) & (out > 0)
+    s_last = s[:, -1].copy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logq = np.log(s / nnz)  # -inf / nan where the group is empty: masked below
+        logq[s <= 0] = 0.0
+        mass_logq = (s * logq).sum(1) + out * logq[:, -1]
+        bad = (out > 0) & (s_last <= 0)
+        plast = last_c + out
+        plogp = pl[cands - 1] + np.where(plast > 0, plast * np.log(np.where(plast > 0, plast, 1)), 0)
+        kl = plogp / n - np.log(n) - mass_logq / n + np.log(c1[cands])
+    kl = np.where(bad, np.inf, kl)
+    return cands, kl
+
+
+def kl_range(h: HistogramStats, spec: QuantSpec) -> Range:
+    """Entropy (KL-divergence) calibration, TensorRT style, on the ``|x|`` histogram with the
+    exact zeros removed (the ReLU zero spike would otherwise dominate ``P``); ``2^(b-1)`` levels
+    on a signed grid, ``2^b`` on an unsigned grid over one-sided data. The threshold is the
+    right edge of the best bin: ``T = i · w``."""
+    folded, w, levels, one_sided = _one_sided(h, spec)
+    ts = []
+    for ch in range(folded.shape[0]):
+        cands, kl = kl_divergence_curve(folded[ch].cpu().numpy(), levels)
+        ts.append(float(cands[int(np.argmin(kl))]))
+    t = torch.tensor(ts, dtype=torch.float64, device=w.device) * w
+    return _threshold_to_range(h, t, one_sided)
+
+
+def _suffix(v: torch.Tensor) -> torch.Tensor:
+    """``S_k = Σ_{j≥k} v_j`` with a trailing 0, along the last dim."""
+    return torch.cat([v.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(v[..., :1])], dim=-1)
+
+
+def mse_range(h: HistogramStats, spec: QuantSpec, max_candidates: int = 256) -> Range:
+    """Range minimizing :func:`expected_error` (clipping + ``Δ²/12`` rounding noise).
+
+    Symmetric or one-sided data: a 1-D search over thresholds ``T`` at the bin edges of
+    ``|x|``, in closed form with suffix sums ``S_q = Σ_{x_j>T} c_j x_j^q``:
+    ``E(T) = S_2 - 2T·S_1 + T²·S_0 + (N - S_0)·(T/L)²/12``, ``L`` the levels covering ``[0, T]``.
+    Two-sided data on an unsigned grid: a 2-D search over ``(lo, hi)`` edge pairs
+    (subsampled to ``max_candidates`` per side), ``Δ = (hi - lo)/(2^b - 1)``.
+    """
+    if spec.symmetric or bool(((h.lo >= 0) | (h.hi <= 0)).all()):
+        folded, w, levels, one_sided = _one_sided(h, spec)
+        m = folded.shape[1]
+        x = (torch.arange(m, dtype=torch.float64, device=w.device)[None, :] + 0.5) * w[:, None]
+        s0, s1, s2 = _suffix(folded), _suffix(folded * x), _suffix(folded * x * x)
+        t = torch.arange(m + 1, dtype=torch.float64, device=w.device)[None, :] * w[:, None]
+        n = folded.sum(1, keepdim=True)
+        err = s2 - 2 * t * s1 + t * t * s0 + (n - s0) * (t / levels).pow(2) / 12
+        err[:, 0] = float("inf")
+        best = torch.argmin(err, dim=1)
+        return _threshold_to_range(h, best.double() * w, one_sided)
+    return _mse_two_sided(h, spec, max_candidates)
+
+
+def _mse_two_sided(h: HistogramStats, spec: QuantSpec, k: int) -> Range:
+    edges_all = h.edges().cpu().numpy()
+    counts = h.counts.cpu().numpy()
+    zeros = h.zeros.cpu().numpy()
+    los, his = [], []
+    for ch in range(counts.shape[0]):
+        e, c = edges_all[ch], counts[ch]
+        x = 0.5 * (e[:-1] + e[1:])
+        pre = [np.concatenate([[0.0], np.cumsum(c * x**q)]) for q in range(3)]
+        li = np.flatnonzero(e <= 0)
+        hi_ = np.flatnonzero(e >= 0)
+        li = li[np.unique(np.linspace(0, len(li) - 1, min(k, len(li))).round().astype(int))]
+        hi_ = hi_[np.unique(np.linspace(0, len(hi_) - 1, min(k, len(hi_))).round().astype(int))]
+        a, b = e[li], e[hi_]
+        # clipping: Σ_{x_j < a} c_j (x_j - a)²  and  Σ_{x_j > b} c_j (x_j - b)²
+        lc = pre[2][li] - 2 * a * pre[1][li] + a * a * pre[0][li]
+        r = [p[-1] - p[hi_] for p in pre]
+        rc = r[2] - 2 * b * r[1] + b * b * r[0]
+        n_in = np.maximum(c.sum() - zeros[ch] - pre[0][li][:, None] - r[0][None, :], 0)
+        span = b[None, :] - a[:, None]
+        err = lc[:, None] + rc[None, :] + n_in * (span / _levels(spec)) ** 2 / 12
+        err[span <= 0] = np.inf
+        ia, ib = np.unravel_index(int(np.argmin(err)), err.shape)
+        los.append(a[ia])
+        his.append(b[ib])
+    dev = h.lo.device
+    lo = torch.maximum(torch.tensor(los, dtype=torch.float64, device=dev), h.lo.double())
+    hi = torch.minimum(torch.tensor(his, dtype=torch.float64, device=dev), h.hi.double())
+    return lo, hi
+
+
+DEFAULT_PERCENTILES = (99.0, 99.5, 99.9, 99.95, 99.99, 99.995, 99.999, 99.9995, 99.9999, 100.0)
+
+
+def auto_percentile_range(
+    h: HistogramStats, spec: QuantSpec, candidates: tuple[float, ...] = DEFAULT_PERCENTILES
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chapter's exercise 9.2.1: the percentile ``p*`` that minimizes
+    :func:`expected_error` among ``candidates``, per channel. Returns ``(lo, hi, p*)``."""
+    los, his, errs = [], [], []
+    for p in candidates:
+        lo, hi = percentile_range(h, spec, p)
+        los.append(lo)
+        his.append(hi)
+        errs.append(expected_error(h, lo, hi, spec))
+    best = torch.argmin(torch.stack(errs), dim=0)
+    pick = torch.arange(best.numel(), device=best.device)
+    lo = torch.stack(los)[best, pick]
+    hi = torch.stack(his)[best, pick]
+    chosen = torch.tensor(candidates, dtype=torch.float64, device=best.device)[best]
+    return lo, hi, chosen

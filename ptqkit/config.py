@@ -1,0 +1,207 @@
+"""Configuration objects: :class:`QuantSpec` (how one tensor is quantized) and :class:`PTQConfig`
+(what :func:`ptqkit.quantize` does). Both are frozen dataclasses, validated on construction, and
+round-trip through plain dicts (``to_dict`` / ``from_dict``) so that a TOML or JSON file maps onto
+them field by field; unknown keys are an error."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Integer grids (``b = bits``):
+
+    * symmetric: signed, full range ``[-2^(b-1), 2^(b-1)-1]``, zero point 0 (the same grid as
+      ONNX ``QuantizeLinear`` with int8 output); the scale uses ``2^(b-1)-1`` so that ``-max`` and
+      ``+max`` are both representable: ``s = max(|lo|, |hi|) / (2^(b-1) - 1)``.
+    * asymmetric: unsigned ``[0, 2^b - 1]``, ``s = (hi - lo) / (2^b - 1)``,
+      ``z = clamp(round(-lo / s), 0, 2^b - 1)`` so that real 0.0 is exactly representable.
+
+    ``per_channel`` quantizes each slice along ``axis`` with its own scale (weights: axis 0, the
+    output channels, for Conv and Linear alike).
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    per_channel: bool = False
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ConfigError(f"QuantSpec.bits must be an int, got {self.bits!r}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError(f"QuantSpec.bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
+        for name in ("symmetric", "per_channel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"QuantSpec.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+            raise ConfigError(f"QuantSpec.axis must be an int, got {self.axis!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
+        return _from_dict(cls, d, "QuantSpec")
+
+
+def _default_weights() -> QuantSpec:
+    return QuantSpec(bits=8, symmetric=True, per_channel=True, axis=0)
+
+
+def _default_activations() -> QuantSpec:
+    return QuantSpec(bits=8, symmetric=False, per_channel=False)
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """Everything :func:`ptqkit.quantize` needs to know.
+
+    Fields:
+        weights: spec of the weights (default 8-bit symmetric per-channel).
+        activations: spec of the activations (default 8-bit asymmetric per-tensor), or ``None``
+            to quantize weights only.
+        calibration: name of a registered activation calibrator (``ptqkit.CALIBRATORS``), or
+            ``"auto"`` to choose per layer the one that minimizes that layer's output error.
+        weight_calibration: ``"minmax"`` or ``"mse"`` (per-channel range search on the weights).
+        calibrator_options: keyword arguments for the activation calibrator's factory
+            (e.g. ``{"percentile": 99.9}``).
+        num_batches: calibration batches to use (``None`` = all of them).
+        skip: fnmatch patterns of module names, or module class names, left in float.
+        fold_bn: fold BatchNorm into the preceding conv/linear.
+        cle: cross-layer equalization (Nagel et al. 2019) before calibration.
+        bias_correction: ``False``, ``"empirical"`` (on the calibration data) or ``"analytic"``
+            (data-free, from BatchNorm statistics); ``True`` means ``"empirical"``.
+        adaround: adaptive rounding of the weights (Nagel et al. 2020).
+        adaround_iters: optimization steps per layer for AdaRound.
+        smoothquant: SmoothQuant migration strength alpha in [0, 1], or ``None``.
+        max_degradation: accuracy target (points) for automatic float fallback, with labeled data.
+        min_sqnr_db: output-SQNR target (dB) for automatic fallback without labels.
+        progress: show progress bars.
+        seed: seed for every random choice (AdaRound init, sampling).
+    """
+
+    weights: QuantSpec = field(default_factory=_default_weights)
+    activations: QuantSpec | None = field(default_factory=_default_activations)
+    calibration: str = "minmax"
+    weight_calibration: str = "minmax"
+    calibrator_options: dict[str, Any] = field(default_factory=dict)
+    num_batches: int | None = None
+    skip: tuple[str, ...] = ()
+    fold_bn: bool = True
+    cle: bool = False
+    bias_correction: bool | str = False
+    adaround: bool = False
+    adaround_iters: int = 500
+    smoothquant: float | None = None
+    max_degradation: float | None = None
+    min_sqnr_db: float | None = None
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .calibrate import CALIBRATORS  # late import: the registry imports config
+
+        if isinstance(self.weights, dict):
+            object.__setattr__(self, "weights", QuantSpec.from_dict(self.weights))
+        if isinstance(self.activations, dict):
+            object.__setattr__(self, "activations", QuantSpec.from_dict(self.activations))
+        if not isinstance(self.weights, QuantSpec):
+            raise ConfigError(f"PTQConfig.weights must be a QuantSpec, got {self.weights!r}")
+        if self.activations is not None and not isinstance(self.activations, QuantSpec):
+            raise ConfigError(
+                f"PTQConfig.activations must be a QuantSpec or None, got {self.activations!r}"
+            )
+        if not isinstance(self.calibration, str) or (
+            self.calibration != "auto" and self.calibration not in CALIBRATORS
+        ):
+            raise ConfigError(
+                f"unknown calibration {self.calibration!r}; "
+                f"choose one of {sorted([*CALIBRATORS, 'auto'])}"
+            )
+        if self.weight_calibration not in ("minmax", "mse"):
+            raise ConfigError(
+                f"weight_calibration must be 'minmax' or 'mse', got {self.weight_calibration!r}"
+            )
+        if not isinstance(self.calibrator_options, dict):
+            raise ConfigError("PTQConfig.calibrator_options must be a dict")
+        if self.num_batches is not None and (
+            isinstance(self.num_batches, bool)
+            or not isinstance(self.num_batches, int)
+            or self.num_batches < 1
+        ):
+            raise ConfigError(f"num_batches must be None or an int >= 1, got {self.num_batches!r}")
+        if isinstance(self.skip, str):
+            object.__setattr__(self, "skip", (self.skip,))
+        elif isinstance(self.skip, list):
+            object.__setattr__(self, "skip", tuple(self.skip))
+        if not isinstance(self.skip, tuple) or not all(isinstance(s, str) for s in self.skip):
+            raise ConfigError(f"skip must be a tuple of strings, got {self.skip!r}")
+        for name in ("fold_bn", "cle", "adaround", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"PTQConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.bias_correction is True:
+            object.__setattr__(self, "bias_correction", "empirical")
+        if self.bias_correction not in (False, "empirical", "analytic"):
+            raise ConfigError(
+                "bias_correction must be False, True, 'empirical' or 'analytic', "
+                f"got {self.bias_correction!r}"
+            )
+        if isinstance(self.adaround_iters, bool) or not isinstance(self.adaround_iters, int) or (
+            self.adaround_iters < 1
+        ):
+            raise ConfigError(f"adaround_iters must be an int >= 1, got {self.adaround_iters!r}")
+        if self.smoothquant is not None and not (
+            isinstance(self.smoothquant, (int, float))
+            and not isinstance(self.smoothquant, bool)
+            and 0.0 <= self.smoothquant <= 1.0
+        ):
+            raise ConfigError(f"smoothquant must be None or in [0, 1], got {self.smoothquant!r}")
+        if self.max_degradation is not None and not (
+            isinstance(self.max_degradation, (int, float)) and self.max_degradation >= 0
+        ):
+            raise ConfigError(f"max_degradation must be >= 0, got {self.max_degradation!r}")
+        if self.min_sqnr_db is not None and not isinstance(self.min_sqnr_db, (int, float)):
+            raise ConfigError(f"min_sqnr_db must be a number, got {self.min_sqnr_db!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an int, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PTQConfig:
+        return _from_dict(cls, d, "PTQConfig")
+
+    def replace(self, **changes: Any) -> PTQConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be built from a dict, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {what} key(s): {unknown}; valid keys: {sorted(names)}")
+    return cls(**d)

@@ -1,0 +1,30 @@
+"""Errors raised by ptqkit. Every failure a user can cause ends in one of these, with a message
+that names what was wrong (the layer, the batch, the field) instead of a traceback from deep inside."""
+
+
+class PTQError(Exception):
+    """Base class of every error ptqkit raises on purpose."""
+
+
+class ConfigError(PTQError, ValueError):
+    """A QuantSpec / PTQConfig field is out of range or of the wrong type."""
+
+
+class CalibrationError(PTQError, RuntimeError):
+    """Calibration could not produce a range (no data, non-finite values, ...)."""
+
+
+class DataError(PTQError, ValueError):
+    """The calibration / evaluation data cannot be used (empty, wrong shape, wrong type)."""
+
+
+class ModelError(PTQError, ValueError):
+    """The model cannot be quantized (nothing quantizable, unsupported construct)."""
+
+
+class ExportError(PTQError, RuntimeError):
+    """The quantized model cannot be exported (unsupported op, bad path, bad example input)."""
+
+
+class LoadError(PTQError, ValueError):
+    """A saved quantized model is truncated, corrupt or not a ptqkit file."""

@@ -1,0 +1,119 @@
+"""Pure quantization primitives: parameters from a range, quantize, dequantize, fake-quantize.
+
+Notation: ``b`` bits, grid ``[qmin, qmax]`` (see :class:`ptqkit.QuantSpec`), scale ``s > 0``,
+integer zero point ``z`` inside the grid.
+
+* quantize:    ``q = clamp(round(x / s) + z, qmin, qmax)``
+* dequantize:  ``x̂ = (q - z) · s``
+* fake-quant:  ``x̂ = dequantize(quantize(x))``
+
+``round`` is round-half-to-even, as ONNX ``QuantizeLinear`` specifies, and ``x / s`` is a true
+division (not ``x · (1/s)``), so that the simulation and ONNX Runtime agree bit for bit.
+Per-channel parameters are 1-D tensors applied along ``axis``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantSpec
+from ..errors import CalibrationError
+
+#: Smallest scale ever produced. A range narrower than ``MIN_SCALE · (qmax - qmin)`` (an all-zero
+#: tensor or channel) gets this scale: every value then quantizes to the zero point exactly.
+MIN_SCALE = 1e-10
+
+
+def storage_dtype(spec: QuantSpec) -> torch.dtype:
+    """The narrowest torch integer dtype that holds the grid of ``spec``."""
+    if spec.bits <= 8:
+        return torch.int8 if spec.symmetric else torch.uint8
+    if spec.bits <= 15 or spec.symmetric:
+        return torch.int16
+    return torch.int32
+
+
+def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Reshape a per-channel vector so that it broadcasts along ``axis`` of ``x``."""
+    if t.dim() == 0 or t.numel() == 1 and x.dim() == 0:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return t.reshape(shape)
+
+
+def qparams(
+    lo: torch.Tensor | float, hi: torch.Tensor | float, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for the range ``[lo, hi]`` (scalars or per-channel vectors).
+
+    The range is first widened to contain 0 (``lo ← min(lo, 0)``, ``hi ← max(hi, 0)``), so that
+    real 0.0 is always exactly representable (padding, ReLU outputs).
+
+    * symmetric:  ``s = max(-lo, hi) / (2^(b-1) - 1)``, ``z = 0``
+    * asymmetric: ``s = (hi - lo) / (2^b - 1)``, ``z = clamp(round(-lo / s), 0, 2^b - 1)``
+
+    ``s`` is floored at :data:`MIN_SCALE`. Returns ``(scale float32, zero_point int32)``.
+    """
+    lo_t = torch.as_tensor(lo, dtype=torch.float32)
+    hi_t = torch.as_tensor(hi, dtype=torch.float32)
+    if not (torch.isfinite(lo_t).all() and torch.isfinite(hi_t).all()):
+        raise CalibrationError(f"range is not finite: lo={lo_t.tolist()}, hi={hi_t.tolist()}")
+    if (lo_t > hi_t).any():
+        raise CalibrationError(f"range has lo > hi: lo={lo_t.tolist()}, hi={hi_t.tolist()}")
+    lo_t = torch.clamp(lo_t, max=0.0)
+    hi_t = torch.clamp(hi_t, min=0.0)
+    if spec.symmetric:
+        scale = torch.maximum(-lo_t, hi_t) / spec.qmax
+        scale = torch.clamp(scale, min=MIN_SCALE)
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = torch.clamp((hi_t - lo_t) / (spec.qmax - spec.qmin), min=MIN_SCALE)
+        zp = torch.clamp(torch.round(spec.qmin - lo_t / scale), spec.qmin, spec.qmax)
+        zp = zp.to(torch.int32)
+    return scale, zp
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """``q = clamp(round_half_even(x / s) + z, qmin, qmax)`` as the storage integer dtype."""
+    s = _broadcast(scale.to(x.device, torch.float32), x, spec.axis)
+    z = _broadcast(zero_point.to(x.device, torch.float32), x, spec.axis)
+    q = torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax)
+    return q.to(storage_dtype(spec))
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int = 0
+) -> torch.Tensor:
+    """``x̂ = (q - z) · s`` in float32."""
+    s = _broadcast(scale.to(q.device, torch.float32), q, axis)
+    z = _broadcast(zero_point.to(q.device, torch.float32), q, axis)
+    return (q.float() - z) * s
+
+
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """``x̂ = (clamp(round(x / s) + z, qmin, qmax) - z) · s`` without leaving float32.
+
+    Equal to ``dequantize(quantize(x))``; non-finite inputs: NaN stays NaN, ±Inf saturates to
+    the ends of the grid.
+    """
+    s = _broadcast(scale.to(x.device, torch.float32), x, spec.axis)
+    z = _broadcast(zero_point.to(x.device, torch.float32), x, spec.axis)
+    q = torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax)
+    return ((q - z) * s).to(x.dtype)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(Σx² / Σ(x - x̂)²)`` in dB (inf if exact)."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
+    signal = ref.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return float(10 * torch.log10(signal / noise))
