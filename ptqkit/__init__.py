@@ -3,7 +3,14 @@
 One verb and a config object::
 
     qmodel = ptqkit.quantize(model, calib_data, ptqkit.PTQConfig())
+    res = ptqkit.evaluate(model, qmodel, test_data)
+    ptqkit.export_onnx(qmodel, "model.int8.onnx", example_input)
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .calibrate import CALIBRATORS, register_calibrator
 from .config import PTQConfig, QuantSpec
@@ -15,21 +22,50 @@ from .errors import (
     LoadError,
     ModelError,
     PTQError,
+    PTQWarning,
 )
+from .pipeline import quantize
 
 __version__ = "0.1.0"
+
+# public names whose modules are imported on first use (keeps `import ptqkit` light)
+_LAZY = {
+    "evaluate": "ptqkit.evaluate.metrics",
+    "EvalResult": "ptqkit.evaluate.metrics",
+    "sensitivity": "ptqkit.evaluate.sensitivity",
+    "save": "ptqkit.io",
+    "load": "ptqkit.io",
+    "export_onnx": "ptqkit.export.onnx",
+    "write_report": "ptqkit.report.html",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ptqkit' has no attribute {name!r}")
+
 
 __all__ = [
     "CALIBRATORS",
     "CalibrationError",
     "ConfigError",
     "DataError",
+    "EvalResult",
     "ExportError",
     "LoadError",
     "ModelError",
     "PTQConfig",
     "PTQError",
+    "PTQWarning",
     "QuantSpec",
     "__version__",
+    "evaluate",
+    "export_onnx",
+    "load",
+    "quantize",
     "register_calibrator",
+    "save",
+    "sensitivity",
+    "write_report",
 ]

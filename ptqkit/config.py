@@ -164,8 +164,10 @@ class PTQConfig:
                 "bias_correction must be False, True, 'empirical' or 'analytic', "
                 f"got {self.bias_correction!r}"
             )
-        if isinstance(self.adaround_iters, bool) or not isinstance(self.adaround_iters, int) or (
-            self.adaround_iters < 1
+        if (
+            isinstance(self.adaround_iters, bool)
+            or not isinstance(self.adaround_iters, int)
+            or (self.adaround_iters < 1)
         ):
             raise ConfigError(f"adaround_iters must be an int >= 1, got {self.adaround_iters!r}")
         if self.smoothquant is not None and not (

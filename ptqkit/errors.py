@@ -28,3 +28,7 @@ class ExportError(PTQError, RuntimeError):
 
 class LoadError(PTQError, ValueError):
     """A saved quantized model is truncated, corrupt or not a ptqkit file."""
+
+
+class PTQWarning(UserWarning):
+    """Something the user should know: a fallback was taken, a best practice was not followed."""

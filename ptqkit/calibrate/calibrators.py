@@ -68,8 +68,12 @@ class _Base:
 
     def _check(self, stats: MinMaxStats | HistogramStats, spec: QuantSpec) -> None:
         if stats.lo is None:
-            raise CalibrationError(f"{self.name}: compute_range called before any data was observed")
-        if spec.per_channel != (self.axis is not None) or (spec.per_channel and spec.axis != self.axis):
+            raise CalibrationError(
+                f"{self.name}: compute_range called before any data was observed"
+            )
+        if spec.per_channel != (self.axis is not None) or (
+            spec.per_channel and spec.axis != self.axis
+        ):
             raise ConfigError(
                 f"{self.name}: observed with axis={self.axis} but asked for per_channel="
                 f"{spec.per_channel}, axis={spec.axis}; build the calibrator with axis=spec.axis"
@@ -139,7 +143,12 @@ class EMACalibrator(_Base):
         if other.m is None:
             return
         if self.m is None:
-            self.first, self.m, self.batches, self.lo = other.first, other.m, other.batches, other.m[0]
+            self.first, self.m, self.batches, self.lo = (
+                other.first,
+                other.m,
+                other.batches,
+                other.m[0],
+            )
             return
         beta, n = self.momentum, other.batches
         decay = beta**n
@@ -185,7 +194,9 @@ class PercentileCalibrator(_HistogramCalibrator):
 
     name = "percentile"
 
-    def __init__(self, percentile: float = 99.99, bins: int = 4096, axis: int | None = None) -> None:
+    def __init__(
+        self, percentile: float = 99.99, bins: int = 4096, axis: int | None = None
+    ) -> None:
         if not isinstance(percentile, (int, float)) or not 50.0 < percentile <= 100.0:
             raise ConfigError(f"percentile: must be in (50, 100], got {percentile!r}")
         super().__init__(bins, axis)
@@ -228,19 +239,31 @@ class AutoPercentileCalibrator(_HistogramCalibrator):
         axis: int | None = None,
     ) -> None:
         candidates = tuple(candidates)
-        if not candidates or not all(isinstance(p, (int, float)) and 50 < p <= 100 for p in candidates):
-            raise ConfigError(f"auto_percentile: candidates must be in (50, 100], got {candidates!r}")
+        if not candidates or not all(
+            isinstance(p, (int, float)) and 50 < p <= 100 for p in candidates
+        ):
+            raise ConfigError(
+                f"auto_percentile: candidates must be in (50, 100], got {candidates!r}"
+            )
         super().__init__(bins, axis)
         self.candidates = candidates
         self.chosen_percentile: torch.Tensor | None = None
 
     def _solve(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi, self.chosen_percentile = solvers.auto_percentile_range(self.stats, spec, self.candidates)
+        lo, hi, self.chosen_percentile = solvers.auto_percentile_range(
+            self.stats, spec, self.candidates
+        )
         return lo, hi
 
 
-for _cls in (MinMaxCalibrator, EMACalibrator, PercentileCalibrator, KLCalibrator, MSECalibrator,
-             AutoPercentileCalibrator):
+for _cls in (
+    MinMaxCalibrator,
+    EMACalibrator,
+    PercentileCalibrator,
+    KLCalibrator,
+    MSECalibrator,
+    AutoPercentileCalibrator,
+):
     register_calibrator(_cls.name, _cls)
 
 __all__ = ["CALIBRATORS", "Calibrator", "as_channels", "make_calibrator", "register_calibrator"]

@@ -25,7 +25,9 @@ def _levels(spec: QuantSpec) -> int:
     return spec.qmax - spec.qmin
 
 
-def expected_error(h: HistogramStats, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def expected_error(
+    h: HistogramStats, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
     """Expected squared quantization error ``E(lo, hi)`` per channel over the histogram.
 
     ``E = Σ_{x_j outside} c_j (x_j - clamp(x_j, lo, hi))² + (N_in - zeros) · Δ²/12``:
@@ -72,8 +74,8 @@ def percentile_range(h: HistogramStats, spec: QuantSpec, percentile: float) -> R
         t = torch.minimum(t, torch.maximum(-lo_obs, hi_obs))
         return -t, t
     edges = h.edges()
-    lo = torch.maximum(_quantile(h.counts, edges, 1.0 - p), lo_obs)
-    hi = torch.minimum(_quantile(h.counts, edges, p), hi_obs)
+    lo = torch.minimum(torch.maximum(_quantile(h.counts, edges, 1.0 - p), lo_obs), hi_obs)
+    hi = torch.minimum(torch.maximum(_quantile(h.counts, edges, p), lo_obs), hi_obs)
     return torch.minimum(lo, hi), torch.maximum(lo, hi)
 
 
@@ -93,7 +95,8 @@ def _threshold_to_range(h: HistogramStats, t: torch.Tensor, one_sided: bool) -> 
         return torch.where(neg, torch.maximum(-t, lo_obs), torch.zeros_like(t)), torch.where(
             neg, torch.zeros_like(t), torch.minimum(t, hi_obs)
         )
-    return torch.maximum(-t, lo_obs), torch.minimum(t, hi_obs)
+    # [lo, hi] ∩ [-T, T], kept non-empty when all the data lies beyond T on one side
+    return torch.minimum(torch.maximum(lo_obs, -t), t), torch.minimum(torch.maximum(hi_obs, -t), t)
 
 
 def kl_divergence_curve(c: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +137,9 @@ def kl_divergence_curve(c: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndar
         mass_logq = (s * logq).sum(1) + out * logq[:, -1]
         bad = (out > 0) & (s_last <= 0)
         plast = last_c + out
-        plogp = pl[cands - 1] + np.where(plast > 0, plast * np.log(np.where(plast > 0, plast, 1)), 0)
+        plogp = pl[cands - 1] + np.where(
+            plast > 0, plast * np.log(np.where(plast > 0, plast, 1)), 0
+        )
         kl = plogp / n - np.log(n) - mass_logq / n + np.log(c1[cands])
     kl = np.where(bad, np.inf, kl)
     return cands, kl

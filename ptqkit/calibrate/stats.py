@@ -22,7 +22,6 @@ also counted apart (``zeros``), for solvers that must treat the ReLU zero spike 
 
 from __future__ import annotations
 
-
 import torch
 
 from ..errors import CalibrationError
@@ -36,7 +35,9 @@ def as_channels(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     if axis is None or x.dim() == 0:
         return x.reshape(1, -1)
     if not -x.dim() <= axis < x.dim():
-        raise CalibrationError(f"channel axis {axis} out of range for a tensor of shape {tuple(x.shape)}")
+        raise CalibrationError(
+            f"channel axis {axis} out of range for a tensor of shape {tuple(x.shape)}"
+        )
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
@@ -141,8 +142,14 @@ class HistogramStats:
         off = torch.floor(lo.double() / w).to(torch.int64)
         return exp, off
 
-    def _remap(self, counts: torch.Tensor, exp: torch.Tensor, off: torch.Tensor,
-               new_exp: torch.Tensor, new_off: torch.Tensor) -> torch.Tensor:
+    def _remap(
+        self,
+        counts: torch.Tensor,
+        exp: torch.Tensor,
+        off: torch.Tensor,
+        new_exp: torch.Tensor,
+        new_off: torch.Tensor,
+    ) -> torch.Tensor:
         """Move ``counts`` from grid ``(exp, off)`` to the coarser grid ``(new_exp, new_off)``."""
         c, n = counts.shape
         j = torch.arange(n, device=counts.device, dtype=torch.float64)
@@ -160,7 +167,9 @@ class HistogramStats:
             return
         self.minmax.update(x)  # checks finiteness, tracks the exact range
         exp, off = self._regrid(self.minmax.lo, self.minmax.hi)
-        if self.counts is not None and (not torch.equal(exp, self.exp) or not torch.equal(off, self.off)):
+        if self.counts is not None and (
+            not torch.equal(exp, self.exp) or not torch.equal(off, self.off)
+        ):
             self.counts = self._remap(self.counts, self.exp, self.off, exp, off)
         c = xc.shape[0]
         if self.counts is None:
@@ -179,7 +188,9 @@ class HistogramStats:
         if other.counts is None:
             return
         if other.nbins != self.nbins:
-            raise CalibrationError(f"{self.name}: cannot merge {other.nbins} bins into {self.nbins}")
+            raise CalibrationError(
+                f"{self.name}: cannot merge {other.nbins} bins into {self.nbins}"
+            )
         if self.counts is None:
             self.minmax.merge(other.minmax)
             self.counts, self.exp, self.off = other.counts.clone(), other.exp, other.off
@@ -201,18 +212,23 @@ class HistogramStats:
 
         Exact because bins are anchored at 0: global bin ``g < 0`` holds ``|x|`` in
         ``((-g-1)·w, -g·w]`` and maps to ``-g - 1``. With ``drop_zeros`` the exact zeros are
-        removed from bin 0.
+        removed from bin 0. Data far from 0 (``min |x| ≫ max x - min x``, a constant tensor)
+        would need up to ``max|x| / w`` bins: there the folded bins are merged ``2^d`` at a time
+        (still exact, the bins being anchored at 0) so that at most ``n`` of them are returned;
+        ``width`` is then ``2^d · w``.
         """
         c, n = self.counts.shape
         glob = self.off[:, None] + torch.arange(n, device=self.counts.device)[None, :]
         fold = torch.where(glob < 0, -glob - 1, glob)
         used = torch.where(self.counts > 0, fold, torch.zeros_like(fold))
-        m = int(used.max()) + 1  # trailing empty bins are dropped
-        out = torch.zeros(c, int(fold.max()) + 1, dtype=torch.float64, device=self.counts.device)
-        out.scatter_add_(1, fold, self.counts)
-        out = out[:, :m]
+        top = used.max(dim=1).values  # [C] last non-empty folded bin
+        d = torch.zeros_like(top)
+        while bool(((top >> d) >= n).any()):  # at most ~64 rounds
+            d = torch.where((top >> d) >= n, d + 1, d)
+        m = int((top >> d).max()) + 1  # trailing empty bins are dropped
+        k = (fold >> d[:, None]).clamp(max=m - 1)  # bins past ``top`` are empty
+        out = torch.zeros(c, m, dtype=torch.float64, device=self.counts.device)
+        out.scatter_add_(1, k, self.counts)
         if drop_zeros:
             out[:, 0] = (out[:, 0] - self.zeros).clamp_min(0)
-        return out, self.width()
-
-
+        return out, torch.ldexp(self.width(), d)

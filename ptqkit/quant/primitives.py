@@ -35,7 +35,7 @@ def storage_dtype(spec: QuantSpec) -> torch.dtype:
 
 def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     """Reshape a per-channel vector so that it broadcasts along ``axis`` of ``x``."""
-    if t.dim() == 0 or t.numel() == 1 and x.dim() == 0:
+    if t.dim() == 0 or (t.numel() == 1 and x.dim() == 0):
         return t.reshape(())
     shape = [1] * x.dim()
     shape[axis % x.dim()] = -1

@@ -1,0 +1,76 @@
+"""One streaming calibration pass: every activation quantizer observes its tensor as the data
+flows through the (float) model once; memory does not grow with the number of batches."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PTQConfig
+from ..data import batch_size, iter_batches, model_device, run_model, to_device
+from ..info import PTQInfo
+from ..progress import progress
+from ..quant.modules import act_quants, set_act_mode
+from .calibrators import make_calibrator
+
+#: the calibrator that collects statistics when the choice is made per layer (``"auto"``)
+AUTO_OBSERVER = "mse"
+
+
+def observe(
+    model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo, desc: str = "calibrate"
+) -> int:
+    """Run ``data`` through ``model`` with every quantizer in observe mode; returns batches seen."""
+    device = model_device(model)
+    batches = samples = 0
+    with torch.no_grad():
+        for i, (args, kwargs) in progress(
+            iter_batches(data, config.num_batches), config.progress, desc
+        ):
+            args, kwargs = to_device(args, kwargs, device)
+            run_model(model, i, args, kwargs)
+            batches += 1
+            samples += batch_size(args, kwargs)
+    info.calibration_batches, info.calibration_samples = batches, samples
+    return batches
+
+
+def calibrate(
+    model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo
+) -> dict[str, Any]:
+    """Calibrate every activation quantizer of ``model``; returns their calibrators by name."""
+    quants = act_quants(model)
+    if not quants or config.activations is None:
+        return {}
+    spec = config.activations
+    name = AUTO_OBSERVER if config.calibration == "auto" else config.calibration
+    options = {} if config.calibration == "auto" else dict(config.calibrator_options)
+    axis = spec.axis if spec.per_channel else None
+    for q in quants.values():
+        q.calibrator = make_calibrator(name, axis=axis, **options)
+    set_act_mode(model, "observe")
+    t0 = time.perf_counter()
+    try:
+        observe(model, data, config, info)
+    finally:
+        set_act_mode(model, "off")
+    calibrators = {}
+    for qname, q in quants.items():
+        cal, q.calibrator = q.calibrator, None
+        if getattr(cal, "stats", cal).lo is None:
+            info.disabled[qname] = "never executed on the calibration data"
+            info.warn(f"{q.label}: no calibration data reached it; it stays in float")
+            continue
+        q.set_range(*cal.compute_range(spec))
+        calibrators[qname] = cal
+    info.stages["calibrate"] = time.perf_counter() - t0
+    if info.calibration_samples < 100:
+        info.warn(
+            f"only {info.calibration_samples} calibration samples were seen; use at least "
+            "100-1000 representative samples"
+        )
+    return calibrators

@@ -1,0 +1,222 @@
+"""Where quantizers go.
+
+Rules, applied to the traced graph (each op family is an entry of a registry, not a branch):
+
+1. Conv/Linear layers are wrapped in :class:`QuantLayer` (integer weights), unless skipped.
+2. The output of every quantized op (layer, add, cat, mul, matmul) is quantized — *after* the
+   clipping activation that follows it (ReLU, ReLU6, Hardtanh, clamp), never between, so the
+   grid spends no levels on values the activation removes.
+3. Every tensor input of a quantized op that is not already on a grid is quantized (model inputs,
+   outputs of float ops such as pooling, LayerNorm or a skipped layer). Value-preserving ops
+   (max-pool, flatten, reshape, permute, zero padding, dropout, ...) keep their input's grid.
+4. One quantizer per tensor, shared by all its quantized consumers.
+
+Without a graph (untraceable model) each layer gets a quantizer on its input instead.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..config import QuantSpec
+from ..quant.modules import WEIGHT_LAYERS, ActQuant, QuantLayer
+
+# -- op registries -------------------------------------------------------------------------------
+#: ops whose output is quantized and whose tensor inputs must be on a grid
+QUANT_FUNCTIONS = {
+    operator.add,
+    torch.add,
+    operator.mul,
+    torch.mul,
+    torch.cat,
+    torch.concat,
+    torch.matmul,
+    operator.matmul,
+    torch.bmm,
+}
+QUANT_METHODS = {"add", "mul", "matmul", "bmm"}
+#: clipping activations: the output quantizer moves after them
+ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp, torch.clip}
+ACT_METHODS = {"relu", "clamp", "clip"}
+#: value-preserving ops: their output is on the grid of their input
+PASS_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Identity,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ChannelShuffle,
+)
+PASS_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.transpose,
+    torch.permute,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.dropout,
+}
+PASS_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "contiguous",
+}
+
+
+def _module(gm: nn.Module, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _in(node: fx.Node, gm: nn.Module, mods: tuple, funcs: set, methods: set) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), mods)
+    if node.op == "call_function":
+        return node.target in funcs
+    return node.op == "call_method" and node.target in methods
+
+
+def is_quant_op(node: fx.Node, gm: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), QuantLayer)
+    if node.target in (operator.mul, torch.mul, "mul"):  # only activation × activation
+        return sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2
+    return _in(node, gm, (), QUANT_FUNCTIONS, QUANT_METHODS)
+
+
+def is_activation(node: fx.Node, gm: nn.Module) -> bool:
+    return _in(node, gm, ACT_MODULES, ACT_FUNCTIONS, ACT_METHODS)
+
+
+def is_passthrough(node: fx.Node, gm: nn.Module) -> bool:
+    return _in(node, gm, PASS_MODULES, PASS_FUNCTIONS, PASS_METHODS)
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The activation inputs of a quantized op (``cat`` takes a list)."""
+    args: Iterable = node.args
+    if node.target in (torch.cat, torch.concat):
+        args = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    elif node.op == "call_module":
+        args = node.args[:1]
+    return [a for a in args if isinstance(a, fx.Node) and a.op != "get_attr"]
+
+
+# -- skipping ------------------------------------------------------------------------------------
+def skipped(name: str, module: nn.Module, patterns: tuple[str, ...]) -> str | None:
+    """The first pattern matching the module's name or class name, else ``None``."""
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(type(module).__name__, p):
+            return p
+    return None
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def wrap_layers(
+    root: nn.Module, spec: QuantSpec, patterns: tuple[str, ...]
+) -> tuple[list[str], list[str], set[str]]:
+    """Replace every Conv/Linear (not skipped) by a :class:`QuantLayer`.
+
+    Returns ``(wrapped names, skipped names, patterns that matched)``.
+    """
+    wrapped, skip, used = [], [], set()
+    for name, m in list(root.named_modules()):
+        if not isinstance(m, WEIGHT_LAYERS) or not name or isinstance(m, QuantLayer):
+            continue
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
+        p = skipped(name, m, patterns)
+        if p is not None:
+            skip.append(name)
+            used.add(p)
+            continue
+        layer_spec = spec if not spec.per_channel else QuantSpec(spec.bits, spec.symmetric, True, 0)
+        _set_submodule(root, name, QuantLayer(m, layer_spec, name))
+        wrapped.append(name)
+    return wrapped, skip, used
+
+
+# -- placement -----------------------------------------------------------------------------------
+def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
+    """Insert :class:`ActQuant` nodes into ``gm`` by the rules of the module docstring."""
+    graph = gm.graph
+    names: list[str] = []
+
+    def add(after: fx.Node, label: str, prefix: str) -> fx.Node:
+        name = f"{prefix}_{after.name}"
+        gm.add_submodule(name, ActQuant(spec, label))
+        with graph.inserting_after(after):
+            q = graph.call_module(name, (after,))
+        names.append(name)
+        return q
+
+    def describe(n: fx.Node) -> str:
+        return str(n.target) if n.op == "call_module" else n.name
+
+    for node in list(graph.nodes):  # rule 2: outputs, after a following clipping activation
+        if not is_quant_op(node, gm):
+            continue
+        target = node
+        while len(target.users) == 1 and is_activation(next(iter(target.users)), gm):
+            target = next(iter(target.users))
+        if any(
+            u.op == "call_module" and isinstance(_module(gm, u), ActQuant) for u in target.users
+        ):
+            continue
+        label = f"output of {describe(node)}" + (
+            f" after {describe(target)}" if target is not node else ""
+        )
+        q = add(target, label, "aq")
+        target.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
+
+    def on_grid(n: fx.Node) -> bool:
+        while is_passthrough(n, gm) and n.args and isinstance(n.args[0], fx.Node):
+            n = n.args[0]
+        return n.op == "call_module" and isinstance(_module(gm, n), ActQuant)
+
+    shared: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):  # rule 3: inputs not on a grid
+        if not is_quant_op(node, gm):
+            continue
+        for a in tensor_inputs(node):
+            if on_grid(a):
+                continue
+            if a not in shared:
+                shared[a] = add(a, f"input of {describe(node)} ({a.name})", "aq_in")
+            node.replace_input_with(a, shared[a])
+    graph.lint()
+    gm.recompile()
+    return names
+
+
+def place_on_inputs(root: nn.Module, spec: QuantSpec) -> list[str]:
+    """Fallback without a graph: a quantizer on the input of every :class:`QuantLayer`."""
+    names = []
+    for name, m in root.named_modules():
+        if isinstance(m, QuantLayer):
+            m.input_quant = ActQuant(spec, f"input of {name}")
+            names.append(f"{name}.input_quant")
+    return names

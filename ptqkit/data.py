@@ -1,0 +1,107 @@
+"""Batches as users give them: a tensor, a tuple/list whose first item is the input (the rest,
+e.g. labels, is ignored for calibration), or a dict of keyword inputs."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DataError
+
+Batch = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def split_batch(batch: Any, index: int = 0) -> Batch:
+    """``(args, kwargs)`` to call the model with for one batch."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, dict):
+        if not batch:
+            raise DataError(f"batch {index} is an empty dict")
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise DataError(f"batch {index} is an empty {type(batch).__name__}")
+        first = batch[0]
+        if isinstance(first, dict):
+            return (), dict(first)
+        return (first,), {}
+    raise DataError(
+        f"batch {index} is a {type(batch).__name__}; expected a tensor, a tuple/list whose first "
+        "item is the input, or a dict of keyword inputs"
+    )
+
+
+def batch_target(batch: Any) -> Any:
+    """The label part of a ``(input, target)`` batch, or ``None``."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    return None
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+
+
+def batch_size(args: tuple, kwargs: dict) -> int:
+    ts = _tensors(args, kwargs)
+    return int(ts[0].shape[0]) if ts and ts[0].dim() > 0 else 1
+
+
+def to_device(args: tuple, kwargs: dict, device: torch.device) -> Batch:
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def iter_batches(
+    data: Iterable[Any], num_batches: int | None = None
+) -> Iterator[tuple[int, Batch]]:
+    """``(index, (args, kwargs))`` for each batch; :class:`DataError` if there is none."""
+    if isinstance(data, (torch.Tensor, dict)):
+        raise DataError(
+            f"data must be an iterable of batches (a DataLoader, a list of tensors), not a single "
+            f"{type(data).__name__}; wrap it in a list: [x]"
+        )
+    try:
+        it = iter(data)
+    except TypeError:
+        raise DataError(f"data must be iterable, got {type(data).__name__}") from None
+    seen = 0
+    for i, batch in enumerate(it):
+        if num_batches is not None and i >= num_batches:
+            break
+        args, kwargs = split_batch(batch, i)
+        ts = _tensors(args, kwargs)
+        if not ts:
+            raise DataError(f"batch {i} holds no tensor")
+        if any(t.numel() == 0 for t in ts):
+            raise DataError(f"batch {i} is empty (a tensor of shape {tuple(ts[0].shape)})")
+        seen += 1
+        yield i, (args, kwargs)
+    if seen == 0:
+        raise DataError("the data is empty: no batch to calibrate or evaluate on")
+
+
+def run_model(model: nn.Module, index: int, args: tuple, kwargs: dict) -> Any:
+    """Call the model on one batch; an error names the batch and its shapes."""
+    try:
+        return model(*args, **kwargs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        from .errors import CalibrationError, PTQError
+
+        if isinstance(e, PTQError):
+            raise
+        shapes = [tuple(t.shape) for t in _tensors(args, kwargs)]
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        err = CalibrationError if "NaN" in msg else DataError
+        raise err(f"the model rejected batch {index} (input shapes {shapes}): {msg}") from e

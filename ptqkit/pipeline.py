@@ -1,0 +1,84 @@
+"""``ptqkit.quantize``: the stages of post-training quantization, in order.
+
+    capture ─► equalize (CLE, SmoothQuant) ─► calibrate (one streaming pass) ─► choose ranges
+            ─► quantize weights (nearest or AdaRound) ─► bias correction ─► fallback (target)
+
+Each stage is a plain function that can also be called alone; optional stages are imported only
+when the config asks for them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from .calibrate.session import calibrate
+from .capture import prepare
+from .config import PTQConfig
+from .errors import ConfigError
+from .info import PTQInfo
+from .quant.modules import set_act_mode
+from .quant.weights import quantize_weights
+
+
+def _timed(info: PTQInfo, stage: str, fn: Any, *args: Any) -> Any:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    info.stages[stage] = info.stages.get(stage, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = None) -> nn.Module:
+    """Quantize a copy of ``model`` calibrated on ``data``; ``model`` itself is left untouched.
+
+    Args:
+        model: a trained float ``nn.Module``.
+        data: an iterable of batches: tensors, ``(input, target)`` tuples, or dicts of keyword
+            inputs. Calibration iterates it once; AdaRound, empirical bias correction, ``"auto"``
+            calibration and the accuracy fallback iterate it again (each says so in its docs).
+        config: a :class:`PTQConfig` (defaults: W8 symmetric per-channel, A8 asymmetric, minmax).
+
+    Returns:
+        A new module that simulates the quantized network, with integer weights
+        (``QuantLayer.weight_int``), activation quantizers (``ActQuant``) and a record of what
+        happened in ``.ptq_info`` (:class:`PTQInfo`).
+    """
+    config = PTQConfig() if config is None else config
+    if not isinstance(config, PTQConfig):
+        raise ConfigError(f"config must be a PTQConfig, got {type(config).__name__}")
+    info = PTQInfo(config=config.to_dict())
+    qmodel = prepare(model, config, info)
+    if config.cle:
+        from .equalize.cle import equalize
+
+        _timed(info, "cle", equalize, qmodel, info)
+    if config.smoothquant is not None:
+        from .equalize.smoothquant import smooth
+
+        _timed(info, "smoothquant", smooth, qmodel, data, config, info)
+    calibrators = calibrate(qmodel, data, config, info)
+    if config.calibration == "auto" and calibrators:
+        from .calibrate.auto import choose_ranges
+
+        _timed(info, "auto", choose_ranges, qmodel, data, calibrators, config, info)
+    if config.adaround:
+        from .correct.adaround import adaround
+
+        _timed(info, "adaround", adaround, qmodel, data, config, info)
+    else:
+        _timed(info, "weights", quantize_weights, qmodel, config, info)
+    set_act_mode(qmodel, "quant")
+    if config.bias_correction:
+        from .correct.bias import correct_bias
+
+        _timed(info, "bias_correction", correct_bias, qmodel, data, config, info)
+    if config.max_degradation is not None or config.min_sqnr_db is not None:
+        from .evaluate.fallback import fallback
+
+        _timed(info, "fallback", fallback, qmodel, data, config, info)
+    qmodel.ptq_info = info
+    qmodel.ptq_config = config
+    return qmodel

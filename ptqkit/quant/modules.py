@@ -1,0 +1,225 @@
+"""The modules a quantized model is made of.
+
+* :class:`ActQuant` fake-quantizes one activation tensor. It has three modes: ``"observe"``
+  (feeds a calibrator, returns its input), ``"quant"`` (fake-quantizes with its scale and zero
+  point) and ``"off"`` (identity).
+* :class:`QuantLayer` wraps a Conv/Linear (or a subclass, e.g. a "same padding" conv: its own
+  ``forward`` is kept) and stores its weight as real integers (``weight_int``) with their scales
+  and zero points. The float weight the wrapped layer computes with is the dequantized integer
+  weight, kept as a non-persistent cache.
+
+During ONNX export both emit ``QuantizeLinear``/``DequantizeLinear`` nodes (activations through
+``torch.fake_quantize_*``, weights through :class:`_DequantizeLinear`), so the exported graph holds
+int8 weight initializers and the same scales and zero points as the simulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import QuantSpec
+from ..errors import CalibrationError
+from .primitives import dequantize, fake_quant, qparams, quantize
+
+#: Layer types whose weights ptqkit quantizes (subclasses included).
+WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class _DequantizeLinear(torch.autograd.Function):
+    """``(q - z)·s`` along ``axis``; exported as ONNX ``DequantizeLinear``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, axis: int
+    ) -> torch.Tensor:
+        return dequantize(q, s, z, axis)
+
+    @staticmethod
+    def symbolic(g: Any, q: Any, s: Any, z: Any, axis: int) -> Any:
+        return g.op("DequantizeLinear", q, s, z, axis_i=axis)
+
+
+class ActQuant(nn.Module):
+    """Fake-quantization of one activation tensor, ``x̂ = (clamp(round(x/s)+z, qmin, qmax) - z)·s``."""
+
+    def __init__(self, spec: QuantSpec, label: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.label = label  # human-readable: which tensor this quantizes
+        self.mode = "off"
+        self.calibrator: Any = None
+        self.calibrated = False
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("range", torch.zeros(2))  # the calibrated (lo, hi), for reports
+
+    def extra_repr(self) -> str:
+        return f"{self.label!r}, bits={self.spec.bits}, symmetric={self.spec.symmetric}, mode={self.mode}"
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set scale and zero point from the range ``[lo, hi]`` (see :func:`qparams`)."""
+        scale, zp = qparams(lo, hi, self.spec)
+        dev = self.scale.device
+        self.scale = scale.to(dev)
+        self.zero_point = zp.to(dev)
+        lo_t, hi_t = torch.as_tensor(lo).float(), torch.as_tensor(hi).float()
+        self.range = torch.stack([lo_t.min(), hi_t.max()]).to(dev)
+        self.calibrated = True
+        self.mode = "quant"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off" or not torch.is_floating_point(x):
+            return x
+        if self.mode == "observe":
+            try:
+                self.calibrator.observe(x)
+            except CalibrationError as e:
+                raise CalibrationError(f"{self.label}: {e}") from None
+            return x
+        if torch.onnx.is_in_onnx_export():
+            if self.scale.dim() == 0:
+                return torch.fake_quantize_per_tensor_affine(
+                    x,
+                    self.scale.reshape(1),
+                    self.zero_point.reshape(1),
+                    self.spec.qmin,
+                    self.spec.qmax,
+                )
+            return torch.fake_quantize_per_channel_affine(
+                x, self.scale, self.zero_point, self.spec.axis, self.spec.qmin, self.spec.qmax
+            )
+        return fake_quant(x, self.scale, self.zero_point, self.spec)
+
+
+class QuantLayer(nn.Module):
+    """A Conv/Linear with integer weights ``weight_int`` and per-channel (or per-tensor) scales.
+
+    ``input_quant`` (optional) fake-quantizes the layer's input: used when the model could not be
+    traced and quantizers cannot be placed in the graph.
+    """
+
+    def __init__(self, layer: nn.Module, spec: QuantSpec, name: str = "") -> None:
+        super().__init__()
+        if not isinstance(layer, WEIGHT_LAYERS):
+            raise TypeError(f"QuantLayer wraps {WEIGHT_LAYERS}, got {type(layer).__name__}")
+        self.name = name
+        self.spec = spec
+        self.layer = layer
+        self.input_quant: ActQuant | None = None
+        w = layer.weight.detach()
+        nch = w.shape[spec.axis] if spec.per_channel else 1
+        shape = (nch,) if spec.per_channel else ()
+        self.register_buffer("weight_scale", torch.ones(shape, device=w.device))
+        self.register_buffer(
+            "weight_zero_point", torch.zeros(shape, dtype=torch.int32, device=w.device)
+        )
+        self.register_buffer("weight_int", torch.zeros(0, dtype=torch.int8, device=w.device))
+        # the float weight (after BN folding / CLE): what the integers approximate
+        self.register_buffer("weight_fp", w.clone(), persistent=False)
+        # the weight the wrapped layer computes with: weight_fp, or (q - z)·s once quantized
+        del layer.weight
+        layer.register_buffer("weight", self.weight_fp, persistent=False)
+        self.quantized = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight the layer computes with (dequantized integers once quantized)."""
+        return self.layer.weight
+
+    def set_float_weight(self, w: torch.Tensor) -> None:
+        """Replace the float weight (before quantization: CLE, SmoothQuant, ...); the layer
+        computes in float until quantized again."""
+        self.weight_fp = w.detach().clone().to(self.weight_fp.device)
+        self.use_float()
+
+    def use_float(self) -> None:
+        """Compute with the float weight (a layer kept in float, or a float reference pass)."""
+        self.layer._buffers["weight"] = self.weight_fp
+        self.quantized = False
+
+    def set_weight_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Quantize the float weight with the range ``[lo, hi]`` (per channel or not)."""
+        scale, zp = qparams(lo, hi, self.spec)
+        self.set_quantized(quantize(self.weight_fp, scale, zp, self.spec), scale, zp)
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> None:
+        """Store integer weights ``q`` with ``scale``/``zp`` and compute with ``(q - z)·s``."""
+        dev = self.weight_fp.device
+        self.weight_int = q.to(dev)
+        self.weight_scale = scale.to(dev, torch.float32)
+        self.weight_zero_point = zp.to(dev, torch.int32)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Compute with the dequantized integer weight ``(q - z)·s``."""
+        self.layer._buffers["weight"] = dequantize(
+            self.weight_int, self.weight_scale, self.weight_zero_point, self.spec.axis
+        )
+        self.quantized = True
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
+    def extra_repr(self) -> str:
+        state = "int" if self.quantized else "float"
+        return f"{self.name!r}, w{self.spec.bits}{'/ch' if self.spec.per_channel else ''} {state}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        if self.quantized and torch.onnx.is_in_onnx_export():
+            cache = self.layer._buffers["weight"]
+            zp = self.weight_zero_point.to(self.weight_int.dtype)
+            self.layer._buffers["weight"] = _DequantizeLinear.apply(
+                self.weight_int, self.weight_scale, zp, self.spec.axis
+            )
+            try:
+                return self.layer(x)
+            finally:
+                self.layer._buffers["weight"] = cache
+        return self.layer(x)
+
+
+def act_quants(model: nn.Module) -> dict[str, ActQuant]:
+    """All :class:`ActQuant` modules of ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """All :class:`QuantLayer` modules of ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+@contextmanager
+def float_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily run ``model`` as the float network it approximates: activation quantizers
+    off, layers on their float weights. Everything is restored on exit, even on error."""
+    quants, layers = act_quants(model).values(), quant_layers(model).values()
+    modes = [q.mode for q in quants]
+    states = [(layer.quantized, layer.layer._buffers["weight"]) for layer in layers]
+    try:
+        for q in quants:
+            q.mode = "off"
+        for layer in layers:
+            layer.layer._buffers["weight"] = layer.weight_fp
+        yield
+    finally:
+        for q, m in zip(quants, modes):
+            q.mode = m
+        for layer, (quantized, w) in zip(layers, states):
+            layer.layer._buffers["weight"] = w
+            layer.quantized = quantized
+
+
+def set_act_mode(model: nn.Module, mode: str) -> None:
+    """Put every activation quantizer of ``model`` in ``mode`` (observe / quant / off)."""
+    if mode not in ("observe", "quant", "off"):
+        raise ValueError(f"unknown mode {mode!r}")
+    for q in act_quants(model).values():
+        q.mode = "off" if mode == "quant" and not q.calibrated else mode

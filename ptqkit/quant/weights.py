@@ -1,0 +1,23 @@
+"""Weight quantization: each :class:`QuantLayer`'s float weight becomes integers with scales."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..calibrate import make_calibrator
+from ..config import PTQConfig
+from ..info import PTQInfo
+from .modules import QuantLayer, quant_layers
+
+
+def weight_range(layer: QuantLayer, method: str):
+    """Range of the layer's float weight by ``method`` (minmax | mse), per channel on axis 0."""
+    cal = make_calibrator(method, axis=0 if layer.spec.per_channel else None)
+    cal.observe(layer.weight_fp)
+    return cal.compute_range(layer.spec)
+
+
+def quantize_weights(model: nn.Module, config: PTQConfig, info: PTQInfo) -> None:
+    """Quantize the weights of every layer not already quantized."""
+    for layer in quant_layers(model).values():
+        layer.set_weight_range(*weight_range(layer, config.weight_calibration))
