@@ -1,5 +1,6 @@
-"""Errors raised by ptqkit. Every failure a user can cause ends in one of these, with a message
-that names what was wrong (the layer, the batch, the field) instead of a traceback from deep inside."""
+"""Errors raised by ptqkit. Every failure a user can cause ends in one of these, with a
+message that names what was wrong (the layer, the batch, the field) instead of a traceback
+from deep inside."""
 
 
 class PTQError(Exception):

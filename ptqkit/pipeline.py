@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from .calibrate.session import calibrate
 from .capture import prepare
@@ -79,6 +79,14 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
         from .evaluate.fallback import fallback
 
         _timed(info, "fallback", fallback, qmodel, data, config, info)
-    qmodel.ptq_info = info
-    qmodel.ptq_config = config
+    attach(qmodel, info, config)
     return qmodel
+
+
+def attach(qmodel: nn.Module, info: PTQInfo, config: PTQConfig) -> None:
+    """Set ``qmodel.ptq_info`` and ``qmodel.ptq_config``. A ``GraphModule`` also lists them as
+    attributes to preserve: its ``copy.deepcopy`` rebuilds it from the graph and would drop them."""
+    qmodel.ptq_info, qmodel.ptq_config = info, config
+    if isinstance(qmodel, fx.GraphModule):
+        kept = qmodel.meta.setdefault("_user_preserved_attributes", {})
+        kept.update(ptq_info=info, ptq_config=config)

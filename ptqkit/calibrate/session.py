@@ -15,6 +15,7 @@ from ..data import batch_size, iter_batches, model_device, run_model, to_device
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import act_quants, set_act_mode
+from . import distributed
 from .calibrators import make_calibrator
 
 #: the calibrator that collects statistics when the choice is made per layer (``"auto"``)
@@ -55,7 +56,10 @@ def calibrate(
     set_act_mode(model, "observe")
     t0 = time.perf_counter()
     try:
-        observe(model, data, config, info)
+        if distributed.is_distributed():  # each rank observes its shard, then all merge
+            distributed.observe_and_merge(observe, model, data, config, info)
+        else:
+            observe(model, data, config, info)
     finally:
         set_act_mode(model, "off")
     calibrators = {}

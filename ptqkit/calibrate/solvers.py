@@ -30,9 +30,12 @@ def expected_error(
 ) -> torch.Tensor:
     """Expected squared quantization error ``E(lo, hi)`` per channel over the histogram.
 
-    ``E = Σ_{x_j outside} c_j (x_j - clamp(x_j, lo, hi))² + (N_in - zeros) · Δ²/12``:
-    clipping error at the bin centers outside the range, plus uniform rounding noise ``Δ²/12``
-    for the values inside (exact zeros are representable and carry no error).
+    ``E = Σ_{x_j outside} c_j (x_j - clamp(x_j, lo, hi))² + Σ_{|x_j| < Δ/2} c_j x_j²
+    + N_round · Δ²/12``: clipping error at the bin centers outside the range; the values of the
+    dead zone ``|x| < Δ/2`` round to 0, with error ``x²``; the other ``N_round`` values inside
+    get uniform rounding noise ``Δ²/12``. Exact zeros are representable and carry no error.
+    (Without the dead-zone term, a coarse grid over heavy tails, where most values round to 0
+    with an error far below ``Δ²/12``, would be clipped much too hard.)
     """
     from ..quant.primitives import qparams
 
@@ -44,9 +47,21 @@ def expected_error(
     x = 0.5 * (edges[:, :-1] + edges[:, 1:])
     c = h.counts
     clip = c * (x - torch.minimum(torch.maximum(x, a[:, None]), b[:, None])).pow(2)
-    inside = ((x >= a[:, None]) & (x <= b[:, None])).double() * c
-    n_in = (inside.sum(1) - h.zeros).clamp_min(0)
-    return clip.sum(1) + n_in * s.pow(2) / 12
+    cz = _without_zeros(h)
+    inside = (x >= a[:, None]) & (x <= b[:, None])
+    dead = inside & (x.abs() < 0.5 * s[:, None])
+    n_round = (cz * (inside & ~dead)).sum(1)
+    return clip.sum(1) + (cz * dead * x * x).sum(1) + n_round * s.pow(2) / 12
+
+
+def _without_zeros(h: HistogramStats) -> torch.Tensor:
+    """``counts`` with the exact zeros taken out of the bin ``[0, w)`` that holds them."""
+    cz = h.counts.clone()
+    j0 = -h.off
+    ok = (j0 >= 0) & (j0 < cz.shape[1])
+    rows = torch.arange(cz.shape[0], device=cz.device)[ok]
+    cz[rows, j0[ok]] -= h.zeros[ok]
+    return cz
 
 
 def _quantile(counts: torch.Tensor, edges: torch.Tensor, frac: float) -> torch.Tensor:
@@ -72,7 +87,7 @@ def percentile_range(h: HistogramStats, spec: QuantSpec, percentile: float) -> R
         j = torch.arange(folded.shape[1] + 1, dtype=torch.float64, device=w.device)
         t = _quantile(folded, j[None, :] * w[:, None], p)
         t = torch.minimum(t, torch.maximum(-lo_obs, hi_obs))
-        return -t, t
+        return _threshold_to_range(h, t, False)  # same grid as ±t, inside [min, max]
     edges = h.edges()
     lo = torch.minimum(torch.maximum(_quantile(h.counts, edges, 1.0 - p), lo_obs), hi_obs)
     hi = torch.minimum(torch.maximum(_quantile(h.counts, edges, p), lo_obs), hi_obs)
@@ -165,22 +180,30 @@ def _suffix(v: torch.Tensor) -> torch.Tensor:
 
 
 def mse_range(h: HistogramStats, spec: QuantSpec, max_candidates: int = 256) -> Range:
-    """Range minimizing :func:`expected_error` (clipping + ``Δ²/12`` rounding noise).
+    """Range minimizing :func:`expected_error` (clipping + dead zone + ``Δ²/12`` rounding noise).
 
     Symmetric or one-sided data: a 1-D search over thresholds ``T`` at the bin edges of
-    ``|x|``, in closed form with suffix sums ``S_q = Σ_{x_j>T} c_j x_j^q``:
-    ``E(T) = S_2 - 2T·S_1 + T²·S_0 + (N - S_0)·(T/L)²/12``, ``L`` the levels covering ``[0, T]``.
+    ``|x|``, in closed form with suffix sums ``S_q = Σ_{x_j>T} c_j x_j^q`` and prefix sums
+    ``D_q = Σ_{x_j<Δ/2} c_j x_j^q`` over the dead zone:
+    ``E(T) = S_2 - 2T·S_1 + T²·S_0 + D_2 + (N - S_0 - D_0)·Δ²/12`` with ``Δ = T/L``, ``L`` the
+    grid steps covering ``[0, T]`` (``2^(b-1) - 1`` signed, ``2^b - 1`` unsigned).
     Two-sided data on an unsigned grid: a 2-D search over ``(lo, hi)`` edge pairs
     (subsampled to ``max_candidates`` per side), ``Δ = (hi - lo)/(2^b - 1)``.
     """
     if spec.symmetric or bool(((h.lo >= 0) | (h.hi <= 0)).all()):
-        folded, w, levels, one_sided = _one_sided(h, spec)
+        folded, w, _, one_sided = _one_sided(h, spec)
+        steps = spec.qmax if spec.symmetric else _levels(spec)  # Δ = T / steps, as in qparams
         m = folded.shape[1]
         x = (torch.arange(m, dtype=torch.float64, device=w.device)[None, :] + 0.5) * w[:, None]
         s0, s1, s2 = _suffix(folded), _suffix(folded * x), _suffix(folded * x * x)
-        t = torch.arange(m + 1, dtype=torch.float64, device=w.device)[None, :] * w[:, None]
+        k = torch.arange(m + 1, dtype=torch.float64, device=w.device)
+        t = k[None, :] * w[:, None]
+        # bins whose center is below Δ/2 = T/(2L) round to 0: the first ceil(k/(2L) - 1/2)
+        dz = torch.ceil(k / (2 * steps) - 0.5).clamp(0, m).long()
+        d0 = (s0[:, :1] - s0)[:, dz]  # prefix sums from the suffix sums
+        d2 = (s2[:, :1] - s2)[:, dz]
         n = folded.sum(1, keepdim=True)
-        err = s2 - 2 * t * s1 + t * t * s0 + (n - s0) * (t / levels).pow(2) / 12
+        err = s2 - 2 * t * s1 + t * t * s0 + d2 + (n - s0 - d0) * (t / steps).pow(2) / 12
         err[:, 0] = float("inf")
         best = torch.argmin(err, dim=1)
         return _threshold_to_range(h, best.double() * w, one_sided)
@@ -190,12 +213,14 @@ def mse_range(h: HistogramStats, spec: QuantSpec, max_candidates: int = 256) -> 
 def _mse_two_sided(h: HistogramStats, spec: QuantSpec, k: int) -> Range:
     edges_all = h.edges().cpu().numpy()
     counts = h.counts.cpu().numpy()
+    nonzero = _without_zeros(h).cpu().numpy()
     zeros = h.zeros.cpu().numpy()
     los, his = [], []
     for ch in range(counts.shape[0]):
         e, c = edges_all[ch], counts[ch]
         x = 0.5 * (e[:-1] + e[1:])
         pre = [np.concatenate([[0.0], np.cumsum(c * x**q)]) for q in range(3)]
+        pz = [np.concatenate([[0.0], np.cumsum(nonzero[ch] * x**q)]) for q in (0, 2)]
         li = np.flatnonzero(e <= 0)
         hi_ = np.flatnonzero(e >= 0)
         li = li[np.unique(np.linspace(0, len(li) - 1, min(k, len(li))).round().astype(int))]
@@ -207,7 +232,13 @@ def _mse_two_sided(h: HistogramStats, spec: QuantSpec, k: int) -> Range:
         rc = r[2] - 2 * b * r[1] + b * b * r[0]
         n_in = np.maximum(c.sum() - zeros[ch] - pre[0][li][:, None] - r[0][None, :], 0)
         span = b[None, :] - a[:, None]
-        err = lc[:, None] + rc[None, :] + n_in * (span / _levels(spec)) ** 2 / 12
+        delta = span / _levels(spec)
+        # dead zone: the bins inside [a, b] whose center is within Δ/2 of 0 round to 0
+        d_lo = np.maximum(np.searchsorted(x, -delta / 2, side="right"), li[:, None])
+        d_hi = np.maximum(np.minimum(np.searchsorted(x, delta / 2), hi_[None, :]), d_lo)
+        dead0, dead2 = (p[d_hi] - p[d_lo] for p in pz)
+        n_round = np.maximum(n_in - dead0, 0)
+        err = lc[:, None] + rc[None, :] + dead2 + n_round * delta**2 / 12
         err[span <= 0] = np.inf
         ia, ib = np.unravel_index(int(np.argmin(err)), err.shape)
         los.append(a[ia])

@@ -5,7 +5,8 @@ Rules, applied to the traced graph (each op family is an entry of a registry, no
 1. Conv/Linear layers are wrapped in :class:`QuantLayer` (integer weights), unless skipped.
 2. The output of every quantized op (layer, add, cat, mul, matmul) is quantized — *after* the
    clipping activation that follows it (ReLU, ReLU6, Hardtanh, clamp), never between, so the
-   grid spends no levels on values the activation removes.
+   grid spends no levels on values the activation removes — except the network's own outputs,
+   which stay float (the last layer's accumulator is dequantized, as TensorRT does).
 3. Every tensor input of a quantized op that is not already on a grid is quantized (model inputs,
    outputs of float ops such as pooling, LayerNorm or a skipped layer). Value-preserving ops
    (max-pool, flatten, reshape, permute, zero padding, dropout, ...) keep their input's grid.
@@ -186,6 +187,8 @@ def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
             u.op == "call_module" and isinstance(_module(gm, u), ActQuant) for u in target.users
         ):
             continue
+        if all(u.op == "output" for u in target.users):
+            continue  # the network's outputs stay float (logits keep their resolution)
         label = f"output of {describe(node)}" + (
             f" after {describe(target)}" if target is not node else ""
         )

@@ -45,6 +45,8 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
     """Fold an eval-mode BatchNorm into the preceding conv/linear, in place:
 
     ``w' = w · γ/√(σ²+ε)`` (per output channel), ``b' = (b - μ)·γ/√(σ²+ε) + β``.
+    The BatchNorm's view of the output distribution, mean ``β`` and std ``|γ|`` per channel, is
+    kept on the layer as the non-persistent buffers ``bn_mean`` and ``bn_std``.
     """
     w = layer.weight.detach()
     inv = (
@@ -60,6 +62,12 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
     new_b = (b - bn.running_mean) * inv + beta
     layer.weight = nn.Parameter(new_w, requires_grad=False)
     layer.bias = nn.Parameter(new_b, requires_grad=False)
+    # what the BatchNorm said about the layer's output (per channel: mean β, std |γ|), kept for
+    # the data-free stages that need it once the BatchNorm is gone (CLE bias absorption,
+    # analytic bias correction); not saved with the model
+    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
+    layer.register_buffer("bn_mean", beta.detach().clone().float(), persistent=False)
+    layer.register_buffer("bn_std", gamma.abs().clone().float(), persistent=False)
 
 
 def fold_batchnorms(gm: fx.GraphModule) -> list[str]:

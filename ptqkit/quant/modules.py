@@ -45,7 +45,8 @@ class _DequantizeLinear(torch.autograd.Function):
 
 
 class ActQuant(nn.Module):
-    """Fake-quantization of one activation tensor, ``x̂ = (clamp(round(x/s)+z, qmin, qmax) - z)·s``."""
+    """Fake-quantization of one activation tensor:
+    ``x̂ = (clamp(round(x/s) + z, qmin, qmax) - z)·s``."""
 
     def __init__(self, spec: QuantSpec, label: str = "") -> None:
         super().__init__()
@@ -59,7 +60,8 @@ class ActQuant(nn.Module):
         self.register_buffer("range", torch.zeros(2))  # the calibrated (lo, hi), for reports
 
     def extra_repr(self) -> str:
-        return f"{self.label!r}, bits={self.spec.bits}, symmetric={self.spec.symmetric}, mode={self.mode}"
+        spec = self.spec
+        return f"{self.label!r}, bits={spec.bits}, symmetric={spec.symmetric}, mode={self.mode}"
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Set scale and zero point from the range ``[lo, hi]`` (see :func:`qparams`)."""
@@ -73,7 +75,9 @@ class ActQuant(nn.Module):
         self.mode = "quant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "off" or not torch.is_floating_point(x):
+        # non-tensors pass through: fx sees a Python number (a float keyword input, `x.size(1)`)
+        # as one more node, and the placement may put a quantizer on it
+        if self.mode == "off" or not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
             return x
         if self.mode == "observe":
             try:
@@ -140,7 +144,15 @@ class QuantLayer(nn.Module):
     def use_float(self) -> None:
         """Compute with the float weight (a layer kept in float, or a float reference pass)."""
         self.layer._buffers["weight"] = self.weight_fp
+        self.select_bias("bias_fp")
         self.quantized = False
+
+    def select_bias(self, which: str) -> None:
+        """Bias correction keeps the float bias (buffer ``bias_fp``) and the corrected one
+        (``bias_q``): compute with ``which`` when the layer has it (no-op otherwise)."""
+        b = getattr(self, which, None)
+        if isinstance(b, torch.Tensor):
+            self.layer._parameters["bias"] = nn.Parameter(b, requires_grad=False)
 
     def set_weight_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Quantize the float weight with the range ``[lo, hi]`` (per channel or not)."""
@@ -160,6 +172,7 @@ class QuantLayer(nn.Module):
         self.layer._buffers["weight"] = dequantize(
             self.weight_int, self.weight_scale, self.weight_zero_point, self.spec.axis
         )
+        self.select_bias("bias_q")
         self.quantized = True
 
     @property
@@ -202,18 +215,24 @@ def float_mode(model: nn.Module) -> Iterator[None]:
     off, layers on their float weights. Everything is restored on exit, even on error."""
     quants, layers = act_quants(model).values(), quant_layers(model).values()
     modes = [q.mode for q in quants]
-    states = [(layer.quantized, layer.layer._buffers["weight"]) for layer in layers]
+    states = [
+        (layer.quantized, layer.layer._buffers["weight"], layer.layer._parameters.get("bias"))
+        for layer in layers
+    ]
     try:
         for q in quants:
             q.mode = "off"
         for layer in layers:
             layer.layer._buffers["weight"] = layer.weight_fp
+            layer.select_bias("bias_fp")
         yield
     finally:
         for q, m in zip(quants, modes):
             q.mode = m
-        for layer, (quantized, w) in zip(layers, states):
+        for layer, (quantized, w, b) in zip(layers, states):
             layer.layer._buffers["weight"] = w
+            if "bias" in layer.layer._parameters:
+                layer.layer._parameters["bias"] = b
             layer.quantized = quantized
 
 

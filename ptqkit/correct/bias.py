@@ -1,0 +1,307 @@
+"""Bias correction (Nagel et al. 2019, section 4.2): quantizing a layer's weights, ``W̃ = W + ε``,
+shifts the expected value of its output by ``E[ε·x] = ε·E[x]``; subtracting that shift from the
+layer's (float) bias removes the systematic part of the error.
+
+* ``"empirical"``: for each quantized layer in execution order, ``b ← b + E[y] - E[ỹ]`` where
+  ``E[y]`` is the per-channel mean of the float network's layer output and ``E[ỹ]`` that of the
+  quantized network (quantized weights and activations upstream, earlier corrections applied)
+  over the calibration data. Means are accumulated per channel while streaming: one float pass,
+  then one pass per layer that stops right after that layer, so the cost is about
+  ``(layers / 2 + 1)`` passes over the data and the memory a few vectors.
+* ``"analytic"`` (data-free): ``b ← b - ε·E[x]`` with ``E[x]`` propagated through the graph from
+  the BatchNorm statistics recorded at folding time (a folded layer's output is taken as
+  ``N(β, γ²)`` per channel; after a clipping activation ``clamp(·, a, b)`` its mean is the
+  clipped-normal mean ``a·Φ(α) + b·(1 - Φ(β')) + μ·(Φ(β') - Φ(α)) + σ·(φ(α) - φ(β'))`` with
+  ``α = (a - μ)/σ``, ``β' = (b - μ)/σ``; adds sum means, and variances as if independent;
+  average pooling and flatten keep the mean). Layers whose input has no such statistics (the
+  first layer, inputs after max-pooling, ...) are left as they are and listed.
+
+The helpers :func:`layer_order` and :func:`stop_after` (run the model only up to one layer) are
+shared with AdaRound and the sensitivity analysis.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..config import PTQConfig
+from ..data import iter_batches, model_device, run_model, to_device
+from ..errors import DataError, ModelError
+from ..info import PTQInfo
+from ..progress import progress
+from ..quant.modules import ActQuant, QuantLayer, float_mode, quant_layers
+
+
+# -- running part of the model -------------------------------------------------------------------
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (nothing after the hooked layer runs)."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Within the block, a forward pass raises :class:`StopForward` right after ``module`` ran
+    (hooks registered on it earlier still see its output)."""
+
+    def hook(*_: Any) -> None:
+        raise StopForward
+
+    h = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def run_until(model: nn.Module, args: tuple, kwargs: dict, index: int) -> None:
+    """Run one batch, tolerating an early :class:`StopForward`."""
+    with suppress(StopForward):
+        run_model(model, index, args, kwargs)
+
+
+def batches(data: Iterable[Any], config: PTQConfig, model: nn.Module) -> Iterator[tuple]:
+    """``(index, args, kwargs)`` of the calibration batches, on the model's device."""
+    device = model_device(model)
+    for i, (args, kwargs) in iter_batches(data, config.num_batches):
+        args, kwargs = to_device(args, kwargs, device)
+        yield i, args, kwargs
+
+
+def layer_order(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> list[str]:
+    """Names of the :class:`QuantLayer` modules in the order they first run (on one batch)."""
+    layers = quant_layers(model)
+    order: list[str] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda *_, n=n: order.append(n) if n not in order else None)
+        for n, m in layers.items()
+    ]
+    try:
+        with torch.no_grad(), float_mode(model):
+            for i, args, kwargs in batches(data, config, model):
+                run_model(model, i, args, kwargs)
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    return order + [n for n in layers if n not in order]  # never run: last
+
+
+def channel_sum(y: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, int]:
+    """Per-output-channel sum of ``y`` (axis 1 for convs, last for Linear) and the count."""
+    y = y.detach().double()
+    if isinstance(layer, nn.Linear):
+        flat = y.reshape(-1, y.shape[-1])
+        return flat.sum(0), flat.shape[0]
+    flat = y.transpose(0, 1).reshape(y.shape[1], -1)
+    return flat.sum(1), flat.shape[1]
+
+
+def _add_to_bias(layer: QuantLayer, delta: torch.Tensor) -> None:
+    """``bias_q ← bias_q + delta``; the float bias is kept as ``bias_fp`` so that the float
+    reference (``float_mode``) and layers put back in float still compute without it."""
+    delta = delta.to(layer.weight_fp.device, torch.float32)
+    if getattr(layer, "bias_q", None) is None:
+        b = layer.layer.bias
+        fp = b.detach().clone() if b is not None else torch.zeros_like(delta)
+        layer.register_buffer("bias_fp", fp, persistent=False)
+        layer.register_buffer("bias_q", fp.clone(), persistent=False)
+    layer.bias_q = layer.bias_q + delta
+    layer.select_bias("bias_q" if layer.quantized else "bias_fp")
+
+
+# -- empirical ---------------------------------------------------------------------------------
+class _Mean:
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, y: torch.Tensor, layer: nn.Module) -> None:
+        s, n = channel_sum(y, layer)
+        self.total = s if self.total is None else self.total + s
+        self.count += n
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        return None if self.total is None else self.total / max(self.count, 1)
+
+
+def _empirical(
+    qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo
+) -> dict[str, Any]:
+    if data is None:
+        raise DataError(
+            "empirical bias correction needs calibration data; pass data, or use "
+            "bias_correction='analytic' (data-free, from BatchNorm statistics)"
+        )
+    layers = quant_layers(qmodel)
+    order = [n for n in layer_order(qmodel, data, config) if layers[n].quantized]
+    ref = {n: _Mean() for n in order}
+    hooks = [
+        layers[n].register_forward_hook(lambda m, a, y, n=n: ref[n].add(y, m.layer)) for n in order
+    ]
+    try:
+        with torch.no_grad(), float_mode(qmodel):
+            for i, args, kwargs in batches(data, config, qmodel):
+                run_model(qmodel, i, args, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    shifts: dict[str, float] = {}
+    for n in progress(order, config.progress, "bias correction"):
+        if ref[n].value is None:
+            continue
+        got = _Mean()
+        layer = layers[n]
+        h = layer.register_forward_hook(lambda m, a, y, got=got: got.add(y, m.layer))
+        try:
+            with torch.no_grad(), stop_after(layer):
+                for i, args, kwargs in batches(data, config, qmodel):
+                    run_until(qmodel, args, kwargs, i)
+        finally:
+            h.remove()
+        delta = ref[n].value - got.value
+        _add_to_bias(layer, delta)
+        shifts[n] = float(delta.abs().max())
+    return {"mode": "empirical", "corrected": shifts, "passes": len(shifts) + 1}
+
+
+# -- analytic ----------------------------------------------------------------------------------
+def clipped_normal_mean(
+    mu: torch.Tensor, sigma: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> torch.Tensor:
+    """``E[clamp(X, lo, hi)]`` for ``X ~ N(mu, sigma²)``, per channel (``±inf`` bounds allowed)."""
+    mu, sigma = mu.double(), sigma.double()
+    lo, hi = torch.broadcast_to(lo.double(), mu.shape), torch.broadcast_to(hi.double(), mu.shape)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    safe = sigma.clamp_min(1e-12)
+    a, b = (lo - mu) / safe, (hi - mu) / safe
+    cdf_a, cdf_b = normal.cdf(a), normal.cdf(b)
+    pdf = lambda t: torch.where(torch.isfinite(t), normal.log_prob(t).exp(), 0.0)  # noqa: E731
+    term_lo = torch.where(torch.isfinite(lo), lo * cdf_a, 0.0)
+    term_hi = torch.where(torch.isfinite(hi), hi * (1 - cdf_b), 0.0)
+    e = term_lo + term_hi + mu * (cdf_b - cdf_a) + sigma * (pdf(a) - pdf(b))
+    return torch.where(sigma > 1e-12, e, torch.minimum(torch.maximum(mu, lo), hi))
+
+
+_PASS = (ActQuant, nn.Identity, nn.Dropout)
+_MEAN_PASS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten)
+
+
+def _input_means(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Expected input per channel of every :class:`QuantLayer` where BatchNorm statistics
+    allow it (see the module docstring), and why the others have none."""
+    from ..equalize.cle import _activation_bounds, _is_flatten_1
+
+    env: dict[fx.Node, tuple[torch.Tensor, torch.Tensor | None] | None] = {}
+    means, why = {}, {}
+    for node in gm.graph.nodes:
+        val = None
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        inp = env.get(src) if src is not None else None
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, QuantLayer):
+            if inp is not None:
+                means[node.target] = inp[0]
+            else:
+                why[node.target] = "its input has no BatchNorm statistics upstream"
+            m, s = getattr(mod.layer, "bn_mean", None), getattr(mod.layer, "bn_std", None)
+            if isinstance(m, torch.Tensor) and isinstance(s, torch.Tensor):
+                val = (m.double(), s.double())
+        elif isinstance(mod, _PASS) or (node.op == "call_function" and node.target is F.dropout):
+            val = inp
+        elif isinstance(mod, _MEAN_PASS) or _is_flatten_1(node, gm):
+            val = None if inp is None else (inp[0], None)
+        elif node.op in ("call_function", "call_method") and node.target in (
+            operator.add,
+            torch.add,
+            "add",
+        ):
+            vals = [env.get(a) for a in node.args[:2] if isinstance(a, fx.Node)]
+            if len(vals) == 2 and all(v is not None for v in vals):
+                (m1, s1), (m2, s2) = vals
+                std = None if s1 is None or s2 is None else torch.sqrt(s1**2 + s2**2)
+                val = (m1 + m2, std)
+        elif node.op != "placeholder" and inp is not None and inp[1] is not None:
+            bounds = _activation_bounds(node, gm)
+            if bounds is not None:
+                lo, hi = (torch.as_tensor(v, dtype=torch.float64) for v in bounds)
+                val = (clipped_normal_mean(inp[0], inp[1], lo, hi), None)
+        env[node] = val
+    return means, why
+
+
+def _analytic(qmodel: nn.Module, info: PTQInfo) -> dict[str, Any]:
+    if not isinstance(qmodel, fx.GraphModule):
+        raise ModelError(
+            "analytic bias correction propagates BatchNorm statistics through the graph, but the "
+            "model could not be traced; use bias_correction='empirical' with calibration data"
+        )
+    layers = quant_layers(qmodel)
+    if not any(
+        isinstance(getattr(q.layer, "bn_mean", None), torch.Tensor) for q in layers.values()
+    ):
+        raise ModelError(
+            "analytic (data-free) bias correction needs BatchNorm statistics, and this model has "
+            "no BatchNorm folded into its layers (no BatchNorm, or fold_bn=False); use "
+            "bias_correction='empirical' with calibration data"
+        )
+    means, why = _input_means(qmodel)
+    shifts = {}
+    from ..equalize.cle import _in_view
+
+    for name, mu in means.items():
+        q = layers[name]
+        if not q.quantized:
+            continue
+        eps = (q.weight.double() - q.weight_fp.double()).cpu()
+        view = _in_view(q.layer, eps, mu.numel())
+        if view is None:
+            why[name] = "its input channels do not match the statistics"
+            continue
+        g, _, cpg, _ = view.shape
+        delta = (view * mu.reshape(g, 1, cpg, 1)).sum(dim=(2, 3)).reshape(-1)
+        _add_to_bias(q, -delta)
+        shifts[name] = float(delta.abs().max())
+    if not shifts:
+        info.warn(
+            "analytic bias correction found no layer whose input statistics follow from "
+            "BatchNorm statistics; nothing was corrected"
+        )
+    return {"mode": "analytic", "corrected": shifts, "not_corrected": why}
+
+
+def correct_bias(
+    qmodel: nn.Module, data: Iterable[Any] | None, config: PTQConfig, info: PTQInfo
+) -> nn.Module:
+    """Correct the biases of the quantized layers of ``qmodel`` in place (see the module
+    docstring); ``config.bias_correction`` picks the variant (``"empirical"`` when it is not
+    set). Weights must be quantized already. Records ``info.details["bias_correction"]``."""
+    mode = config.bias_correction or "empirical"
+    if not any(q.quantized for q in quant_layers(qmodel).values()):
+        info.warn("bias correction: no layer has quantized weights yet; nothing to correct")
+        info.details["bias_correction"] = {"mode": mode, "corrected": {}}
+        return qmodel
+    if mode == "analytic":
+        details = _analytic(qmodel, info)
+    else:
+        details = _empirical(qmodel, data, config, info)
+    info.details["bias_correction"] = details
+    return qmodel
+
+
+__all__ = [
+    "StopForward",
+    "batches",
+    "channel_sum",
+    "clipped_normal_mean",
+    "correct_bias",
+    "layer_order",
+    "run_until",
+    "stop_after",
+]

@@ -1,0 +1,405 @@
+"""Layer-wise sensitivity: where the quantization error of a network comes from.
+
+A *unit* is one :class:`~ptqkit.quant.modules.QuantLayer` with the activation quantizers that go
+with it (:func:`layer_quantizers`): the quantizer of its output (after its activation) and a
+quantizer of its input that feeds nothing else (the model input before the first conv, the
+flattened features before the classifier). For each unit, :func:`sensitivity` measures on the
+given data:
+
+* ``sqnr_db``: SQNR of the layer's output in the fully quantized network against the float
+  network, ``10·log10(Σ y² / Σ (y - ŷ)²)`` (errors of all upstream units included);
+* ``only_quantized``: the metric when only this unit is quantized (everything else float);
+* ``only_float``: the metric when this unit alone stays float (everything else quantized);
+* the output SQNR of the network in both configurations.
+
+The metric is top-1 accuracy when the batches carry labels (``(input, label)``), otherwise
+top-1 agreement with the float network (both in percent); for outputs that are not
+``[N, classes]`` logits it is the output SQNR in dB.
+
+Cost: two passes over the data per layer plus two; the float reference outputs of the network
+(``N × classes`` values) are kept between passes, activations never are (the per-layer SQNR pass
+runs the float and quantized networks on small slices of each batch in turn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..config import PTQConfig
+from ..data import batch_target, model_device, run_model, split_batch, to_device
+from ..errors import DataError
+from ..progress import progress
+from ..quant.modules import ActQuant, QuantLayer, act_quants, float_mode, quant_layers
+
+#: bytes of layer outputs kept at once by the per-layer SQNR pass
+SQNR_BUDGET = 256 * 2**20
+
+
+# -- units -------------------------------------------------------------------------------------
+def layer_quantizers(model: nn.Module) -> dict[str, list[str]]:
+    """For each :class:`QuantLayer`, the activation quantizers that stay float with it."""
+    layers = quant_layers(model)
+    if not isinstance(model, fx.GraphModule):
+        return {
+            n: ([f"{n}.input_quant"] if m.input_quant is not None else [])
+            for n, m in layers.items()
+        }
+    from ..capture.placement import is_activation, is_passthrough
+
+    def is_aq(n: fx.Node) -> bool:
+        return n.op == "call_module" and isinstance(model.get_submodule(n.target), ActQuant)
+
+    def consumers(n: fx.Node) -> list[fx.Node]:
+        out = []
+        for u in n.users:
+            if is_passthrough(u, model):
+                out += consumers(u)
+            else:
+                out.append(u)
+        return out
+
+    units: dict[str, list[str]] = {n: [] for n in layers}
+    for node in model.graph.nodes:
+        if node.op != "call_module" or node.target not in units:
+            continue
+        cur = node
+        while len(cur.users) == 1 and is_activation(next(iter(cur.users)), model):
+            cur = next(iter(cur.users))
+        units[node.target] += [u.target for u in cur.users if is_aq(u)]
+        a = node.args[0] if node.args else None
+        while isinstance(a, fx.Node) and is_passthrough(a, model) and a.args:
+            a = a.args[0]
+        exclusive = isinstance(a, fx.Node) and is_aq(a)
+        if exclusive and all(
+            c.op == "call_module" and c.target == node.target for c in consumers(a)
+        ):
+            units[node.target].append(a.target)
+    return units
+
+
+@contextmanager
+def precision(
+    model: nn.Module, floats: Iterable[str] = (), only: Iterable[str] | None = None
+) -> Iterator[None]:
+    """Temporarily keep the units ``floats`` in float (or, with ``only``, every unit but those);
+    quantizers that belong to no unit stay on unless ``only`` is given. Restored on exit."""
+    layers, quants = quant_layers(model), act_quants(model)
+    units = layer_quantizers(model)
+    off = set(floats) if only is None else set(layers) - set(only)
+    qoff = {q for n in off for q in units.get(n, [])}
+    if only is not None:
+        keep = {q for n in only for q in units.get(n, [])}
+        qoff |= set(quants) - keep
+    saved_l = {
+        n: (m.quantized, m.layer._buffers["weight"], m.layer._parameters.get("bias"))
+        for n, m in layers.items()
+    }
+    saved_q = {n: q.mode for n, q in quants.items()}
+    try:
+        for n in off:
+            layers[n].use_float()
+        for q in qoff:
+            if q in quants:
+                quants[q].mode = "off"
+        yield
+    finally:
+        for n, (was, w, b) in saved_l.items():
+            layers[n].layer._buffers["weight"] = w
+            if "bias" in layers[n].layer._parameters:
+                layers[n].layer._parameters["bias"] = b
+            layers[n].quantized = was
+        for n, mode in saved_q.items():
+            quants[n].mode = mode
+
+
+# -- measuring -----------------------------------------------------------------------------------
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+            if hasattr(o, "__iter__"):
+                try:
+                    return _first_tensor(o)
+                except DataError:
+                    continue
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        return _first_tensor(out.to_tuple())
+    raise DataError(f"the model's output holds no tensor ({type(out).__name__})")
+
+
+@dataclass
+class Score:
+    """What one pass measured: ``metric`` (see :attr:`Evaluator.metric_name`), top-1
+    ``agreement`` with the float network, ``accuracy`` (``None`` without labels) and the output
+    ``sqnr_db``."""
+
+    metric: float
+    agreement: float | None
+    accuracy: float | None
+    sqnr_db: float
+
+
+class Evaluator:
+    """Runs the quantized model (in some precision state) over ``data`` against the float
+    reference, which is computed once and reused (recomputed for a batch whose input changed,
+    e.g. a shuffling loader)."""
+
+    def __init__(self, model: nn.Module, data: Iterable[Any], config: PTQConfig) -> None:
+        self.model, self.data, self.config = model, data, config
+        self.device = model_device(model)
+        self._ref: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self.passes = 0
+        labels, classes, n, correct = True, True, 0, 0
+        for _, _, out, target in self._batches(reference=True):
+            classes &= out.dim() == 2 and out.shape[1] > 1
+            labels &= isinstance(target, torch.Tensor) and target.shape == out.shape[:1]
+            if labels and classes:
+                correct += int((out.argmax(1) == target.to(out.device)).sum())
+            n += out.shape[0]
+        if n == 0:
+            raise DataError("the data is empty: nothing to evaluate on")
+        self.samples = n
+        self.metric_name = ("accuracy" if labels else "agreement") if classes else "sqnr_db"
+        self.float_metric = (
+            100.0 * correct / n
+            if self.metric_name == "accuracy"
+            else (100.0 if classes else float("inf"))
+        )
+
+    @staticmethod
+    def _fingerprint(args: tuple, kwargs: dict) -> tuple:
+        ts = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        return tuple((tuple(t.shape), float(t.double().sum())) for t in ts)
+
+    def _batches(self, reference: bool = False) -> Iterator[tuple]:
+        """``(index, (args, kwargs), float output, target)`` per batch."""
+        for i, batch in enumerate(self.data):
+            if self.config.num_batches is not None and i >= self.config.num_batches:
+                break
+            args, kwargs = to_device(*split_batch(batch, i), self.device)
+            fp = self._fingerprint(args, kwargs)
+            cached = self._ref.get(i)
+            if cached is None or cached[0] != fp:
+                with torch.no_grad(), float_mode(self.model):
+                    out = _first_tensor(run_model(self.model, i, args, kwargs)).detach()
+                self._ref[i] = (fp, out)
+            yield i, (args, kwargs), self._ref[i][1], batch_target(batch)
+
+    def measure(self, floats: Iterable[str] = (), only: Iterable[str] | None = None) -> Score:
+        """Score of the model with units ``floats`` in float (or only the units ``only``
+        quantized), see :func:`precision`."""
+        agree = correct = n = 0
+        sig = noise = 0.0
+        with torch.no_grad(), precision(self.model, floats, only):
+            for i, (args, kwargs), ref, target in self._batches():
+                out = _first_tensor(run_model(self.model, i, args, kwargs)).detach()
+                sig += float(ref.double().pow(2).sum())
+                noise += float((ref.double() - out.double()).pow(2).sum())
+                if self.metric_name != "sqnr_db":
+                    pred = out.argmax(1)
+                    agree += int((pred == ref.argmax(1)).sum())
+                    if self.metric_name == "accuracy":
+                        correct += int((pred == target.to(pred.device)).sum())
+                n += out.shape[0]
+        self.passes += 1
+        sqnr = _db(sig, noise)
+        if self.metric_name == "sqnr_db":
+            return Score(sqnr, None, None, sqnr)
+        acc = 100.0 * correct / n if self.metric_name == "accuracy" else None
+        agreement = 100.0 * agree / n
+        return Score(acc if acc is not None else agreement, agreement, acc, sqnr)
+
+
+def _db(signal: float, noise: float) -> float:
+    import math
+
+    if noise <= 0:
+        return float("inf")
+    if signal <= 0:
+        return float("-inf")
+    return 10.0 * math.log10(signal / noise)
+
+
+def layer_sqnr(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> dict[str, float]:
+    """SQNR (dB) of every :class:`QuantLayer`'s output, fully quantized vs float network."""
+    layers = quant_layers(model)
+    sums = {n: [0.0, 0.0] for n in layers}
+    store: dict[str, torch.Tensor] = {}
+    mode = {"float": True}
+
+    def hook(name: str):
+        def fn(m: nn.Module, a: Any, y: torch.Tensor) -> None:
+            if mode["float"]:
+                store[name] = y.detach()
+            elif name in store:
+                ref = store.pop(name).double()
+                sums[name][0] += float(ref.pow(2).sum())
+                sums[name][1] += float((ref - y.detach().double()).pow(2).sum())
+
+        return fn
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    device = model_device(model)
+    chunk = None
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(data):
+                if config.num_batches is not None and i >= config.num_batches:
+                    break
+                args, kwargs = to_device(*split_batch(batch, i), device)
+                single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+                n = args[0].shape[0] if single and args[0].dim() > 0 else 1
+                step = n if not single else (chunk or 1)
+                a = 0
+                while a < n:
+                    part = (args[0][a : a + step],) if single else args
+                    store.clear()
+                    mode["float"] = True
+                    with float_mode(model):
+                        run_model(model, i, part, kwargs)
+                    if chunk is None and single:
+                        per = sum(t.numel() * t.element_size() for t in store.values())
+                        chunk = max(1, SQNR_BUDGET // max(1, per))
+                    mode["float"] = False
+                    run_model(model, i, part, kwargs)
+                    a += step
+                    step = n if not single else chunk
+    finally:
+        for h in hooks:
+            h.remove()
+        store.clear()
+    return {n: _db(*s) for n, s in sums.items()}
+
+
+# -- the report ------------------------------------------------------------------------------------
+@dataclass
+class LayerSensitivity:
+    """One row of :class:`SensitivityReport`."""
+
+    name: str
+    kind: str
+    params: int
+    quantizers: list[str]
+    sqnr_db: float
+    only_quantized: float
+    only_float: float
+    out_sqnr_only_quantized_db: float
+    out_sqnr_only_float_db: float
+
+
+@dataclass
+class SensitivityReport:
+    """Per-layer sensitivity (see the module docstring). ``metric`` names the metric
+    (``"accuracy"``, ``"agreement"`` or ``"sqnr_db"``); ``float_metric`` and ``quant_metric``
+    are the float and fully quantized networks' values; rows are in execution order."""
+
+    metric: str
+    float_metric: float
+    quant_metric: float
+    quant_sqnr_db: float
+    samples: int
+    layers: list[LayerSensitivity] = field(default_factory=list)
+
+    def ranked(self) -> list[LayerSensitivity]:
+        """Rows from the most sensitive: largest gain when left in float, then lowest SQNR."""
+        return sorted(self.layers, key=lambda r: (-(r.only_float - self.quant_metric), r.sqnr_db))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A plain-text table, one row per layer."""
+        unit = "dB" if self.metric == "sqnr_db" else "%"
+        head = (
+            f"{self.metric}: float {self.float_metric:.2f}{unit}, quantized "
+            f"{self.quant_metric:.2f}{unit} (output SQNR {self.quant_sqnr_db:.1f} dB), "
+            f"{self.samples} samples"
+        )
+        cols = f"{'layer':<40} {'kind':<18} {'params':>8} {'SQNR dB':>8} "
+        cols += f"{'only q':>8} {'only fp':>8}"
+        lines = [head, cols, "-" * len(cols)]
+        for r in self.layers:
+            lines.append(
+                f"{r.name[:40]:<40} {r.kind[:18]:<18} {r.params:>8} {r.sqnr_db:>8.1f} "
+                f"{r.only_quantized:>8.2f} {r.only_float:>8.2f}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _kind(layer: QuantLayer) -> str:
+    inner = layer.layer
+    name = type(inner).__name__
+    if not isinstance(inner, nn.Linear) and inner.groups > 1:
+        dw = inner.groups == inner.in_channels
+        name += " (depthwise)" if dw else f" (groups={inner.groups})"
+    return name
+
+
+def sensitivity(
+    model: nn.Module, data: Iterable[Any], config: PTQConfig | None = None
+) -> SensitivityReport:
+    """Per-layer sensitivity of ``model`` quantized with ``config`` on ``data``.
+
+    ``model`` is a float model (quantized here with ``config``, without fallback targets) or a
+    model already returned by :func:`ptqkit.quantize` (measured as it is, and left as it was).
+    """
+    from ..pipeline import quantize
+
+    config = PTQConfig() if config is None else config
+    if quant_layers(model):
+        qmodel = model
+    else:
+        qmodel = quantize(model, data, config.replace(max_degradation=None, min_sqnr_db=None))
+    from ..correct.bias import layer_order
+
+    ev = Evaluator(qmodel, data, config)
+    full = ev.measure()
+    sq = layer_sqnr(qmodel, data, config)
+    units = layer_quantizers(qmodel)
+    layers = quant_layers(qmodel)
+    rows = []
+    for n in progress(layer_order(qmodel, data, config), config.progress, "sensitivity"):
+        alone = ev.measure(only=[n])
+        left = ev.measure(floats=[n])
+        rows.append(
+            LayerSensitivity(
+                name=n,
+                kind=_kind(layers[n]),
+                params=int(layers[n].weight_fp.numel()),
+                quantizers=units[n],
+                sqnr_db=sq[n],
+                only_quantized=alone.metric,
+                only_float=left.metric,
+                out_sqnr_only_quantized_db=alone.sqnr_db,
+                out_sqnr_only_float_db=left.sqnr_db,
+            )
+        )
+    return SensitivityReport(
+        ev.metric_name, ev.float_metric, full.metric, full.sqnr_db, ev.samples, rows
+    )
+
+
+__all__ = [
+    "Evaluator",
+    "LayerSensitivity",
+    "Score",
+    "SensitivityReport",
+    "layer_quantizers",
+    "layer_sqnr",
+    "precision",
+    "sensitivity",
+]

@@ -1,0 +1,376 @@
+"""``export_onnx``: a ptqkit quantized model → a QDQ ONNX file that ONNX Runtime runs on its
+integer kernels (``QLinearConv``, ``QGemm``, ``QLinearMatMul``, ``QLinearAdd``, ...).
+
+The grids agree with the simulation by construction: activations are ``uint8`` asymmetric
+(``[0, 255]``, integer zero point) or ``int8`` symmetric (``[-128, 127]``, zero point 0) — the
+same grids as ONNX ``QuantizeLinear`` — and weights are ``int8`` full range (symmetric scales
+use ``2^(b-1) - 1`` so ``-128`` only appears with clipped ranges). Weights of fewer than 8 bits
+are stored exactly in ``int8``/``uint8`` containers. ``QuantizeLinear`` rounds half to even like
+the simulation. What can still differ is the arithmetic inside an integer kernel (int32 bias
+``round(b / s_in·s_w)``, the requantization multiplier), a last-bit effect worth at most about
+one output step per layer; :mod:`ptqkit.export.runtime` measures it.
+
+Activations of other than 8 bits have no integer kernel in ONNX Runtime's CPU provider; they
+are refused with :class:`~ptqkit.errors.ExportError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..errors import ExportError
+from ..quant.modules import act_quants, quant_layers
+from .passes import DQ, Graph, Q, run_passes
+
+FORMATS = ("qdq", "fp32+encodings")
+MIN_OPSET, MAX_OPSET = 13, 20  # per-channel Q/DQ needs 13; the TorchScript exporter stops at 20
+
+
+def export_onnx(
+    qmodel: nn.Module,
+    path: str | os.PathLike,
+    example_input: Any,
+    opset: int = 17,
+    *,
+    format: str = "qdq",
+    dynamic_batch: bool = True,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+) -> Path:
+    """Export a ptqkit quantized model to ONNX and return the written path.
+
+    Args:
+        qmodel: a model returned by :func:`ptqkit.quantize`.
+        path: the ``.onnx`` file to write (its folder must exist). Written atomically.
+        example_input: a tensor (or a tuple of tensors) of the shape the model takes; the model
+            is run on it first, and the batch dimension is exported as dynamic.
+        opset: ONNX opset, 13..20.
+        format: ``"qdq"`` (int8 weights, ``QuantizeLinear``/``DequantizeLinear`` pairs, int32
+            biases) or ``"fp32+encodings"`` (a float ONNX plus ``<path>.encodings.json`` with the
+            scale, zero point and bits of every quantized tensor, for runtimes that quantize
+            themselves).
+        dynamic_batch: export dimension 0 of every input and output as dynamic.
+        input_names, output_names: ONNX names (default ``input``/``output``, numbered if many).
+
+    Raises:
+        ExportError: not a ptqkit quantized model, unsupported bits, a path that cannot be
+            written, an example input the model rejects, or an op the exporter cannot handle.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset must be an int in {MIN_OPSET}..{MAX_OPSET}, got {opset!r}")
+    check_exportable(qmodel)
+    path = _check_path(path)
+    args = _check_example(qmodel, example_input)
+    model = _torch_export(qmodel, args, opset, dynamic_batch, input_names, output_names)
+    run_passes(model)
+    encodings = None
+    if format == "fp32+encodings":
+        encodings = strip_qdq(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:  # a bug of ptqkit's passes, not the user's
+        raise ExportError(f"the exported graph is invalid: {_first_line(e)}") from e
+    _write(path, model.SerializeToString())
+    if encodings is not None:
+        _write(encodings_path(path), json.dumps(encodings, indent=1).encode())
+    return path
+
+
+def encodings_path(path: str | os.PathLike) -> Path:
+    """Where ``format="fp32+encodings"`` writes the encodings of ``path``."""
+    p = Path(path)
+    return p.with_name(p.stem + ".encodings.json")
+
+
+# -- checks --------------------------------------------------------------------------------------
+def check_exportable(qmodel: Any) -> None:
+    """Raise :class:`ExportError` unless ``qmodel`` is a ptqkit quantized model whose grids have
+    ONNX Runtime integer kernels (8-bit activations, weights of at most 8 bits)."""
+    if not isinstance(qmodel, nn.Module):
+        raise ExportError(f"expected a ptqkit quantized nn.Module, got {type(qmodel).__name__}")
+    layers, quants = quant_layers(qmodel), act_quants(qmodel)
+    if not layers and not quants:
+        raise ExportError(
+            f"{type(qmodel).__name__} is not a ptqkit quantized model (no QuantLayer or "
+            "ActQuant inside); quantize it first: ptqkit.quantize(model, data, config)"
+        )
+    for name, q in quants.items():
+        if q.mode == "observe":
+            raise ExportError(f"activation quantizer {name} is still calibrating (mode 'observe')")
+        if q.mode == "quant" and q.spec.bits != 8:
+            raise ExportError(
+                f"activation quantizer {name} ({q.label}) has {q.spec.bits} bits; ONNX QDQ "
+                "export supports 8-bit activations only (ONNX Runtime has no integer kernels "
+                "for other widths)"
+            )
+    for name, layer in layers.items():
+        if layer.quantized and layer.spec.bits > 8:
+            raise ExportError(
+                f"layer {name} has {layer.spec.bits}-bit weights; ONNX QDQ export supports "
+                "weights of at most 8 bits"
+            )
+
+
+def _check_path(path: Any) -> Path:
+    try:
+        p = Path(path)
+    except TypeError:
+        raise ExportError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if p.is_dir():
+        raise ExportError(f"cannot write {p}: it is a folder")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {p}: folder {parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ExportError(f"cannot write {p}: {e.strerror or e}") from None
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ExportError(f"cannot write {p}: the file is read-only")
+    return p
+
+
+def _shapes(args: tuple) -> str:
+    shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+    return str(shapes[0]) if len(shapes) == 1 else str(shapes)
+
+
+def _check_example(qmodel: nn.Module, example: Any) -> tuple:
+    args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise ExportError(
+            "example_input must be a tensor or a tuple of tensors, got "
+            + (type(example).__name__ if not args else str([type(a).__name__ for a in args]))
+        )
+    try:
+        with torch.no_grad():
+            qmodel(*args)
+    except Exception as e:
+        raise ExportError(
+            f"the model rejects the example input of shape {_shapes(args)}: {_first_line(e)}"
+        ) from None
+    return args
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+# -- the TorchScript export ----------------------------------------------------------------------
+def _names(given: list[str] | None, n: int, base: str) -> list[str]:
+    if given is not None:
+        if len(given) != n:
+            raise ExportError(f"{base}_names has {len(given)} names for {n} {base}s")
+        return list(given)
+    return [base] if n == 1 else [f"{base}{i}" for i in range(n)]
+
+
+def _torch_export(
+    qmodel: nn.Module,
+    args: tuple,
+    opset: int,
+    dynamic_batch: bool,
+    input_names: list[str] | None,
+    output_names: list[str] | None,
+) -> onnx.ModelProto:
+    with torch.no_grad():
+        out = qmodel(*args)
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    ins, outs = _names(input_names, len(args), "input"), _names(output_names, n_out, "output")
+    axes = {n: {0: "batch"} for n in ins + outs} if dynamic_batch else None
+    buf = io.BytesIO()
+    with _captured_output() as log:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    qmodel,
+                    args,
+                    buf,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=ins,
+                    output_names=outs,
+                    dynamic_axes=axes,
+                    do_constant_folding=True,
+                )
+            error = None
+        except Exception as e:
+            error = e
+    if error is not None:
+        raise ExportError(_explain(error, log.text, opset, qmodel)) from None
+    return onnx.load_from_string(buf.getvalue())
+
+
+class _Log:
+    text = ""
+
+
+@contextlib.contextmanager
+def _captured_output():
+    """Capture what the exporter prints, Python and C++ alike (file descriptors 1 and 2): on
+    failure it dumps its whole IR graph, which :func:`_explain` reads for the failing module."""
+    log = _Log()
+    with tempfile.TemporaryFile(mode="w+b") as f:
+        saved = []
+        try:
+            for fd in (1, 2):
+                saved.append((fd, os.dup(fd)))
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd, _ in saved:
+                os.dup2(f.fileno(), fd)
+        except (OSError, ValueError):  # no real descriptors (embedded interpreter): Python only
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
+            saved = []
+        py = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(py), contextlib.redirect_stderr(py):
+                yield log
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
+            f.seek(0)
+            log.text = py.getvalue() + f.read().decode(errors="replace")
+
+
+def _fx_module(qmodel: nn.Module, op: str) -> str:
+    """The module (qualified name and class) whose traced code calls the aten ``op``, found in
+    the ``torch.fx`` graph of ``qmodel`` (``""`` if it is not a graph module or not found)."""
+    graph = getattr(qmodel, "graph", None)
+    base = op.split("::", 1)[-1].strip("_")
+    for node in getattr(graph, "nodes", ()):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = getattr(node.target, "__name__", str(node.target)).strip("_")
+        if name not in (base, base.split("_", 1)[-1]):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return f"node '{node.name}' of the model's forward"
+        path, cls = list(stack.values())[-1]
+        return f"module '{path}' ({getattr(cls, '__name__', cls)})"
+    return ""
+
+
+def _explain(e: Exception, log: str, opset: int, qmodel: nn.Module) -> str:
+    """One line naming the op the TorchScript exporter failed on and where it is called: the
+    module (from the fx graph, else from the exporter's scopes) or the source line."""
+    msg = _first_line(e)
+    if "Python operator" in msg or "PythonOp" in msg:
+        return f"cannot export a custom autograd Function to ONNX (it has no symbolic): {msg}"
+    op = re.search(r"'((?:aten|prim|quantized|onnx)::\w+)'", msg) or re.search(r"(aten::\w+)", msg)
+    if op is None:
+        return f"ONNX export failed: {msg}"
+    where = _fx_module(qmodel, op.group(1))
+    for line in log.splitlines() if not where else ():
+        if f"{op.group(1)}(" not in line or "scope:" not in line:
+            continue
+        scope, _, source = line.split("scope:", 1)[1].partition("#")
+        module = scope.strip().rsplit("::", 1)[-1] if "::" in scope else ""
+        where = f"module '{module}'" if module else f"code at {source.strip()}"
+        break
+    inside = f" in {where}" if where else ""
+    return f"ONNX export does not support op {op.group(1)}{inside} at opset {opset}: {msg}"
+
+
+def _write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+# -- fp32 + encodings ----------------------------------------------------------------------------
+def _encoding(scale: np.ndarray, zp: np.ndarray) -> dict[str, Any]:
+    kind = {np.dtype(np.uint8): "uint8", np.dtype(np.int8): "int8", np.dtype(np.int32): "int32"}
+    dtype = kind.get(zp.dtype, str(zp.dtype))
+    return {
+        "dtype": dtype,
+        "bits": zp.dtype.itemsize * 8,
+        "symmetric": bool(dtype != "uint8" and not zp.any()),
+        "scale": scale.astype(np.float64).reshape(-1).tolist(),
+        "zero_point": zp.astype(np.int64).reshape(-1).tolist(),
+    }
+
+
+def strip_qdq(model: onnx.ModelProto) -> dict[str, Any]:
+    """Turn a QDQ model into its float twin, in place; return the encodings removed.
+
+    ``DQ(integer initializer)`` (weights, int32 biases) becomes the dequantized float initializer
+    (``(q - z)·s``, so quantizing it again with the recorded encoding gives back exactly ``q``);
+    a ``Q → DQ`` pair on an activation disappears. Encodings: ``{"activations": {tensor: enc},
+    "params": {initializer: enc}}`` with ``enc`` = dtype, bits, symmetric, scale and zero point
+    (lists: one entry per channel along ``axis``), real = ``(q - zero_point)·scale``.
+    """
+    g = Graph(model)
+    acts: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for dq in [n for n in g.nodes if n.op_type == DQ]:
+        x, s = g.const(dq.input[0]), g.const(dq.input[1])
+        z = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if s is None:
+            continue
+        z = np.zeros(s.shape, np.uint8) if z is None else z
+        if x is not None:  # a parameter
+            axis = g.attr(dq, "axis", 1) % max(x.ndim, 1)
+            shape = [-1 if k == axis else 1 for k in range(x.ndim)] if s.size > 1 else []
+            w = (x.astype(np.float64) - z.astype(np.float64).reshape(shape)) * s.astype(
+                np.float64
+            ).reshape(shape)
+            name = g.add_init(w.astype(np.float32), dq.input[0].rsplit("_int", 1)[0] + "_fp32")
+            params[name] = {**_encoding(s, z), "axis": axis if s.size > 1 else None}
+            _replace(g, dq.output[0], name)
+            continue
+        q = g.producer.get(dq.input[0])
+        if q is None or q.op_type != Q:
+            continue
+        acts[q.input[0]] = _encoding(s, z)
+        _replace(g, dq.output[0], q.input[0])
+    g.reindex()
+    from .passes import prune
+
+    prune(g)
+    g.finish()
+    return {"format": "ptqkit-encodings/1", "activations": acts, "params": params}
+
+
+def _replace(g: Graph, old: str, new: str) -> None:
+    """Make every reader of ``old`` read ``new`` (a graph output keeps its name via Identity)."""
+    for n in g.users.get(old, []):
+        for k, name in enumerate(n.input):
+            if name == old:
+                n.input[k] = new
+    if old in g.outputs:
+        g.nodes.append(onnx.helper.make_node("Identity", [new], [old], g.fresh(old + "_id")))
+
+
+__all__ = ["FORMATS", "check_exportable", "encodings_path", "export_onnx", "strip_qdq"]

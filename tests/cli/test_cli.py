@@ -1,0 +1,433 @@
+"""The ``ptqkit`` command, run for real in a subprocess on a small real model (the digits CNN of
+the conftest, handed to the CLI through a user module, a .pt2 file, .npz arrays and PNG files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ptqkit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+USER_MODULE = """
+import numpy as np, torch
+from safetensors.torch import load_file
+from ptqkit.zoo.models import DigitsCNN
+
+def model():
+    m = DigitsCNN()
+    m.load_state_dict(load_file("digits.safetensors"))
+    return m.eval()
+
+def calib():
+    x = torch.from_numpy(np.load("calib.npz")["x"])
+    return [x[i : i + 64] for i in range(0, len(x), 64)]
+
+def evaluation():
+    d = np.load("eval.npz")
+    x, y = torch.from_numpy(d["x"]), torch.from_numpy(d["y"])
+    return [(x[i : i + 120], y[i : i + 120]) for i in range(0, len(x), 120)]
+
+def not_a_module():
+    return [1, 2, 3]
+
+def broken():
+    raise RuntimeError("weights missing")
+"""
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, _digits_cnn_master, digits_data) -> Path:
+    """A folder with the user's module, the model weights, arrays, images and a .pt2 file."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("cli")
+    model = _digits_cnn_master
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / "digits.safetensors")
+    (d / "user_mod.py").write_text(USER_MODULE)
+    x_train, _, x_test, y_test = digits_data
+    np.savez(d / "calib.npz", x=x_train[:256].numpy())
+    np.savez(d / "eval.npz", x=x_test.numpy(), y=y_test.numpy())
+    np.save(d / "wrong_shape.npy", np.zeros((8, 3, 5, 5), np.float32))
+    imgs = d / "images"
+    imgs.mkdir()
+    raw = ((x_train[:128, 0] - x_train.min()) / (x_train.max() - x_train.min()) * 255).byte()
+    for i, a in enumerate(raw.numpy()):
+        Image.fromarray(a, mode="L").save(imgs / f"d{i:03d}.png")
+    (d / "empty").mkdir()
+    (d / "empty" / "notes.txt").write_text("no images here")
+    mixed = d / "mixed"
+    mixed.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(mixed / "a.png")
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(mixed / "b.png")
+    ep = torch.export.export(model, (x_train[:2],))
+    torch.export.save(ep, d / "digits.pt2")
+    return d
+
+
+def run(work: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``ptqkit ARGS`` in ``work`` (the console script when installed, else ``python -m``)."""
+    exe = shutil.which("ptqkit")
+    cmd = [exe] if exe else [sys.executable, "-m", "ptqkit.cli"]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    env["OMP_NUM_THREADS"] = "1"  # tiny model on a shared machine: threads only wait
+    return subprocess.run(
+        [*cmd, *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def usage_error(p: subprocess.CompletedProcess, *needles: str) -> str:
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    err = p.stderr.strip()
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    for n in needles:
+        assert n in last, last
+    return last
+
+
+MODEL, CALIB, EVAL = "user_mod:model", "calib.npz", "eval.npz"
+
+
+def test_quantize_writes_everything(work):
+    p = run(
+        work,
+        "quantize",
+        "--model",
+        MODEL,
+        "--data",
+        "user_mod:calib",
+        "--eval-data",
+        "user_mod:evaluation",
+        "--out",
+        "q1",
+        "--max-plots",
+        "4",
+    )
+    assert p.returncode == 0, p.stderr
+    out = work / "q1"
+    for name in ("model.ptq.safetensors", "model.int8.onnx", "report.html", "summary.json"):
+        assert (out / name).is_file(), name
+    s = json.loads((out / "summary.json").read_text())
+    assert s["command"] == "quantize" and s["evaluation"]["metric"] == "top1"
+    assert s["evaluation"]["samples"] == 360 and s["evaluated_on_calibration_data"] is False
+    assert s["quantization"]["layers"] == 4 and s["quantization"]["calibration_samples"] == 256
+    assert s["onnx"]["int_kernels"] >= 4
+    assert {"FP32 PyTorch", "INT8 ONNX Runtime"} <= set(s["latency_ms"])
+    assert "top1" in p.stdout and "degradation" in p.stdout and "report:" in p.stdout
+    assert "ptqkit: quantizing" in p.stderr  # plain log lines: stderr is not a terminal
+    # the saved model loads back onto the float architecture and computes the same outputs
+    from ptqkit.zoo.models import DigitsCNN
+
+    q = ptqkit.load(out / "model.ptq.safetensors", DigitsCNN())
+    assert len(ptqkit.quant.modules.quant_layers(q)) == 4
+    assert '<table id="summary">' in (out / "report.html").read_text()
+    # an existing --out is refused without --force ...
+    usage_error(
+        run(work, "quantize", "--model", MODEL, "--data", CALIB, "--out", "q1"), "exists", "--force"
+    )
+
+
+def test_quantize_arrays_toml_config_quiet_and_force(work):
+    (work / "cfg.toml").write_text(
+        'calibration = "percentile"\nskip = ["fc"]\nbias_correction = false\n'
+        "[calibrator_options]\npercentile = 99.9\n"
+        "[weights]\nbits = 8\nper_channel = false\n"
+        "[activations]\nbits = 8\nsymmetric = false\n"
+    )
+    (work / "q2").mkdir()
+    (work / "q2" / "old.txt").write_text("x")
+    p = run(
+        work,
+        "quantize",
+        "--model",
+        MODEL,
+        "--data",
+        CALIB,
+        "--eval-data",
+        EVAL,
+        "--config",
+        "cfg.toml",
+        "--out",
+        "q2",
+        "--force",
+        "--quiet",
+        "--no-onnx",
+        "--no-latency",
+        "--max-plots",
+        "2",
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""  # --quiet: no logs, no warnings, no progress
+    s = json.loads((work / "q2" / "summary.json").read_text())
+    assert s["config"]["calibration"] == "percentile"
+    assert s["config"]["calibrator_options"] == {"percentile": 99.9}
+    assert s["config"]["weights"]["per_channel"] is False and s["config"]["skip"] == ["fc"]
+    assert s["quantization"]["skipped"] == ["fc"] and s["onnx"] == {} and s["latency_ms"] == {}
+    assert not (work / "q2" / "model.int8.onnx").exists()
+
+
+def test_quantize_image_folder_and_a_pt2_file(work):
+    p = run(
+        work,
+        "quantize",
+        "--model",
+        "digits.pt2",
+        "--data",
+        "images",
+        "--grayscale",
+        "--mean",
+        "0.3",
+        "--std",
+        "0.35",
+        "--out",
+        "q3",
+        "--no-latency",
+        "--no-onnx",
+        "--max-plots",
+        "2",
+    )
+    assert p.returncode == 0, p.stderr
+    s = json.loads((work / "q3" / "summary.json").read_text())
+    assert "128 images" in s["calibration_data"] and "1x8x8" in s["calibration_data"]
+    assert s["evaluation"]["metric"] == "agreement" and s["evaluated_on_calibration_data"]
+    assert s["quantization"]["layers"] == 4  # the .pt2's aten convs became modules again
+    assert s["quantization"]["traced"] is True
+    assert any(a["rule"] == "validation_set" for a in s["advice"])
+
+
+def test_bad_models(work):
+    usage_error(
+        run(work, "quantize", "--model", "no_such_pkg.mod:model", "--data", CALIB, "--out", "x1"),
+        "cannot import 'no_such_pkg.mod'",
+    )
+    usage_error(
+        run(work, "quantize", "--model", "user_mod:not_a_module", "--data", CALIB, "--out", "x2"),
+        "returned a list, not a torch.nn.Module",
+    )
+    usage_error(
+        run(work, "quantize", "--model", "user_mod:nope", "--data", CALIB, "--out", "x3"),
+        "no attribute 'nope'",
+    )
+    usage_error(
+        run(work, "quantize", "--model", "user_mod:broken", "--data", CALIB, "--out", "x4"),
+        "RuntimeError: weights missing",
+    )
+
+
+def test_pt2_with_pickled_objects_is_refused(work):
+    """A .pt2 whose weights are stored pickled is refused before anything is unpickled."""
+    src, dst = work / "digits.pt2", work / "pickled.pt2"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("_weights_config.json"):
+                cfg = json.loads(data)
+                first = next(iter(cfg["config"]))
+                cfg["config"][first]["use_pickle"] = True
+                data = json.dumps(cfg).encode()
+            zout.writestr(item, data)
+    usage_error(
+        run(work, "quantize", "--model", "pickled.pt2", "--data", CALIB, "--out", "x5"),
+        "pickled",
+        "refused",
+    )
+    (work / "garbage.pt2").write_bytes(b"not a zip")
+    usage_error(
+        run(work, "quantize", "--model", "garbage.pt2", "--data", CALIB, "--out", "x6"),
+        "not a .pt2 archive",
+    )
+
+
+def test_bad_data(work):
+    usage_error(
+        run(work, "quantize", "--model", MODEL, "--data", "empty", "--out", "x7"), "no images"
+    )
+    usage_error(
+        run(work, "quantize", "--model", MODEL, "--data", "mixed", "--out", "x8"),
+        "different sizes",
+        "a.png",
+        "b.png",
+        "--resize",
+    )
+    usage_error(
+        run(work, "quantize", "--model", MODEL, "--data", "nothing.npz", "--out", "x9"),
+        "no such file",
+    )
+
+
+def test_bad_toml(work):
+    (work / "typo.toml").write_text('calibraton = "kl"\n')
+    usage_error(
+        run(
+            work,
+            "quantize",
+            "--model",
+            MODEL,
+            "--data",
+            CALIB,
+            "--config",
+            "typo.toml",
+            "--out",
+            "x10",
+        ),
+        "unknown key 'calibraton'",
+        "did you mean 'calibration'",
+    )
+    (work / "type.toml").write_text('[weights]\nbits = "8"\n')
+    usage_error(
+        run(
+            work,
+            "quantize",
+            "--model",
+            MODEL,
+            "--data",
+            CALIB,
+            "--config",
+            "type.toml",
+            "--out",
+            "x11",
+        ),
+        "weights.bits must be int",
+        "str '8'",
+    )
+    (work / "value.toml").write_text('calibration = "nope"\n')
+    usage_error(
+        run(
+            work,
+            "quantize",
+            "--model",
+            MODEL,
+            "--data",
+            CALIB,
+            "--config",
+            "value.toml",
+            "--out",
+            "x12",
+        ),
+        "unknown calibration 'nope'",
+    )
+    (work / "syntax.toml").write_text("cle = \n")
+    usage_error(
+        run(
+            work,
+            "quantize",
+            "--model",
+            MODEL,
+            "--data",
+            CALIB,
+            "--config",
+            "syntax.toml",
+            "--out",
+            "x13",
+        ),
+        "invalid TOML",
+    )
+    assert not any((work / f"x{i}").exists() for i in (10, 11, 12, 13))
+
+
+def test_failure_exit_code_and_debug_traceback(work):
+    args = ["quantize", "--model", MODEL, "--data", "wrong_shape.npy", "--out", "x14"]
+    p = run(work, *args)
+    assert p.returncode == 1, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in p.stderr and "rejected batch 0" in last and "--debug" in last
+    p = run(work, *args, "--force", "--debug")
+    assert p.returncode == 1 and "Traceback" in p.stderr
+
+
+def test_compare_and_report(work):
+    p = run(
+        work,
+        "compare",
+        "--model",
+        MODEL,
+        "--data",
+        CALIB,
+        "--eval-data",
+        EVAL,
+        "--calibrators",
+        "minmax,mse",
+        "--per-channel-only",
+        "--no-recovery",
+        "--out",
+        "c1",
+    )
+    assert p.returncode == 0, p.stderr
+    assert "minmax / per-channel" in p.stdout and "mse / per-channel" in p.stdout
+    assert "best:" in p.stdout
+    rows = json.loads((work / "c1" / "comparison.json").read_text())["rows"]
+    assert len(rows) == 2 and rows[0]["quantized"] >= rows[1]["quantized"]
+    assert all(r["quantize_s"] > 0 for r in rows)
+    assert '<table id="comparison">' in (work / "c1" / "report.html").read_text()
+    usage_error(
+        run(work, "compare", "--model", MODEL, "--data", CALIB, "--calibrators", "minmax,bogus"),
+        "bogus",
+    )
+    # a report from the model saved by `quantize` (test_quantize_writes_everything)
+    saved = work / "q1" / "model.ptq.safetensors"
+    if not saved.is_file():
+        pytest.skip("needs the output of test_quantize_writes_everything")
+    p = run(
+        work,
+        "report",
+        "--model",
+        MODEL,
+        "--data",
+        CALIB,
+        "--eval-data",
+        EVAL,
+        "--quantized",
+        str(saved),
+        "--out",
+        "r.html",
+        "--no-latency",
+        "--max-plots",
+        "2",
+    )
+    assert p.returncode == 0, p.stderr
+    html = (work / "r.html").read_text()
+    assert '<table id="summary">' in html and "data:image/png;base64," in html
+
+
+def test_demo_as_the_readme_says(tmp_path):
+    """The README's quick check, exactly: ``ptqkit demo --model digits``."""
+    t0 = time.perf_counter()
+    p = run(tmp_path, "demo", "--model", "digits")
+    seconds = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "ptqkit-demo"
+    for name in ("report.html", "summary.json", "model.int8.onnx", "model.ptq.safetensors"):
+        assert (out / name).is_file(), name
+    assert "top1" in p.stdout and "latency ONNX Runtime" in p.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["evaluation"]["fp32"] > 90 and s["evaluation"]["degradation"] < 2
+    assert seconds < 120, seconds
+
+
+@pytest.mark.skipif(
+    not os.environ.get("PTQKIT_SLOW_TESTS"),
+    reason="about a minute of CPU (EfficientNet-Lite0); set PTQKIT_SLOW_TESTS=1 to run it",
+)
+def test_full_demo(tmp_path):
+    """``ptqkit demo``: EfficientNet-Lite0 on photo crops, under 2 minutes."""
+    t0 = time.perf_counter()
+    p = run(tmp_path, "demo", timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "agreement" in p.stdout and "no ImageNet labels" in p.stdout
+    assert (tmp_path / "ptqkit-demo" / "report.html").is_file()
+    assert time.perf_counter() - t0 < 120

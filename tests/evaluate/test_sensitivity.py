@@ -1,0 +1,86 @@
+"""Layer-wise sensitivity: one row per layer with SQNR and metric when only that layer is
+quantized / left in float, labels optional, the model left as it was."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import ptqkit
+from ptqkit.evaluate.sensitivity import layer_quantizers, layer_sqnr, precision
+from ptqkit.quant.modules import act_quants, quant_layers
+
+LOW = ptqkit.PTQConfig(
+    weights=ptqkit.QuantSpec(bits=3),
+    activations=ptqkit.QuantSpec(bits=4, symmetric=False),
+    progress=False,
+)
+
+
+def test_units_of_the_digits_cnn(quantized_digits):
+    units = layer_quantizers(quantized_digits)
+    assert set(units["conv1"]) == {"aq_relu1", "aq_in_x"}  # output after ReLU, exclusive input
+    assert units["conv2"] == ["aq_conv2"]  # its input feeds the residual add too: not its own
+    assert units["fc"] == ["aq_in_flatten"]  # the network output itself is not quantized
+
+
+def test_report_with_labels(digits_cnn, test_batches):
+    rep = ptqkit.sensitivity(digits_cnn, test_batches, LOW)
+    assert rep.metric == "accuracy" and rep.samples == 360
+    assert [r.name for r in rep.layers] == ["conv1", "conv2", "conv3", "fc"]
+    for r in rep.layers:
+        assert math.isfinite(r.sqnr_db) and 0 <= r.only_float <= 100
+        assert 0 <= r.only_quantized <= 100 and r.params > 0
+    # quantizing one layer alone costs less than quantizing all of them
+    assert min(r.only_quantized for r in rep.layers) >= rep.quant_metric
+    ranked = rep.ranked()
+    assert ranked[0].only_float == max(r.only_float for r in rep.layers)
+    text = rep.table()
+    assert "conv1" in text and "accuracy" in text
+    d = rep.to_dict()
+    assert d["layers"][0]["name"] == "conv1"
+
+
+def test_report_without_labels_is_agreement(digits_cnn, calib_batches):
+    rep = ptqkit.sensitivity(digits_cnn, calib_batches, LOW)
+    assert rep.metric == "agreement" and rep.float_metric == 100.0
+    assert all(0 <= r.only_float <= 100 for r in rep.layers)
+
+
+def test_quantized_model_is_measured_and_left_as_it_was(digits_cnn, calib_batches):
+    q = ptqkit.quantize(digits_cnn, calib_batches, LOW)
+    x = calib_batches[0]
+    with torch.no_grad():
+        before = q(x)
+    modes = {n: m.mode for n, m in act_quants(q).items()}
+    rep = ptqkit.sensitivity(q, calib_batches, LOW)
+    with torch.no_grad():
+        assert torch.equal(q(x), before)
+    assert {n: m.mode for n, m in act_quants(q).items()} == modes
+    assert all(m.quantized for m in quant_layers(q).values())
+    assert len(rep.layers) == 4
+
+
+def test_precision_states(digits_cnn, calib_batches):
+    q = ptqkit.quantize(digits_cnn, calib_batches, LOW)
+    x = calib_batches[0]
+    with torch.no_grad():
+        ref = digits_cnn(x)
+        with precision(q, floats=list(quant_layers(q))):
+            assert torch.allclose(q(x), ref, atol=1e-4)  # every unit float: the float network
+        with precision(q, only=["conv2"]):
+            assert not q.conv1.quantized and q.conv2.quantized and q.aq_in_x.mode == "off"
+    assert q.conv1.quantized and q.aq_in_x.mode == "quant"
+
+
+def test_layer_sqnr_is_streamed_in_slices(digits_cnn, calib_batches, monkeypatch):
+    import ptqkit.evaluate.sensitivity as sens
+
+    q = ptqkit.quantize(digits_cnn, calib_batches, LOW)
+    whole = layer_sqnr(q, calib_batches, LOW)
+    monkeypatch.setattr(sens, "SQNR_BUDGET", 1)  # one sample at a time
+    sliced = layer_sqnr(q, calib_batches, LOW)
+    for n in whole:
+        assert abs(whole[n] - sliced[n]) < 1e-6
+    assert whole["conv1"] > whole["fc"]  # error accumulates with depth
