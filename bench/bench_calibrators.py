@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -218,12 +217,19 @@ def memory_batches(n_batches: int, size: int) -> list[np.ndarray]:
     return [(rng.standard_t(2, size) * (1 + k / 50)).astype(np.float32) for k in range(n_batches)]
 
 
-def rss_bytes() -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """Resident memory (``VmRSS``) or its peak (``VmHWM``) of this process, in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def reset_peak_rss() -> None:
+    """Make ``VmHWM`` restart from the current RSS (Linux ≥ 4.0)."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def ptqkit_state_bytes(cal) -> int:
@@ -279,6 +285,7 @@ def memory_child(which: str, n_batches: int, size: int) -> dict[str, float]:
             make_calibrator(which).observe(torch.from_numpy(batches[0]))  # lazy inits of torch
             cal = make_calibrator(which)
         gc.collect()
+        reset_peak_rss()
         rss0 = rss_bytes()
         tracemalloc.start()
         if which.startswith("ort"):
@@ -288,7 +295,7 @@ def memory_child(which: str, n_batches: int, size: int) -> dict[str, float]:
                 cal.observe(torch.from_numpy(b))
         _, py_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = rss_bytes("VmHWM")
     if which.startswith("ort"):
         hists = cal.collector.get_histogram_dict()
         state = sum(h[0].nbytes + h[1].nbytes for h in hists.values())
@@ -404,7 +411,7 @@ def main() -> None:
         add("straightforward loop, same algorithm (search)", *clip(i_loop * w), t_loop, note)
         same = same_inf and dev < 1e-9 and (i_loop == i_vec or tie < 1e-12)
         checks["same_t"].append((dname, i_vec, i_loop, same))
-        checks["kl_ms"].append((dname, t_vec))
+        checks["kl_ms"].append((dname, t_vec, t_min))
 
         # the chapter's loop: timed per threshold on all values, run in full on a subsample
         sub = np.random.default_rng(SEED + 2).choice(x, min(NAIVE_SUBSAMPLE, n), replace=False)
@@ -443,15 +450,15 @@ def main() -> None:
         (lo, hi, _, bins), total, _ = timed(
             lambda batches=batches: ort_collector("entropy", batches, **ORT_ENTROPY_DEFAULT), 1
         )
-        add("ORT entropy, defaults 128 bins / 128 quantized", lo, hi, total,
-            f"{bins} bins: a single candidate window")  # fmt: skip
+        ort_default_mse = add("ORT entropy, defaults 128 bins / 128 quantized", lo, hi, total,
+                              f"{bins} bins: a single candidate window")  # fmt: skip
         (lo, hi, _, bins), total, _ = timed(
             lambda batches=batches: ort_collector("percentile", batches, **ORT_PERCENTILE), 1
         )
         add("ORT percentile 99.99, 2048 |x| bins", lo, hi, total, f"{bins} bins")
         checks["speedup_search"].append((dname, ort_search / t_vec))
         checks["speedup_full"].append((dname, ort_total / full["kl"][1]))
-        checks["mse_vs_ort"].append((dname, full["kl"][0], ort_mse))
+        checks["mse_vs_ort"].append((dname, full["kl"][0], ort_mse, ort_default_mse))
 
     print("== memory", flush=True)
     size = 4096
@@ -520,20 +527,25 @@ def write_report(path, rows, checks, mem, size, n, load0, load1, elapsed, quick)
             f"| {r['d']} | {r['m']} | [{r['lo']:.5g}, {r['hi']:.5g}] | {fmt_t(r['t'])} | "
             f"{r['mse']:.4g} | {r['note']} |"
         )
-    kl_ms = [t * 1e3 for _, t in checks["kl_ms"]]
+    kl_ms = [t * 1e3 for _, t, _ in checks["kl_ms"]]
+    kl_min = [t * 1e3 for *_, t in checks["kl_ms"]]
     sp_s = [s for _, s in checks["speedup_search"]]
     sp_f = [s for _, s in checks["speedup_full"]]
     same = [s for *_, s in checks["same_t"]]
-    mse_ok = [(d, a, b) for d, a, b in checks["mse_vs_ort"]]
-    worse = [f"{d} ({a:.4g} vs {b:.4g})" for d, a, b in mse_ok if a > b * (1 + 1e-9)]
+    mse = checks["mse_vs_ort"]
+    worse = [f"{d} ({a / b - 1:+.1%})" for d, a, b, _ in mse if a > b * (1 + 1e-9)]
+    worse_d = [f"{d} ({a / b - 1:+.1%})" for d, a, _, b in mse if a > b * (1 + 1e-9)]
     out += [
         "",
         "## Targets of the issue",
         "",
         "| target | measured | met |",
         "|---|---|---|",
-        f"| KL search < 10 ms per 2048-bin tensor | {', '.join(f'{v:.2f}' for v in kl_ms)} ms "
-        f"| {'yes' if max(kl_ms) < 10 else 'no'} |",
+        f"| KL search < 10 ms per 2048-bin tensor | median of 50: "
+        f"{', '.join(f'{v:.2f}' for v in kl_ms)} ms; fastest of 50: "
+        f"{', '.join(f'{v:.2f}' for v in kl_min)} ms | median: {yes(max(kl_ms) < 10)}; "
+        f"fastest: {yes(max(kl_min) < 10)} (load average {load0[0]:.1f} on "
+        f"{os.cpu_count()} CPUs) |",
         f"| ≥ 30× faster than ORT's entropy calibrator | search vs search: "
         f"{', '.join(f'{v:.0f}×' for v in sp_s)}; full calibrator (observe + compute_range vs "
         f"collect + compute): {', '.join(f'{v:.0f}×' for v in sp_f)} | "
@@ -541,9 +553,25 @@ def write_report(path, rows, checks, mem, size, n, load0, load1, elapsed, quick)
         "| same threshold as the straightforward implementation | "
         + ", ".join(f"{d}: bin {a} vs {b}" for d, a, b, _ in checks["same_t"])
         + f" | {'yes' if all(same) else 'no'} |",
-        "| equal or lower MSE (ptqkit kl calibrator vs ORT entropy, 4096/256) | "
-        + ", ".join(f"{d}: {a:.4g} vs {b:.4g}" for d, a, b in mse_ok)
-        + f" | {'yes' if not worse else 'no: ' + '; '.join(worse)} |",
+        "| equal or lower MSE: ptqkit kl calibrator vs ORT entropy at 4096/256 bins | "
+        + ", ".join(f"{d}: {a:.4g} vs {b:.4g}" for d, a, b, _ in mse)
+        + f" | {'yes' if not worse else 'no: ' + ', '.join(worse)} |",
+        "| equal or lower MSE: ptqkit kl calibrator vs ORT entropy with its defaults | "
+        + ", ".join(f"{d}: {a:.4g} vs {b:.4g}" for d, a, _, b in mse)
+        + f" | {'yes' if not worse_d else 'no: ' + ', '.join(worse_d)} |",
+        "",
+        "Reading the numbers: the machine is shared with other jobs; a median over repeats "
+        "carries their interference, the fastest run is the closest to the cost on an idle "
+        "core. KL minimizes an information criterion, not the squared error: against ORT's "
+        "entropy calibrator its MSE can land on either side (both are TensorRT's search; they "
+        "differ in the histogram — exact power-of-two bins with exact zeros set apart in "
+        "ptqkit, ORT's bins of the first batch's width that keep the ReLU zero spike — and in "
+        "how an empty `Q` bin is treated: +inf in ptqkit, smoothing in ORT). For the lowest "
+        "MSE use ptqkit's `mse` or `auto_percentile`. The chapter's naive loop scores each "
+        "threshold by comparing the histogram of x with the histogram of its reconstruction on "
+        "the same 2048 fine edges; the reconstruction sits on grid points, and once the grid "
+        "step T/127 is wider than a bin, every bin between two grid points counts as a miss: "
+        "the score favours thresholds whose step is below the bin width, i.e. tiny ones.",
         "",
         "## Memory vs number of batches",
         "",

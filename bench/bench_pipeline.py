@@ -531,7 +531,7 @@ def write_report(args, fm, eff, mem, started: dict) -> str:
         )
         lines.append(
             f"| {m['calibrator']} | {m['batches']} | {m['peak_mib']:.1f} | {m['first_mib']:.1f} "
-            f"| {m['later_mib']:.1f} | {m['py_mib']:.2f} | {m['process_mib']:.0f} "
+            f"| {fmt(m['later_mib'], '.1f')} | {m['py_mib']:.2f} | {m['process_mib']:.0f} "
             f"| {m['seconds']:.2f} | {growth} |"
         )
     lines += [

@@ -241,7 +241,8 @@ def ort_quantize(fp32: Path, out: Path, calib: list[dict], linears_only: bool) -
 
     pre = out.with_name(out.stem + ".pre.onnx")
     try:
-        quant_pre_process(str(fp32), str(pre))
+        # symbolic shape inference cannot follow the dynamic token axis through the mask ops
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     except Exception as e:
         print(f"  quant_pre_process failed ({type(e).__name__}: {e}); using the FP32 ONNX")
         pre = fp32

@@ -73,19 +73,29 @@ def _warnings_to(console: Console) -> Iterator[None]:
         yield
 
 
-def _setup_logging(console: Console) -> None:
+@contextlib.contextmanager
+def _logging_to(console: Console) -> Iterator[None]:
+    """Show ptqkit's log records (e.g. the zoo training a model) as plain lines on stderr."""
     log = logging.getLogger("ptqkit")
-    if console.quiet or log.handlers:
+    if console.quiet:
+        yield
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("ptqkit: %(message)s"))
+    level = log.level
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if console.debug else logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 # -- output folder -------------------------------------------------------------------------------
 def _prepare_out(path: str, force: bool, is_file: bool = False) -> Path:
-    """The output folder (or file), refusing to overwrite existing content without --force."""
+    """Check the output folder (or file) before any work: existing content is refused without
+    --force. The folder itself is created when the first file is written (:func:`_mkdir`)."""
     p = Path(path)
     if is_file:
         if p.is_dir():
@@ -99,6 +109,10 @@ def _prepare_out(path: str, force: bool, is_file: bool = False) -> Path:
         raise UsageError(f"--out {p} exists and is not a folder")
     if p.is_dir() and any(p.iterdir()) and not force:
         raise UsageError(f"--out {p} exists and is not empty; add --force to overwrite its files")
+    return p
+
+
+def _mkdir(p: Path) -> Path:
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -173,8 +187,11 @@ def export_and_time(
         onnx["int_kernels"], onnx["float_kernels"] = rep.int_kernels, rep.float_kernels
         if latency:
             with console.step("timing ONNX Runtime float and int8 (batch 1)"):
-                lat["FP32 ONNX Runtime"] = latency_ms(OrtModule(fp32), example)
-                lat["INT8 ONNX Runtime"] = latency_ms(OrtModule(int8), example)
+                import torch
+
+                threads = torch.get_num_threads()  # the same as PyTorch's, for a fair comparison
+                lat["FP32 ONNX Runtime"] = latency_ms(OrtModule(fp32, threads), example)
+                lat["INT8 ONNX Runtime"] = latency_ms(OrtModule(int8, threads), example)
     except Exception as e:  # the model is still quantized and saved: report, do not fail
         onnx["error"] = one_line(e)
         console.warn(f"ONNX export failed: {one_line(e)}")
@@ -298,7 +315,9 @@ def run_pipeline(
     on_calib = evald is None
     evald = evald or calib
     metric = args.metric if args.metric != "auto" else detect_metric(evald.batches)
-    with console.step(f"evaluating ({metric} on {evald.description})"):
+    # evaluate's own advice warnings are part of the advice printed at the end
+    with console.step(f"evaluating ({metric} on {evald.description})"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ptqkit.PTQWarning)
         res = ptqkit.evaluate(model, qmodel, evald.batches, metric, progress_bar=not console.quiet)
     comparison = sensitivity = None
     if getattr(args, "compare", False):
@@ -320,6 +339,7 @@ def run_pipeline(
             sensitivity = ptqkit.sensitivity(qmodel, evald.batches, config)
     files: dict[str, Any] = {}
     if out_dir is not None:
+        _mkdir(out_dir)
         with console.step("saving the quantized model"):
             ptqkit.save(qmodel, out_dir / "model.ptq.safetensors")
         files["quantized_model"] = str(out_dir / "model.ptq.safetensors")
@@ -351,6 +371,7 @@ def run_pipeline(
             extra=[("calibration data", calib.description), ("evaluation data", evald.description)],
             max_histograms=getattr(args, "max_plots", 24),
             max_weights=getattr(args, "max_plots", 24),
+            batches=getattr(args, "report_batches", 2),
         )
         if onnx.get("int8"):
             rep.summary.append(
@@ -425,6 +446,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         calib = Data(batched(xc, None, bs), f"{n_cal} random crops of scikit-image's photos")
         evald = Data(batched(xe, None, bs), f"{n_eval} other random crops of the same photos")
         args.metric = "agreement"
+        args.report_batches = 1  # the report's histograms and SQNR on 16 crops
         title = "ptqkit demo: EfficientNet-Lite0, W8A8"
         notes = [
             "EfficientNet-Lite0 (4.65M parameters, ImageNet weights from the "
@@ -579,7 +601,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     if best is not None:
         console.out(f"best: {best.method} ({metric} {best.quantized:.2f})")
     if out is not None:
-        _write_json(out / "comparison.json", result.to_dict())
+        _write_json(_mkdir(out) / "comparison.json", result.to_dict())
         console.out(f"comparison: {out / 'comparison.json'}")
         if result.best_model is not None:
             import ptqkit
@@ -652,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", "-q", action="store_true", help="no progress, logs or warnings")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", parents=[common], help="quantize a real model on bundled data")
@@ -728,15 +751,19 @@ def main(argv: list[str] | None = None) -> int:
         "calibration_samples",
         "eval_samples",
         "max_plots",
+        "threads",
     ):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    _setup_logging(console)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .errors import PTQError
 
     try:
-        with _warnings_to(console):
+        with _warnings_to(console), _logging_to(console):
             return args.func(args, console)
     except UsageError as e:
         if console.debug:

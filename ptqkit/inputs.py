@@ -278,6 +278,10 @@ def lift_aten(gm: Any) -> Any:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    # ExportedProgram.module() makes train()/eval() raise; the graph is fixed (exported in eval
+    # mode) and the lifted modules are in eval mode, so the usual methods are safe again
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
     return gm
 
 
@@ -318,7 +322,9 @@ def _image_tensor(path: Path, args: argparse.Namespace) -> Any:
             if args.resize:
                 w, h = im.size
                 s = args.resize / min(w, h)
-                im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+                im = im.resize(
+                    (max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR
+                )
             if args.crop:
                 w, h = im.size
                 if w < args.crop or h < args.crop:
@@ -465,8 +471,10 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, str)
     if origin is dict or hint is dict:
         return isinstance(value, dict)
-    if origin is tuple or origin is list:
-        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if origin is tuple or origin is list:  # a single string is one pattern, as in PTQConfig
+        return isinstance(value, str) or (
+            isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        )
     if dataclasses.is_dataclass(hint):
         return isinstance(value, dict)
     return True
@@ -480,7 +488,7 @@ def _type_name(hint: Any) -> str:
     if dataclasses.is_dataclass(hint):
         return "a table"
     if typing.get_origin(hint) in (tuple, list):
-        return "a list of strings"
+        return "a string or a list of strings"
     return getattr(hint, "__name__", str(hint))
 
 

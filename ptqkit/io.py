@@ -15,6 +15,13 @@ that file (as ``torch.load`` of a pickle does), and ptqkit never executes code f
 file stores data only, and :func:`load` rebuilds the structure by running ptqkit's own prepare
 step on the float architecture the caller passes, then fills it with the stored integers and
 ranges: the loaded model computes bit-identical outputs.
+
+Stages that change the structure after prepare (CLE's per-channel clamps, SmoothQuant's
+smoothing quantizers) are replayed from data as well: the file lists those modules (built on load
+only from a fixed registry of ptqkit's own classes) and the graph's wiring (node names, module
+paths, constants), and every function the rewired graph calls must be one that tracing the
+caller's architecture produced. A file can neither name code to import nor change the network
+beyond those modules: any other difference is a :class:`~ptqkit.LoadError`.
 """
 
 from __future__ import annotations
@@ -266,8 +273,10 @@ def _replay_structure(
             _set_submodule(qmodel, name, classes[cls][1](attrs, own))
         if saved_graph is None or not isinstance(qmodel, fx.GraphModule):
             return
-        if _encode_graph(qmodel) == saved_graph:
+        rebuilt = _encode_graph(qmodel)
+        if rebuilt == saved_graph:
             return
+        _check_same_network(path, qmodel, rebuilt or [], saved_graph, classes)
         functions = {
             _fn_name(n.target): n.target for n in qmodel.graph.nodes if n.op == "call_function"
         }
@@ -300,6 +309,48 @@ def _replay_structure(
     qmodel.graph = graph
     qmodel.delete_all_unused_submodules()
     qmodel.recompile()
+
+
+def _check_same_network(
+    path: Path,
+    qmodel: nn.Module,
+    rebuilt: list[dict[str, Any]],
+    saved: list[dict[str, Any]],
+    classes: dict[str, tuple[type, Any]],
+) -> None:
+    """The saved wiring may differ from the rebuilt one only by ptqkit's structural modules and by
+    clipping activations a stage replaced (CLE's clamps): the same layers, the same functions, the
+    same user modules. Anything else means another architecture."""
+    from collections import Counter
+
+    from .capture.placement import ACT_MODULES
+
+    own = tuple(c for c, _ in classes.values())
+
+    def ops(nodes: list[dict[str, Any]]) -> Counter:
+        out: Counter = Counter()
+        for n in nodes:
+            if n["op"] == "call_module":
+                m = _get_submodule(qmodel, n["target"])
+                if isinstance(m, own):
+                    continue
+            out[(n["op"], n["target"])] += 1
+        return out
+
+    mine, theirs = ops(rebuilt), ops(saved)
+    extra_in_file = theirs - mine
+    dropped = mine - theirs
+    dropped_other = [
+        k
+        for k in dropped
+        if not (k[0] == "call_module" and isinstance(_get_submodule(qmodel, k[1]), ACT_MODULES))
+    ]
+    if extra_in_file or dropped_other:
+        names = [t for _, t in list(extra_in_file)[:5]] + [t for _, t in dropped_other[:5]]
+        raise LoadError(
+            f"{path}: the model does not match the file: the saved network and this model differ "
+            f"in {names}. Pass the same float architecture that was quantized"
+        )
 
 
 def _get_submodule(root: nn.Module, name: str, attr: bool = False) -> Any:
@@ -419,10 +470,11 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
             qmodel = prepare(model, config.replace(progress=False), info)
     except PTQError as e:
         raise LoadError(f"{path}: cannot rebuild the quantized structure on this model: {e}") from e
-    _replay_structure(path, qmodel, doc, tensors)
-    layers, quants = quant_layers(qmodel), act_quants(qmodel)
+    layers = quant_layers(qmodel)
     if set(layers) != set(layer_meta):
         raise _mismatch(path, "quantized layers", set(layer_meta), set(layers))
+    _replay_structure(path, qmodel, doc, tensors)
+    layers, quants = quant_layers(qmodel), act_quants(qmodel)
     if set(quants) != set(quant_meta):
         raise _mismatch(path, "activation quantizers", set(quant_meta), set(quants))
 

@@ -184,19 +184,23 @@ class ReLU6Net(nn.Module):
         return self.c2(self.a2(self.dw(self.a1(self.bn(self.c1(x))))))
 
 
-class GeluMLP(nn.Module):
+class PostLN(nn.Module):
+    """The LayerNorm output feeds the Linear and the residual add: SmoothQuant cannot fold its
+    scale into the LayerNorm and gives the Linear its own smoothing quantizer in the graph."""
+
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+        self.ln, self.a, self.b = nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 4)
 
     def forward(self, x):
-        return self.b(torch.nn.functional.gelu(self.a(x)))
+        h = self.ln(x)
+        return self.b(h + self.a(h))
 
 
-class BranchyMLP(GeluMLP):
+class BranchyLN(PostLN):
     def forward(self, x):
-        h = self.a(x)
-        return self.b(torch.nn.functional.gelu(h)) if h.sum() > 0 else self.b(h)
+        h = self.ln(x)
+        return self.b(h + self.a(h)) if x.sum() > 0 else self.b(h)
 
 
 def _quantize_quietly(model, data, cfg):
@@ -220,11 +224,11 @@ def test_round_trip_after_cle_rewired_the_graph(tmp_path):
         _same_model(q, ptqkit.load(tmp_path / "q.safetensors", arch), data[0])
 
 
-@pytest.mark.parametrize("arch", [GeluMLP, BranchyMLP], ids=["traced", "untraceable"])
+@pytest.mark.parametrize("arch", [PostLN, BranchyLN], ids=["traced", "untraceable"])
 def test_round_trip_after_smoothquant_replaced_quantizers(tmp_path, arch):
     torch.manual_seed(0)
     m = arch().eval()
-    data = [torch.randn(32, 16) * torch.linspace(0.1, 10, 16) for _ in range(4)]
+    data = [torch.randn(32, 16) * torch.linspace(0.1, 10, 16) + 1 for _ in range(4)]
     q = _quantize_quietly(m, data, CFG.replace(smoothquant=0.5))
     assert any(type(mod).__name__ == "SmoothedActQuant" for mod in q.modules())
     ptqkit.save(q, tmp_path / "q.safetensors")
@@ -242,7 +246,7 @@ def test_a_file_cannot_name_a_function_to_call(saved, tmp_path):
 
     doc["sha256"] = _digest(tensors)
     save_file(tensors, str(tmp_path / "evil.safetensors"), metadata={"ptqkit": json.dumps(doc)})
-    _expect_load_error(tmp_path / "evil.safetensors", "calls posix.system, which tracing")
+    _expect_load_error(tmp_path / "evil.safetensors", r"posix\.system")
 
 
 # -- bad files -----------------------------------------------------------------------------------

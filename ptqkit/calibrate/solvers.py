@@ -94,24 +94,42 @@ def percentile_range(h: HistogramStats, spec: QuantSpec, percentile: float) -> R
     return torch.minimum(lo, hi), torch.maximum(lo, hi)
 
 
-def _one_sided(h: HistogramStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """The ``|x|`` histogram a threshold search runs on, the number of grid levels that cover
-    ``[0, T]`` and whether the data is one-sided (``x ≥ 0`` or ``x ≤ 0``) on an unsigned grid."""
-    one_sided = not spec.symmetric and bool(((h.lo >= 0) | (h.hi <= 0)).all())
-    levels = _levels(spec) if one_sided else (_levels(spec) + 1) // 2
+def _one_sided_mask(h: HistogramStats, spec: QuantSpec) -> torch.Tensor:
+    """``[C]`` bool: the channel's data is one-sided (``x ≥ 0`` or ``x ≤ 0``), on an unsigned
+    grid."""
+    one = (h.lo >= 0) | (h.hi <= 0)
+    return one & (not spec.symmetric)
+
+
+def _one_sided(
+    h: HistogramStats, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``|x|`` histogram a threshold search runs on and, per channel, the number of grid
+    levels that cover ``[0, T]`` and whether the data is one-sided on an unsigned grid (decided
+    channel by channel, so that a per-channel range equals the per-tensor range of that channel)."""
+    one_sided = _one_sided_mask(h, spec)
+    full, half = _levels(spec), (_levels(spec) + 1) // 2
+    levels = torch.where(one_sided, full, half)
     folded, w = h.folded(drop_zeros=True)
     return folded, w, levels, one_sided
 
 
-def _threshold_to_range(h: HistogramStats, t: torch.Tensor, one_sided: bool) -> Range:
+def _threshold_to_range(
+    h: HistogramStats, t: torch.Tensor, one_sided: torch.Tensor | bool
+) -> Range:
+    """``[0, T]`` (or ``[-T, 0]``) where ``one_sided``, else ``[lo, hi] ∩ [-T, T]``, kept
+    non-empty when all the data lies beyond ``T`` on one side."""
     lo_obs, hi_obs = h.lo.double(), h.hi.double()
-    if one_sided:
-        neg = hi_obs <= 0
-        return torch.where(neg, torch.maximum(-t, lo_obs), torch.zeros_like(t)), torch.where(
-            neg, torch.zeros_like(t), torch.minimum(t, hi_obs)
-        )
-    # [lo, hi] ∩ [-T, T], kept non-empty when all the data lies beyond T on one side
-    return torch.minimum(torch.maximum(lo_obs, -t), t), torch.minimum(torch.maximum(hi_obs, -t), t)
+    neg = hi_obs <= 0
+    zero = torch.zeros_like(t)
+    one = torch.as_tensor(one_sided, device=t.device)
+    lo1, hi1 = (
+        torch.where(neg, torch.maximum(-t, lo_obs), zero),
+        torch.where(neg, zero, torch.minimum(t, hi_obs)),
+    )
+    lo2 = torch.minimum(torch.maximum(lo_obs, -t), t)
+    hi2 = torch.minimum(torch.maximum(hi_obs, -t), t)
+    return torch.where(one, lo1, lo2), torch.where(one, hi1, hi2)
 
 
 def kl_divergence_curve(c: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +186,9 @@ def kl_range(h: HistogramStats, spec: QuantSpec) -> Range:
     folded, w, levels, one_sided = _one_sided(h, spec)
     ts = []
     for ch in range(folded.shape[0]):
-        cands, kl = kl_divergence_curve(folded[ch].cpu().numpy(), levels)
+        row = folded[ch].cpu().numpy()
+        row = row[: int(np.flatnonzero(row)[-1]) + 1] if row.any() else row[:1]  # own last bin
+        cands, kl = kl_divergence_curve(row, int(levels[ch]))
         ts.append(float(cands[int(np.argmin(kl))]))
     t = torch.tensor(ts, dtype=torch.float64, device=w.device) * w
     return _threshold_to_range(h, t, one_sided)
@@ -188,26 +208,37 @@ def mse_range(h: HistogramStats, spec: QuantSpec, max_candidates: int = 256) -> 
     ``E(T) = S_2 - 2T·S_1 + T²·S_0 + D_2 + (N - S_0 - D_0)·Δ²/12`` with ``Δ = T/L``, ``L`` the
     grid steps covering ``[0, T]`` (``2^(b-1) - 1`` signed, ``2^b - 1`` unsigned).
     Two-sided data on an unsigned grid: a 2-D search over ``(lo, hi)`` edge pairs
-    (subsampled to ``max_candidates`` per side), ``Δ = (hi - lo)/(2^b - 1)``.
+    (subsampled to ``max_candidates`` per side), ``Δ = (hi - lo)/(2^b - 1)``. Per channel, each
+    channel takes the search that fits its own data.
     """
-    if spec.symmetric or bool(((h.lo >= 0) | (h.hi <= 0)).all()):
-        folded, w, _, one_sided = _one_sided(h, spec)
-        steps = spec.qmax if spec.symmetric else _levels(spec)  # Δ = T / steps, as in qparams
-        m = folded.shape[1]
-        x = (torch.arange(m, dtype=torch.float64, device=w.device)[None, :] + 0.5) * w[:, None]
-        s0, s1, s2 = _suffix(folded), _suffix(folded * x), _suffix(folded * x * x)
-        k = torch.arange(m + 1, dtype=torch.float64, device=w.device)
-        t = k[None, :] * w[:, None]
-        # bins whose center is below Δ/2 = T/(2L) round to 0: the first ceil(k/(2L) - 1/2)
-        dz = torch.ceil(k / (2 * steps) - 0.5).clamp(0, m).long()
-        d0 = (s0[:, :1] - s0)[:, dz]  # prefix sums from the suffix sums
-        d2 = (s2[:, :1] - s2)[:, dz]
-        n = folded.sum(1, keepdim=True)
-        err = s2 - 2 * t * s1 + t * t * s0 + d2 + (n - s0 - d0) * (t / steps).pow(2) / 12
-        err[:, 0] = float("inf")
-        best = torch.argmin(err, dim=1)
-        return _threshold_to_range(h, best.double() * w, one_sided)
-    return _mse_two_sided(h, spec, max_candidates)
+    one = _one_sided_mask(h, spec)
+    if spec.symmetric or bool(one.all()):
+        return _mse_threshold(h, spec)
+    lo, hi = _mse_two_sided(h, spec, max_candidates)
+    if bool(one.any()):
+        lo1, hi1 = _mse_threshold(h, spec)
+        lo, hi = torch.where(one, lo1, lo), torch.where(one, hi1, hi)
+    return lo, hi
+
+
+def _mse_threshold(h: HistogramStats, spec: QuantSpec) -> Range:
+    """The 1-D threshold search of :func:`mse_range` (symmetric grid or one-sided data)."""
+    folded, w, _, one_sided = _one_sided(h, spec)
+    steps = spec.qmax if spec.symmetric else _levels(spec)  # Δ = T / steps, as in qparams
+    m = folded.shape[1]
+    x = (torch.arange(m, dtype=torch.float64, device=w.device)[None, :] + 0.5) * w[:, None]
+    s0, s1, s2 = _suffix(folded), _suffix(folded * x), _suffix(folded * x * x)
+    k = torch.arange(m + 1, dtype=torch.float64, device=w.device)
+    t = k[None, :] * w[:, None]
+    # bins whose center is below Δ/2 = T/(2L) round to 0: the first ceil(k/(2L) - 1/2)
+    dz = torch.ceil(k / (2 * steps) - 0.5).clamp(0, m).long()
+    d0 = (s0[:, :1] - s0)[:, dz]  # prefix sums from the suffix sums
+    d2 = (s2[:, :1] - s2)[:, dz]
+    n = folded.sum(1, keepdim=True)
+    err = s2 - 2 * t * s1 + t * t * s0 + d2 + (n - s0 - d0) * (t / steps).pow(2) / 12
+    err[:, 0] = float("inf")
+    best = torch.argmin(err, dim=1)
+    return _threshold_to_range(h, best.double() * w, one_sided)
 
 
 def _mse_two_sided(h: HistogramStats, spec: QuantSpec, k: int) -> Range:
@@ -223,6 +254,10 @@ def _mse_two_sided(h: HistogramStats, spec: QuantSpec, k: int) -> Range:
         pz = [np.concatenate([[0.0], np.cumsum(nonzero[ch] * x**q)]) for q in (0, 2)]
         li = np.flatnonzero(e <= 0)
         hi_ = np.flatnonzero(e >= 0)
+        if li.size == 0 or hi_.size == 0:  # one-sided: mse_range solves it by thresholds
+            los.append(e[0])
+            his.append(e[-1])
+            continue
         li = li[np.unique(np.linspace(0, len(li) - 1, min(k, len(li))).round().astype(int))]
         hi_ = hi_[np.unique(np.linspace(0, len(hi_) - 1, min(k, len(hi_))).round().astype(int))]
         a, b = e[li], e[hi_]

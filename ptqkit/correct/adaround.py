@@ -22,8 +22,9 @@ nearest rounding. ``λ = 0.01``.
 
 Layers are processed one at a time in execution order. Memory is bounded: for each layer, at most
 :data:`ROWS_PER_BATCH` output positions of each batch are sampled, up to :data:`MAX_ROWS` in all
-(a conv's input patches are extracted by running the layer itself with an identity kernel, so
-any padding its ``forward`` applies is respected); only those rows are kept. Each batch runs
+(a conv's input patches are gathered by indexing for a standard ``nn.Conv2d``, and otherwise
+extracted by running the layer itself with an identity kernel, so that any padding its
+``forward`` applies is respected); only those rows are kept. Each batch runs
 twice per layer, each time only up to that layer (float target, quantized input).
 """
 
@@ -69,9 +70,44 @@ def _identity_kernel(conv: nn.Module) -> torch.Tensor:
     return eye.repeat(g, *([1] * (eye.dim() - 1)))
 
 
+def _gather_patches(conv: nn.Conv2d, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """Patches of a standard zero-padded ``nn.Conv2d`` by indexing (``None`` when the layer
+    is not one: a subclass with its own ``forward``, string or non-zero padding)."""
+    if (
+        type(conv).forward is not nn.Conv2d.forward
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+        or x.dim() != 4
+    ):
+        return None
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = (
+        conv.kernel_size,
+        conv.stride,
+        conv.dilation,
+        conv.padding,
+    )
+    h_out = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    n, r = rows // (h_out * w_out), rows % (h_out * w_out)
+    hi = (r // w_out)[:, None] * sh + torch.arange(kh, device=x.device) * dh  # [P, kh]
+    wi = (r % w_out)[:, None] * sw + torch.arange(kw, device=x.device) * dw  # [P, kw]
+    c = torch.arange(x.shape[1], device=x.device)
+    p = xp[
+        n[:, None, None, None], c[None, :, None, None], hi[:, None, :, None], wi[:, None, None, :]
+    ]
+    return p.reshape(len(rows), conv.groups, -1)
+
+
 def _patches(conv: nn.Module, x: torch.Tensor, rows: torch.Tensor, per_image: int) -> torch.Tensor:
     """The input patches ``[len(rows), groups, cpg·K]`` of output positions ``rows`` (row
-    ``n·per_image + p`` = image ``n``, position ``p``), running ``conv`` with an identity kernel."""
+    ``n·per_image + p`` = image ``n``, position ``p``): gathered directly for a standard
+    ``nn.Conv2d``, otherwise by running ``conv`` itself with an identity kernel (any padding its
+    ``forward`` applies, any dimensionality)."""
+    if isinstance(conv, nn.Conv2d):
+        got = _gather_patches(conv, x, rows)
+        if got is not None:
+            return got
     kernel = _identity_kernel(conv)
     width = kernel.shape[0]
     chunk = max(1, PATCH_BUDGET // max(1, width * per_image))

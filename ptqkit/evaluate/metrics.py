@@ -12,6 +12,7 @@ and reports the storage size of both models (see :func:`size_bytes`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -127,26 +128,30 @@ def size_bytes(model: Any) -> int | None:
 
 
 # -- outputs -------------------------------------------------------------------------------------
-def _logits(out: Any, who: str) -> torch.Tensor:
-    """The tensor of class scores in a model output: a tensor, the first item of a tuple/list,
-    or the ``"logits"`` entry of a dict-like output; as float ``[N, C]`` (extra dims are
-    positions: ``[N, C, ...]`` becomes ``[N·..., C]``)."""
+def _scores(out: Any, who: str) -> torch.Tensor:
+    """The tensor of class scores in a model output (a tensor, the first item of a tuple/list,
+    or the ``"logits"`` entry of a dict-like output), as a float CPU tensor."""
     if isinstance(out, dict) or hasattr(out, "logits"):
         out = out["logits"] if isinstance(out, dict) and "logits" in out else out.logits
     elif isinstance(out, (tuple, list)) and out:
         out = out[0]
-    if not isinstance(out, torch.Tensor):
-        out = torch.as_tensor(out) if hasattr(out, "__array__") else out
+    if not isinstance(out, torch.Tensor) and hasattr(out, "__array__"):
+        out = torch.as_tensor(out)
     if not isinstance(out, torch.Tensor):
         raise DataError(f"the {who} model returned a {type(out).__name__}, not a tensor of scores")
-    out = out.detach().cpu().float()
-    if out.dim() == 0:
-        out = out.reshape(1, 1)
-    elif out.dim() == 1:
-        out = out.unsqueeze(1)
-    elif out.dim() > 2:
-        out = out.movedim(1, -1).reshape(-1, out.shape[1])
-    return out
+    return out.detach().cpu().float()
+
+
+def _rows(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as ``[rows, classes]``: ``[N, C]`` as is, ``[N, C, ...]`` (one prediction per
+    position) as ``[N·..., C]``, a vector as one column."""
+    if scores.dim() == 0:
+        return scores.reshape(1, 1)
+    if scores.dim() == 1:
+        return scores.unsqueeze(1)
+    if scores.dim() > 2:
+        return scores.movedim(1, -1).reshape(-1, scores.shape[1])
+    return scores
 
 
 def _topk_hits(logits: torch.Tensor, target: Any, k: int) -> float:
@@ -186,11 +191,12 @@ def _remedies(config: dict[str, Any]) -> str:
     return "; ".join(tips)
 
 
-def _advice(res_degradation: float, metric: str, qmodel: Any) -> list[str]:
+def _advice(res_degradation: float | None, metric: str, qmodel: Any) -> list[str]:
+    """The warnings for a result (``res_degradation`` is ``None`` for a metric of unknown unit)."""
     msgs = []
     info = getattr(qmodel, "ptq_info", None)
     config = getattr(info, "config", None) or {}
-    if res_degradation > MAX_DEGRADATION:
+    if res_degradation is not None and res_degradation > MAX_DEGRADATION:
         msgs.append(
             f"quantization costs {res_degradation:.2f} points of {metric} (more than "
             f"{MAX_DEGRADATION:g}); try: {_remedies(config)}"
@@ -229,14 +235,17 @@ def evaluate(
         metric: ``"top1"``, ``"top5"`` (percent of samples), ``"agreement"`` (no labels: the
             float model scores 100, the quantized model its top-1 agreement), or a callable
             ``metric(outputs, targets) -> float`` (higher is better; ``outputs`` are the
-            model's scores as a float tensor, ``targets`` the second item of the batch or
-            ``None``), averaged over batches weighted by their number of samples.
+            model's scores as a float CPU tensor of the model's output shape, ``targets`` the
+            second item of the batch or ``None``), averaged over batches weighted by their
+            number of samples. Outputs with more than 2 dims (``[N, C, ...]``) count one
+            prediction per position for top-k, agreement and KL.
         progress_bar: show a progress bar (on a terminal).
 
     Returns:
         An :class:`EvalResult`. Warnings (issued as :class:`~ptqkit.PTQWarning` and kept in
-        ``result.warnings``): a degradation above 2 points, with the chapter's remedies, and a
-        quantized model calibrated on fewer than 100 samples.
+        ``result.warnings``): a degradation above 2 points of a built-in metric (a callable's
+        unit is unknown), with the chapter's remedies, and a quantized model calibrated on fewer
+        than 100 samples.
 
     Raises:
         DataError: empty data, a batch a model rejects (named by index), ``top1``/``top5``
@@ -256,7 +265,7 @@ def evaluate(
 
     modes = [(m, m.training) for m in (fp32_model, qmodel) if isinstance(m, nn.Module)]
     for m, _ in modes:
-        m.eval()
+        _set_training(m, False)
     score_f = score_q = agree = kl = 0.0
     samples = 0
     try:
@@ -269,13 +278,14 @@ def evaluate(
                         "(input, labels) batches, or use metric='agreement' to compare the "
                         "two models without labels"
                     )
-                out_f = _logits(_call(fp32_model, i, args, kwargs), "float")
-                out_q = _logits(_call(qmodel, i, args, kwargs), "quantized")
-                if out_f.shape != out_q.shape:
+                raw_f = _scores(_call(fp32_model, i, args, kwargs), "float")
+                raw_q = _scores(_call(qmodel, i, args, kwargs), "quantized")
+                if raw_f.shape != raw_q.shape:
                     raise DataError(
-                        f"batch {i}: the float model returned shape {tuple(out_f.shape)} but the "
-                        f"quantized model {tuple(out_q.shape)}"
+                        f"batch {i}: the float model returned shape {tuple(raw_f.shape)} but the "
+                        f"quantized model {tuple(raw_q.shape)}"
                     )
+                out_f, out_q = _rows(raw_f), _rows(raw_q)
                 n = batch_size(args, kwargs)
                 rows = out_f.shape[0]
                 same = out_f.argmax(1) == out_q.argmax(1)
@@ -291,18 +301,18 @@ def evaluate(
                     score_f += _topk_hits(out_f, target, k) * n / rows
                     score_q += _topk_hits(out_q, target, k) * n / rows
                 else:
-                    score_f += float(metric(out_f, target)) * n
-                    score_q += float(metric(out_q, target)) * n
+                    score_f += float(metric(raw_f, target)) * n
+                    score_q += float(metric(raw_q, target)) * n
                 samples += n
     finally:
         for m, training in modes:
-            m.train(training)
+            _set_training(m, training)
 
     scale = 1.0 if callable(metric) and not isinstance(metric, str) else 100.0
     fp32 = scale * score_f / samples
     quantized = scale * score_q / samples
     degradation = fp32 - quantized
-    msgs = _advice(degradation, name, qmodel)
+    msgs = _advice(degradation if isinstance(metric, str) else None, name, qmodel)
     for msg in msgs:
         warnings.warn(msg, PTQWarning, stacklevel=2)
     return EvalResult(
@@ -317,6 +327,13 @@ def evaluate(
         samples=samples,
         warnings=msgs,
     )
+
+
+def _set_training(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``; a module that refuses to switch (the module of a
+    ``torch.export`` program raises ``NotImplementedError``) runs as it is."""
+    with contextlib.suppress(NotImplementedError):
+        model.train(training)
 
 
 def _with_targets(data: Iterable[Any]) -> Iterable[tuple[int, tuple[Any, Any]]]:

@@ -303,6 +303,9 @@ def _write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a model file is not
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

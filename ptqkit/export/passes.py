@@ -12,18 +12,22 @@ pass                        rewrite
 ==========================  ====================================================================
 ``inline_identities``       ``Identity(initializer)`` → the initializer itself
 ``scalar_qparams``          per-tensor Q/DQ scale and zero point of shape ``[1]`` → rank 0
-                            (ORT only removes a Relu/Clip before ``Q`` and fuses binary ops then)
+                            (ORT only drops a Relu/Clip before ``Q``, and so fuses ``Conv →
+                            ReLU6 → Q`` or ``Add → ReLU → Q``, with rank-0 parameters)
+``uint8_activations``       signed activation grid (int8, zero point ``z``) → uint8 with
+                            ``z + 128``: the same values (ORT's x86 ``QLinearConv`` wants uint8)
 ``fold_constants``          constant sub-graphs (the shape arithmetic of ``F.pad``) → initializers
-``fold_pad_into_conv``      ``Pad(constant 0) → Conv`` → ``Conv(pads += ...)`` (a conv pads with
-                            real 0, which is the zero point: exact)
 ``transpose_weights``       ``DQ(int W) → Transpose`` → ``DQ(int Wᵀ, axis permuted)``
-``hoist_quantize``          ``X → Flatten/Reshape/MaxPool… → Q`` → ``X → Q → DQ → Flatten… → Q``
+``hoist_quantize``          ``X → Flatten/Reshape/MaxPool/Pad… → Q`` → ``X → Q → DQ → … → Q``
                             (``Q`` commutes with value-preserving ops: ``X`` gets its integer
                             kernel, e.g. ``QLinearGlobalAveragePool``)
-``requantize_passthrough``  ``DQ → MaxPool/Flatten/Reshape… → op`` → ``… → Q → DQ → op``
+``requantize_passthrough``  ``DQ → MaxPool/Flatten/Reshape/Pad… → op`` → ``… → Q → DQ → op``
                             (the values are on the grid already: ``Q∘DQ`` is the identity on them)
+``fold_pad_into_conv``      ``Pad(constant 0) → Conv`` → ``Conv(pads += ...)`` (a conv pads with
+                            real 0, which is the zero point: exact)
 ``bias_to_int32``           float bias of ``Conv``/``Gemm``/``MatMul+Add`` fed by ``DQ(x)`` and
                             ``DQ(W)`` → ``DQ(int32, scale = s_x·s_w, zero point 0)``
+``tidy_names``              short tensor names (``aq_r1.q``, ``conv1.weight``, ``/conv1/Conv``)
 ``prune``                   nodes whose outputs nobody reads, initializers nobody uses
 ==========================  ====================================================================
 """
@@ -38,7 +42,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import PTQWarning
+from ..errors import ExportError, PTQWarning
 
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
 INT32_MAX = 2**31 - 1
@@ -196,7 +200,10 @@ def run_passes(model: onnx.ModelProto, names: list[str] | None = None) -> dict[s
     g = Graph(model)
     counts = {}
     for name in names if names is not None else list(PASSES):
-        counts[name] = PASSES[name](g)
+        try:
+            counts[name] = PASSES[name](g)
+        except Exception as e:  # a bug in a pass: say which one, not a deep traceback
+            raise ExportError(f"ONNX graph pass {name!r} failed: {type(e).__name__}: {e}") from e
         g.reindex()
     g.finish()
     return counts
@@ -252,11 +259,17 @@ def uint8_activations(g: Graph) -> int:
         z = g.const(n.input[2])
         if z is None or z.dtype != np.int8:
             continue
-        if n.input[2] not in made:
-            made[n.input[2]] = g.add_init(
-                (z.astype(np.int16) + 128).astype(np.uint8), n.input[2] + "_u8"
-            )
-        n.input[2] = made[n.input[2]]
+        name = n.input[2]
+        if name not in made:
+            u8 = (z.astype(np.int16) + 128).astype(np.uint8)
+            readers = g.users.get(name, [])
+            activation = [r.op_type in (Q, DQ) and g.const(r.input[0]) is None for r in readers]
+            if name in g.inits and all(activation):
+                g.set_init(name, u8)  # only activation Q/DQ read it: change it in place
+                made[name] = name
+            else:
+                made[name] = g.add_init(u8, name + "_u8")
+        n.input[2] = made[name]
         done += 1
     return done
 
@@ -519,9 +532,8 @@ def _set_bias(g: Graph, node: onnx.NodeProto, k: int, b, scales, w_dq, shape) ->
     base = node.input[k].replace("onnx::", "").strip("/")
     qi = g.add_init(q.reshape(shape), base + "_int32")
     si = g.add_init(s, base + "_scale")
-    zi = g.add_init(np.zeros(s.shape, np.int32), base + "_zp")
-    out = g.fresh(base + "_dq")
-    g.nodes.append(helper.make_node(DQ, [qi, si, zi], [out], g.fresh(out), axis=0))
+    out = g.fresh(base + "_dq")  # no zero point input: 0 is the default
+    g.nodes.append(helper.make_node(DQ, [qi, si], [out], g.fresh(out), axis=0))
     node.input[k] = out
 
 
@@ -570,6 +582,45 @@ def bias_to_int32(g: Graph) -> int:
             if s is not None:
                 _set_bias(g, add, k, b, s, w_dq, b.shape)
                 done += 1
+    return done
+
+
+@register_pass("tidy_names")
+def tidy_names(g: Graph) -> int:
+    """Short, readable tensor names: ``<quantizer>.q`` / ``<quantizer>.dq`` for activations,
+    ``<layer>.weight`` for a dequantized weight, ``<node>`` instead of ``<node>_output_0``
+    (the exporter's ``/aq_r1/QuantizeLinear_output_0`` is long, and names are a good part of a
+    small model's file)."""
+    done = 0
+    for n in g.nodes:
+        if any(o in g.outputs for o in n.output):
+            continue
+        if n.op_type not in (Q, DQ):  # "/conv1/Conv_output_0" → "/conv1/Conv"
+            for k, o in enumerate(n.output):
+                if n.name and o == f"{n.name}_output_{k}":
+                    new = n.name if k == 0 else f"{n.name}:{k}"
+                    taken = new in g.producer or new in g.inits or new in g.users
+                    new = g.fresh(new) if taken else new  # node names are another namespace
+                    _rewire(g, o, new)
+                    n.output[k] = new
+                    done += 1
+            continue
+        if not n.name.startswith("/"):  # made by a pass: already short
+            continue
+        scope = n.name.strip("/").rsplit("/", 1)[0] if "/" in n.name.strip("/") else ""
+        if not scope:
+            continue
+        scope = scope.replace("/", ".")
+        const = n.input[0] in g.inits
+        if const and n.input[0].endswith("_int"):
+            hint = n.input[0][: -len("_int")]
+        else:
+            hint = f"{scope}.{'q' if n.op_type == Q else 'dq'}"
+        new = g.fresh(hint)
+        _rewire(g, n.output[0], new)
+        n.output[0] = new
+        n.name = g.fresh(f"{scope}.{n.op_type[:1] if n.op_type == Q else 'DQ'}")
+        done += 1
     return done
 
 

@@ -74,10 +74,19 @@ def session_options(threads: int = 2, level: str = "all", spinning: bool = True)
 class OrtModule(nn.Module):
     """An ONNX model run by ONNX Runtime (CPU), called like the torch model it came from.
 
-    ``OrtModule(path)(x)`` feeds the tensors positionally to the model's inputs (as float32
-    numpy arrays, any batch size when exported with a dynamic batch) and returns a tensor, or a
-    tuple of tensors for several outputs. The session is created on first use and dropped when
-    the module is pickled or deep-copied.
+    ``OrtModule(path)(x)`` feeds the tensors to the model's inputs (positionally, or by input
+    name as keywords; float inputs as float32 numpy arrays, any batch size when exported with a
+    dynamic batch) and returns a tensor, or a tuple of tensors for several outputs. The session
+    is created on first use and dropped when the module is pickled or deep-copied.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads of the session (inter-op: 1).
+        level: graph optimization level, ``"basic"``, ``"extended"`` or ``"all"`` (default;
+            the QDQ → integer-kernel fusions need at least ``"extended"``).
+        providers: ONNX Runtime execution providers (default: CPU).
+        spinning: let idle worker threads spin (ONNX Runtime's default; lower latency on an
+            idle machine). ``False`` is kinder to a shared machine.
     """
 
     def __init__(

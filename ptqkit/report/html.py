@@ -451,7 +451,7 @@ table{border-collapse:collapse;margin:8px 0;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .grid{display:flex;flex-wrap:wrap;gap:10px}.grid figure{margin:0;border:1px solid #eee;padding:4px}
-figcaption{font-size:0.75em;color:#555;max-width:448px;word-break:break-all}
+figcaption{font-size:0.75em;color:#555;max-width:528px;word-break:break-all}
 .warning{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;margin:6px 0}
 .tip{background:#eef6ff;border-left:4px solid #3080e0;padding:6px 10px;margin:6px 0}
 .practice{color:#666;font-size:0.85em}.muted{color:#777;font-size:0.85em}

@@ -63,7 +63,7 @@ def activation_histogram(
     """Histogram of one activation (log counts) with each calibrator's range as a pair of
     vertical lines, and the range the quantized model uses shaded."""
     c, e = _rebin(np.asarray(counts, float), np.asarray(edges, float), bins)
-    fig = Figure(figsize=(5.6, 2.6))
+    fig = Figure(figsize=(6.6, 2.6))
     ax = fig.add_subplot()
     ax.stairs(c, e, fill=True, color="#bbbbbb", label="_counts")
     ax.set_yscale("log")
@@ -81,8 +81,8 @@ def activation_histogram(
     ax.tick_params(labelsize=7)
     ax.set_xlabel("value", fontsize=7)
     ax.set_ylabel("count", fontsize=7)
-    ax.legend(fontsize=6, loc="upper right", framealpha=0.8)
-    fig.tight_layout()
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.subplots_adjust(left=0.09, right=0.66, top=0.9, bottom=0.17)
     return _png(fig)
 
 

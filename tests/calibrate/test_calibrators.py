@@ -303,9 +303,9 @@ def test_all_zero_channel_gives_a_valid_per_channel_range(name):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_per_channel_shapes_and_values(name, axis, symmetric):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(5, 3, 40, generator=g) * torch.linspace(0.1, 10, 40)
+    x = torch.randn(5, 3, 16, 4, generator=g) * torch.linspace(0.1, 10, 4)
     x[1] = x[1].relu()
-    batches = [x[..., :25], x[..., 25:]] if axis != -1 else [x[:2], x[2:]]
+    batches = [x[:, :, :9], x[:, :, 9:]]  # split along an axis that is never the channel one
     spec = spec_for(symmetric, axis)
     lo, hi = observed(name, batches, axis=axis).compute_range(spec)
     c = x.shape[axis]
@@ -318,6 +318,34 @@ def test_per_channel_shapes_and_values(name, axis, symmetric):
         want = observed(name, parts).compute_range(pt)
         assert float(lo[i]) == float(want[0]) and float(hi[i]) == float(want[1]), (i, want)
     assert observed(name, batches).compute_range(pt)[0].shape == ()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("spec_kind", ["sym", "asym", "asym4"])
+def test_per_channel_mixes_one_sided_and_two_sided_channels(name, spec_kind):
+    """Each channel is solved on its own data: a one-sided channel gets the unsigned-grid search
+    even when the other channels are two-sided, and a narrow channel is not searched over the
+    widest channel's bins."""
+    g = torch.Generator().manual_seed(11)
+    n = 3000
+    x = torch.stack(
+        [
+            torch.randn(n, generator=g),
+            torch.randn(n, generator=g).relu(),
+            -torch.rand(n, generator=g) * 3,
+            torch.randn(n, generator=g) * 100,
+            torch.zeros(n),
+            5 + torch.rand(n, generator=g),
+        ],
+        dim=1,
+    )  # channels along axis 1
+    bits, symmetric = {"sym": (8, True), "asym": (8, False), "asym4": (4, False)}[spec_kind]
+    spec = QuantSpec(bits=bits, symmetric=symmetric, per_channel=True, axis=1)
+    lo, hi = observed(name, [x[:1000], x[1000:]], axis=1, bins=1024).compute_range(spec)
+    for c in range(x.shape[1]):
+        pt = QuantSpec(bits=bits, symmetric=symmetric)
+        want = observed(name, [x[:1000, c], x[1000:, c]], bins=1024).compute_range(pt)
+        assert (float(lo[c]), float(hi[c])) == (float(want[0]), float(want[1])), c
 
 
 # -- reference (a): TensorRT entropy calibration --------------------------------------------------
@@ -382,7 +410,7 @@ def test_kl_curve_matches_the_reference_on_known_distributions(kind, symmetric):
     spec = QuantSpec(bits=8, symmetric=symmetric)
     cal = observed("kl", [dist(kind)[:50_000]], bins=512)
     folded, w, levels, _ = solvers._one_sided(cal.stats, spec)
-    i = _check_curve(folded[0].numpy(), levels)
+    i = _check_curve(folded[0].numpy(), int(levels[0]))
     # and the calibrator's threshold is the right edge of that bin
     lo, hi = cal.compute_range(spec)
     t = min(i * float(w[0]), float(dist(kind)[:50_000].abs().max()))

@@ -72,7 +72,8 @@ def work(tmp_path_factory, _digits_cnn_master, digits_data) -> Path:
     mixed.mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(mixed / "a.png")
     Image.fromarray(np.zeros((9, 8), np.uint8)).save(mixed / "b.png")
-    ep = torch.export.export(model, (x_train[:2],))
+    batch = torch.export.Dim.DYNAMIC
+    ep = torch.export.export(model, (x_train[:2],), dynamic_shapes={"x": {0: batch}})
     torch.export.save(ep, d / "digits.pt2")
     return d
 
@@ -98,6 +99,32 @@ def usage_error(p: subprocess.CompletedProcess, *needles: str) -> str:
     for n in needles:
         assert n in last, last
     return last
+
+
+@pytest.fixture
+def cli(work, monkeypatch, capsys):
+    """The same ``main`` in this process (no interpreter start-up, ~2 s of CPU each), for the
+    bad-input cases: ``cli(*args)`` returns ``(exit code, last stderr line)``."""
+    from ptqkit.cli import main
+
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend(str(work))
+
+    def call(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(list(args))
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err
+        return code, err.splitlines()[-1] if err else ""
+
+    return call
+
+
+def check_usage(result: tuple[int, str], *needles: str) -> None:
+    code, last = result
+    assert code == 2, (code, last)
+    for n in needles:
+        assert n in last, last
 
 
 MODEL, CALIB, EVAL = "user_mod:model", "calib.npz", "eval.npz"
@@ -136,10 +163,6 @@ def test_quantize_writes_everything(work):
     q = ptqkit.load(out / "model.ptq.safetensors", DigitsCNN())
     assert len(ptqkit.quant.modules.quant_layers(q)) == 4
     assert '<table id="summary">' in (out / "report.html").read_text()
-    # an existing --out is refused without --force ...
-    usage_error(
-        run(work, "quantize", "--model", MODEL, "--data", CALIB, "--out", "q1"), "exists", "--force"
-    )
 
 
 def test_quantize_arrays_toml_config_quiet_and_force(work):
@@ -210,26 +233,43 @@ def test_quantize_image_folder_and_a_pt2_file(work):
     assert any(a["rule"] == "validation_set" for a in s["advice"])
 
 
-def test_bad_models(work):
+def test_bad_toml_in_a_real_process(work):
+    (work / "typo.toml").write_text('calibraton = "kl"\n')
+    args = ["quantize", "--model", MODEL, "--data", CALIB, "--config", "typo.toml"]
     usage_error(
-        run(work, "quantize", "--model", "no_such_pkg.mod:model", "--data", CALIB, "--out", "x1"),
-        "cannot import 'no_such_pkg.mod'",
+        run(work, *args, "--out", "x10"),
+        "unknown key 'calibraton'",
+        "did you mean 'calibration'",
     )
-    usage_error(
-        run(work, "quantize", "--model", "user_mod:not_a_module", "--data", CALIB, "--out", "x2"),
-        "returned a list, not a torch.nn.Module",
-    )
-    usage_error(
-        run(work, "quantize", "--model", "user_mod:nope", "--data", CALIB, "--out", "x3"),
-        "no attribute 'nope'",
-    )
-    usage_error(
-        run(work, "quantize", "--model", "user_mod:broken", "--data", CALIB, "--out", "x4"),
-        "RuntimeError: weights missing",
-    )
+    assert not (work / "x10").exists()
 
 
-def test_pt2_with_pickled_objects_is_refused(work):
+def test_bad_toml(work, cli):
+    q = ["quantize", "--model", MODEL, "--data", CALIB, "--out", "x11", "--config"]
+    (work / "type.toml").write_text('[weights]\nbits = "8"\n')
+    check_usage(cli(*q, "type.toml"), "weights.bits must be int", "str '8'")
+    (work / "nested.toml").write_text("[activations]\nper_chanel = true\n")
+    check_usage(cli(*q, "nested.toml"), "unknown key activations.'per_chanel'", "'per_channel'")
+    (work / "bool.toml").write_text("cle = 1\n")
+    check_usage(cli(*q, "bool.toml"), "cle must be bool, got int 1")
+    (work / "value.toml").write_text('calibration = "nope"\n')
+    check_usage(cli(*q, "value.toml"), "unknown calibration 'nope'")
+    (work / "syntax.toml").write_text("cle = \n")
+    check_usage(cli(*q, "syntax.toml"), "invalid TOML")
+    check_usage(cli(*q, "missing.toml"), "cannot read")
+    assert not (work / "x11").exists()
+
+
+def test_bad_models(cli):
+    q = ["quantize", "--data", CALIB, "--out", "x1", "--model"]
+    check_usage(cli(*q, "no_such_pkg.mod:model"), "cannot import 'no_such_pkg.mod'")
+    check_usage(cli(*q, "user_mod:not_a_module"), "returned a list, not a torch.nn.Module")
+    check_usage(cli(*q, "user_mod:nope"), "no attribute 'nope'")
+    check_usage(cli(*q, "user_mod:broken"), "RuntimeError: weights missing")
+    check_usage(cli(*q, "model.onnx"), "expected package.module:callable or a .pt2 file")
+
+
+def test_pt2_with_pickled_objects_is_refused(work, cli):
     """A .pt2 whose weights are stored pickled is refused before anything is unpickled."""
     src, dst = work / "digits.pt2", work / "pickled.pt2"
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
@@ -241,103 +281,40 @@ def test_pt2_with_pickled_objects_is_refused(work):
                 cfg["config"][first]["use_pickle"] = True
                 data = json.dumps(cfg).encode()
             zout.writestr(item, data)
-    usage_error(
-        run(work, "quantize", "--model", "pickled.pt2", "--data", CALIB, "--out", "x5"),
-        "pickled",
-        "refused",
-    )
+    q = ["quantize", "--data", CALIB, "--out", "x5", "--model"]
+    check_usage(cli(*q, "pickled.pt2"), "stored as a pickled object", "refused")
     (work / "garbage.pt2").write_bytes(b"not a zip")
-    usage_error(
-        run(work, "quantize", "--model", "garbage.pt2", "--data", CALIB, "--out", "x6"),
-        "not a .pt2 archive",
-    )
+    check_usage(cli(*q, "garbage.pt2"), "not a .pt2 archive")
+    check_usage(cli(*q, "absent.pt2"), "no such file")
 
 
-def test_bad_data(work):
-    usage_error(
-        run(work, "quantize", "--model", MODEL, "--data", "empty", "--out", "x7"), "no images"
-    )
-    usage_error(
-        run(work, "quantize", "--model", MODEL, "--data", "mixed", "--out", "x8"),
-        "different sizes",
-        "a.png",
-        "b.png",
-        "--resize",
-    )
-    usage_error(
-        run(work, "quantize", "--model", MODEL, "--data", "nothing.npz", "--out", "x9"),
-        "no such file",
-    )
+def test_bad_data(work, cli):
+    q = ["quantize", "--model", MODEL, "--out", "x7", "--data"]
+    check_usage(cli(*q, "empty"), "no images")
+    check_usage(cli(*q, "mixed"), "different sizes", "a.png", "b.png", "--resize")
+    check_usage(cli(*q, "nothing.npz"), "no such file")
+    check_usage(cli(*q, "user_mod:model"), "not an iterable")
+    check_usage(cli(*q, "images", "--mean", "0.5"), "--mean and --std go together")
+    check_usage(cli(*q, "images", "--crop", "20"), "smaller than --crop 20")
+    np.save(work / "objects.npy", np.array([{"a": 1}], dtype=object))
+    check_usage(cli(*q, "objects.npy"), "pickled arrays are refused")
+    assert not (work / "x7").exists()
 
 
-def test_bad_toml(work):
-    (work / "typo.toml").write_text('calibraton = "kl"\n')
-    usage_error(
-        run(
-            work,
-            "quantize",
-            "--model",
-            MODEL,
-            "--data",
-            CALIB,
-            "--config",
-            "typo.toml",
-            "--out",
-            "x10",
-        ),
-        "unknown key 'calibraton'",
-        "did you mean 'calibration'",
+def test_existing_out_needs_force(work, cli):
+    (work / "full").mkdir()
+    (work / "full" / "keep.txt").write_text("x")
+    q = ["quantize", "--model", MODEL, "--data", CALIB, "--out"]
+    check_usage(cli(*q, "full"), "exists and is not empty", "--force")
+    check_usage(cli(*q, "full/keep.txt"), "is not a folder")
+    check_usage(
+        cli("report", "--model", MODEL, "--data", CALIB, "--out", "full/keep.txt"),
+        "exists",
+        "--force",
     )
-    (work / "type.toml").write_text('[weights]\nbits = "8"\n')
-    usage_error(
-        run(
-            work,
-            "quantize",
-            "--model",
-            MODEL,
-            "--data",
-            CALIB,
-            "--config",
-            "type.toml",
-            "--out",
-            "x11",
-        ),
-        "weights.bits must be int",
-        "str '8'",
-    )
-    (work / "value.toml").write_text('calibration = "nope"\n')
-    usage_error(
-        run(
-            work,
-            "quantize",
-            "--model",
-            MODEL,
-            "--data",
-            CALIB,
-            "--config",
-            "value.toml",
-            "--out",
-            "x12",
-        ),
-        "unknown calibration 'nope'",
-    )
-    (work / "syntax.toml").write_text("cle = \n")
-    usage_error(
-        run(
-            work,
-            "quantize",
-            "--model",
-            MODEL,
-            "--data",
-            CALIB,
-            "--config",
-            "syntax.toml",
-            "--out",
-            "x13",
-        ),
-        "invalid TOML",
-    )
-    assert not any((work / f"x{i}").exists() for i in (10, 11, 12, 13))
+    with pytest.raises(SystemExit) as e:  # argparse: a missing required flag
+        cli("quantize", "--model", MODEL)
+    assert e.value.code == 2
 
 
 def test_failure_exit_code_and_debug_traceback(work):
@@ -350,7 +327,7 @@ def test_failure_exit_code_and_debug_traceback(work):
     assert p.returncode == 1 and "Traceback" in p.stderr
 
 
-def test_compare_and_report(work):
+def test_compare_and_report(work, cli):
     p = run(
         work,
         "compare",
@@ -374,9 +351,9 @@ def test_compare_and_report(work):
     assert len(rows) == 2 and rows[0]["quantized"] >= rows[1]["quantized"]
     assert all(r["quantize_s"] > 0 for r in rows)
     assert '<table id="comparison">' in (work / "c1" / "report.html").read_text()
-    usage_error(
-        run(work, "compare", "--model", MODEL, "--data", CALIB, "--calibrators", "minmax,bogus"),
-        "bogus",
+    check_usage(
+        cli("compare", "--model", MODEL, "--data", CALIB, "--calibrators", "mse,bogus"),
+        "unknown calibrator(s) ['bogus']",
     )
     # a report from the model saved by `quantize` (test_quantize_writes_everything)
     saved = work / "q1" / "model.ptq.safetensors"

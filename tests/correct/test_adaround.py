@@ -95,3 +95,30 @@ def test_layer_never_run_falls_back_to_nearest(calib_batches):
 def test_no_layers_is_a_warning(calib_batches):
     with pytest.warns(ptqkit.PTQWarning, match="no layer with weights"):
         ar.adaround(nn.Sequential(nn.ReLU()), calib_batches, ptqkit.PTQConfig(), PTQInfo())
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(6, 8, 3, padding=1, stride=2),
+        nn.Conv2d(6, 6, (3, 5), padding=(2, 1), dilation=(2, 1), groups=6),
+        nn.Conv2d(6, 4, 1),
+    ],
+)
+def test_gathered_patches_equal_identity_kernel_patches(conv, monkeypatch):
+    torch.manual_seed(0)
+    layer = QuantLayer(conv, ptqkit.QuantSpec())
+    x = torch.randn(3, 6, 9, 11)
+    y = layer.layer(x)
+    per = y.shape[2] * y.shape[3]
+    rows = torch.randperm(3 * per)[:40].sort().values
+    gathered = ar._patches(layer.layer, x, rows, per)
+    monkeypatch.setattr(ar, "_gather_patches", lambda *a: None)
+    generic = ar._patches(layer.layer, x, rows, per)
+    assert torch.equal(gathered, generic)
+    # and they reproduce the conv: patches · weight = output at those rows
+    g = conv.groups
+    w = layer.weight_fp.reshape(g, -1, gathered.shape[2])
+    out = torch.einsum("bgk,gok->bgo", gathered, w).reshape(len(rows), -1) + conv.bias
+    ref = y.movedim(1, -1).reshape(-1, y.shape[1])[rows]
+    assert torch.allclose(out, ref, atol=1e-5)

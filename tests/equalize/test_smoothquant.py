@@ -141,6 +141,7 @@ def test_outlier_channels_quantize_better():
     assert width(smooth.fc1.input_quant) < 0.5 * width(plain.fc1.input_quant)
 
 
+@pytest.mark.filterwarnings("ignore:only .* calibration samples")
 def test_no_normalization_nothing_smoothed():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D)).eval()

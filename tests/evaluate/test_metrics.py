@@ -238,3 +238,32 @@ def test_models_with_different_output_shapes_are_a_data_error(digits_cnn, test_b
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 7))
     with pytest.raises(DataError, match="batch 0"):
         ptqkit.evaluate(digits_cnn, other, test_batches)
+
+
+def test_dense_outputs_count_one_prediction_per_position():
+    torch.manual_seed(0)
+    seg = nn.Conv2d(3, 4, 1).eval()  # [N, 4, H, W] class scores per pixel
+    x = torch.randn(6, 3, 5, 5)
+    y = seg(x).argmax(1)
+    y[0, 0, 0] = (y[0, 0, 0] + 1) % 4  # one wrong pixel of 150
+    shapes = []
+
+    def pixel_acc(outputs, targets):
+        shapes.append(tuple(outputs.shape))
+        return (outputs.argmax(1) == targets).float().mean().item()
+
+    res = _quiet_evaluate(seg, seg, [(x, y)])
+    assert res.fp32 == pytest.approx(100 * 149 / 150) and res.samples == 6
+    _quiet_evaluate(seg, seg, [(x, y)], metric=pixel_acc)
+    assert shapes == [(6, 4, 5, 5)] * 2
+
+
+def test_callable_metric_of_unknown_unit_gets_no_degradation_advice(digits_cnn, test_batches):
+    def mean_abs_logit(outputs, targets):
+        return outputs.abs().mean().item()
+
+    with torch.no_grad():
+        res = _quiet_evaluate(  # warnings are errors here
+            digits_cnn, lambda x: 0 * digits_cnn(x), test_batches, metric=mean_abs_logit
+        )
+    assert res.degradation > 2 and res.warnings == []

@@ -3,6 +3,7 @@ simulation, and every user mistake ends in a one-line ExportError."""
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -118,6 +119,8 @@ def test_dynamic_batch_and_int_initializers(exported, calib_batches):
         x = calib_batches[1][:n]
         with torch.no_grad():
             assert torch.allclose(ort_model(x), qmodel(x), atol=0.05)
+    twin = copy.deepcopy(ort_model)  # the session is not copied, but made again on use
+    assert torch.equal(twin(calib_batches[1][:3]), ort_model(calib_batches[1][:3]))
     inits = _initializers(path)
     for name in ("conv1", "conv2", "dw", "pw", "fc"):
         assert inits[f"{name}.weight_int"].dtype == np.int8
@@ -158,6 +161,22 @@ def test_sub_8_bit_weights_are_exact_in_int8(calib_batches, small_cnn, tmp_path,
     assert w.dtype == np.int8 and w.min() >= -8 and w.max() <= 7
     assert np.array_equal(w, qmodel.conv2.weight_int.numpy())
     assert parity(qmodel, OrtModule(path, threads=1), test_batches[:1]).top1_agreement >= 99.0
+
+
+def test_signed_activations_run_as_uint8(calib_batches, test_batches, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(288, 10)
+    ).eval()
+    cfg = CFG.replace(activations=ptqkit.QuantSpec(bits=8, symmetric=True))
+    qmodel = ptqkit.quantize(model, calib_batches, cfg)
+    path = export_onnx(qmodel, tmp_path / "s8.onnx", calib_batches[0][:1])
+    zps = [a for n, a in _initializers(path).items() if n.endswith("zero_point")]
+    assert zps and all(z.dtype == np.uint8 and z == 128 for z in zps)  # int8 z=0 ≡ uint8 z=128
+    rep = kernel_report(path)
+    assert rep.ops["QLinearConv"] == 2 and rep.float_nodes == [], rep.summary()
+    res = parity(qmodel, OrtModule(path, threads=1), test_batches)
+    assert res.top1_agreement >= 99.0 and res.max_steps <= 2.0, res
 
 
 class ManyOps(nn.Module):

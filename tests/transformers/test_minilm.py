@@ -74,6 +74,7 @@ def test_padding_does_not_change_an_embedding(minilm):
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::ptqkit.PTQWarning")
 def test_tokenizer_less_calls_are_clear_errors(minilm):
     with pytest.raises(ptqkit.DataError, match="tokenize"):
         minilm("A man is eating food.")
