@@ -132,6 +132,10 @@ def _threshold_to_range(
     return torch.where(one, lo1, lo2), torch.where(one, hi1, hi2)
 
 
+#: the probability given to a bin where Q = 0 under P > 0 (TensorRT's smoothing constant)
+KL_EPS = 1e-4
+
+
 def kl_divergence_curve(c: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     """KL(P‖Q) for every threshold bin ``i`` in ``[levels, m]`` of a 1-D ``|x|`` histogram.
 
@@ -144,7 +148,9 @@ def kl_divergence_curve(c: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndar
     ``KL = (Σ p log p)/N - log N - Σ_g (M_g/N) log(S_g/nz_g) + log Σ_g S_g``
 
     with ``S_g`` a group's count, ``nz_g`` its non-empty bins, ``M_g`` its ``P`` mass.
-    Returns ``(i, kl)``; a candidate where ``Q = 0`` under ``P > 0`` gets ``+inf``.
+    Where ``Q = 0`` under ``P > 0`` (an empty last group that receives the outliers), ``Q`` is
+    ``ε = 1e-4`` (TensorRT's smoothing, without renormalizing the other bins), so that a gap
+    between the bulk and far outliers does not forbid clipping them. Returns ``(i, kl)``.
     """
     m = c.shape[0]
     n = c.sum()
@@ -167,8 +173,11 @@ def kl_divergence_curve(c: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndar
     with np.errstate(divide="ignore", invalid="ignore"):
         logq = np.log(s / nnz)  # -inf / nan where the group is empty: masked below
         logq[s <= 0] = 0.0
+        # an empty last group under the outlier mass: Q = ε there (TensorRT's smoothing)
+        smooth = (out > 0) & (s_last <= 0)
+        logq[:, -1] = np.where(smooth, np.log(KL_EPS) + np.log(c1[cands]), logq[:, -1])
         mass_logq = (s * logq).sum(1) + out * logq[:, -1]
-        bad = (out > 0) & (s_last <= 0)
+        bad = c1[cands] <= 0
         plast = last_c + out
         plogp = pl[cands - 1] + np.where(
             plast > 0, plast * np.log(np.where(plast > 0, plast, 1)), 0

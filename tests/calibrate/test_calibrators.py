@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ptqkit.calibrate import CALIBRATORS, HistogramStats, make_calibrator, solvers
-from ptqkit.calibrate.solvers import kl_divergence_curve
+from ptqkit.calibrate.solvers import KL_EPS, kl_divergence_curve
 from ptqkit.config import QuantSpec
 from ptqkit.errors import CalibrationError, ConfigError
 from ptqkit.quant import fake_quant, qparams
@@ -361,7 +361,8 @@ def reference_kl_curve(hist, levels: int) -> tuple[list[int], list[float]]:
     * ``Q`` = the first ``i`` bins (without the outliers) merged into ``levels`` groups of
       ``i // levels`` bins (the last group takes the remainder), then each group's count spread
       evenly over the bins of the group where ``P`` is non-zero; normalized;
-    * ``KL(P‖Q) = Σ_{P_j>0} P_j log(P_j / Q_j)`` (``+inf`` if some ``Q_j = 0`` under ``P_j > 0``).
+    * ``KL(P‖Q) = Σ_{P_j>0} P_j log(P_j / Q_j)``, with ``Q_j = ε`` where ``Q_j = 0`` under
+      ``P_j > 0`` (TensorRT's smoothing).
     """
     hist = [float(v) for v in hist]
     cands, kls = [], []
@@ -381,10 +382,8 @@ def reference_kl_curve(hist, levels: int) -> tuple[list[int], list[float]]:
         kl = 0.0
         for j in range(i):
             if p[j] > 0:
-                if q[j] == 0:
-                    kl = math.inf
-                    break
-                kl += p[j] / sp * math.log((p[j] / sp) / (q[j] / sq))
+                qj = q[j] / sq if q[j] > 0 else KL_EPS  # smoothing where Q = 0 under P > 0
+                kl += p[j] / sp * math.log((p[j] / sp) / qj)
         cands.append(i)
         kls.append(kl)
     return cands, kls
