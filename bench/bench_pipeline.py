@@ -70,6 +70,7 @@ class Row:
     kl: float = float("nan")
     calib_s: float = float("nan")
     pass_s: float = float("nan")
+    worst: str = ""  # the activation quantizer with the lowest own SQNR
     fp32_s: float = float("nan")
     error: str = ""
     qmodel: nn.Module | None = None
@@ -262,6 +263,8 @@ def bench_fmnist(args) -> tuple[list[Row], dict, dict]:
                     res = ptqkit.evaluate(fp32.reset(), q, test(), progress_bar=False)
                 row.fp32, row.quantized, row.drop = res.fp32, res.quantized, res.degradation
                 row.agreement, row.kl, row.qmodel = res.agreement, res.kl, q
+                n, _, own, acc = sqnr_report(q, [x_test[:256]])["activations"][0]
+                row.worst = f"`{n}` {own:.1f} / {acc:.1f}"
             except Exception as e:  # report, do not hide, a calibrator that fails
                 row.error = f"{type(e).__name__}: {e}"[:200]
             rows.append(row)
@@ -366,6 +369,12 @@ def memory_probe(name: str, cal: str, n_batches: int, quick: bool) -> dict:
     }
 
 
+#: glibc keeps freed blocks below its *dynamic* mmap threshold resident, so the RSS of a process
+#: that frees and reallocates large activations drifts by tens of MiB from run to run; a fixed
+#: threshold (blocks of 128 KiB and more are mapped and unmapped) makes RSS follow live memory
+PROBE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def bench_memory(args) -> list[dict]:
     """Each (calibrator, batches) in ``args.mem_runs`` fresh processes; the median of each value
     (allocator effects make single runs of a few MiB noisy)."""
@@ -377,7 +386,9 @@ def bench_memory(args) -> list[dict]:
             cmd += ["--threads", str(torch.get_num_threads())] + (["--quick"] if args.quick else [])
             runs, err = [], ""
             for _ in range(args.mem_runs):
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, check=False, env=PROBE_ENV
+                )
                 if proc.returncode != 0:
                     err = proc.stderr[-300:]
                     break
@@ -424,7 +435,10 @@ def write_report(args, fm, eff, mem, started: dict) -> str:
         f"calibration on 512 training images (8 batches of 64), top-1 on "
         f"{'the first ' + str(args.n_test) if args.quick else 'all 10,000'} test images. "
         "Calibration time is the calibration stage (the data pass and the range solvers), best "
-        f"of {args.repeats}; FP32 is plain inference of the float model over the same 512 images.",
+        f"of {args.repeats}; FP32 is plain inference of the float model over the same 512 images. "
+        "Worst quantizer: the activation quantizer whose own rounding/clipping has the lowest "
+        "SQNR on 256 test images, with the SQNR of the quantized network's tensor against the "
+        "float network's at that point (all upstream error included).",
         "",
     ]
     for name, note in notes.items():
@@ -432,17 +446,17 @@ def write_report(args, fm, eff, mem, started: dict) -> str:
     lines += [
         "",
         "| model | calibrator | FP32 top-1 | W8A8 top-1 | drop (points) | agreement % | KL "
-        "| calibration s | × FP32 inference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| calibration s | × FP32 inference | worst quantizer: own / accumulated SQNR dB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.model} | {r.calibrator} | error: {r.error} |||||||")
+            lines.append(f"| {r.model} | {r.calibrator} | error: {r.error} ||||||||")
             continue
         lines.append(
             f"| {r.model} | {r.calibrator} | {fmt(r.fp32)} | {fmt(r.quantized)} | {fmt(r.drop)} "
             f"| {fmt(r.agreement)} | {fmt(r.kl, '.2e')} | {fmt(r.calib_s, '.3f')} "
-            f"| {fmt(r.calib_s / r.fp32_s, '.1f')} |"
+            f"| {fmt(r.calib_s / r.fp32_s, '.1f')} | {r.worst} |"
         )
     lines += ["", "**Acceptance (best calibrator):**", ""]
     for name, target in FMNIST_MODELS.items():
@@ -509,7 +523,9 @@ def write_report(args, fm, eff, mem, started: dict) -> str:
         "resident memory during `quantize` (the kernel's peak mark, reset just before, and "
         "sampled every 2 ms) minus the resident memory before it (model and the batches loaded, "
         "one warm-up batch run); between batches: the same measured when the next batch is "
-        "requested. Median of the runs. Python: peak of Python-level "
+        "requested. Median of the runs, with glibc's mmap threshold fixed at 128 KiB "
+        "(`MALLOC_MMAP_THRESHOLD_`: otherwise freed activations stay resident by chance and the "
+        "numbers drift by tens of MiB). Python: peak of Python-level "
         "allocations (`tracemalloc`; tensors are not Python allocations). Target: < 10% growth.",
         "",
         "| calibrator | batches | peak MiB | between batches: after the first MiB "

@@ -282,7 +282,7 @@ def _degradation(f: Facts) -> str | None:
         tips.append("quantization-aware training if PTQ cannot close the gap")
     return (
         f"quantization costs {f.degradation:.2f} points of {f.metric} (more than "
-        f"{MAX_DEGRADATION:g}); try, in order: " + "; ".join(tips)
+        f"{MAX_DEGRADATION:g}); try: " + "; ".join(tips)
     )
 
 

@@ -86,6 +86,8 @@ def load_model(spec: str) -> Any:
             raise UsageError(
                 f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module"
             )
+        if "eval" in vars(model):  # ExportedProgram.module(): ATen ops, eval() disabled
+            model = lift_aten(model)
     else:
         raise UsageError(f"--model {spec!r}: expected package.module:callable or a .pt2 file")
     return model.eval()

@@ -126,6 +126,8 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

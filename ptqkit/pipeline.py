@@ -18,7 +18,7 @@ from torch import fx, nn
 from .calibrate.session import calibrate
 from .capture import prepare
 from .config import PTQConfig
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .info import PTQInfo
 from .quant.modules import set_act_mode
 from .quant.weights import quantize_weights
@@ -49,6 +49,12 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
     config = PTQConfig() if config is None else config
     if not isinstance(config, PTQConfig):
         raise ConfigError(f"config must be a PTQConfig, got {type(config).__name__}")
+    again = _stages_iterating_again(config)
+    if again and _is_one_shot(data):
+        raise DataError(
+            f"{', '.join(again)} iterate the data more than once, but it is a one-shot "
+            f"{type(data).__name__}; pass a list of batches or a DataLoader"
+        )
     info = PTQInfo(config=config.to_dict())
     qmodel = prepare(model, config, info)
     if config.cle:
@@ -81,6 +87,27 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
         _timed(info, "fallback", fallback, qmodel, data, config, info)
     attach(qmodel, info, config)
     return qmodel
+
+
+def _stages_iterating_again(config: PTQConfig) -> list[str]:
+    """The stages of ``config`` that run over the data after the calibration pass."""
+    stages = {
+        "calibration='auto'": config.calibration == "auto",
+        "smoothquant": config.smoothquant is not None,
+        "adaround": config.adaround,
+        "empirical bias correction": config.bias_correction == "empirical",
+        "the accuracy fallback": config.max_degradation is not None
+        or config.min_sqnr_db is not None,
+    }
+    return [name for name, on in stages.items() if on]
+
+
+def _is_one_shot(data: Any) -> bool:
+    """A generator or other iterator: a second ``iter()`` would find it exhausted."""
+    try:
+        return iter(data) is data
+    except TypeError:
+        return False  # not iterable at all: the calibration pass says so
 
 
 def attach(qmodel: nn.Module, info: PTQInfo, config: PTQConfig) -> None:

@@ -145,6 +145,17 @@ def test_generator_data_is_consumed_in_one_pass(digits_cnn, calib_batches):
     assert q.ptq_info.calibration_samples == 256
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [{"calibration": "auto"}, {"bias_correction": True}, {"max_degradation": 1.0}],
+)
+def test_one_shot_data_for_a_stage_that_needs_two_passes_is_a_data_error(
+    digits_cnn, calib_batches, changes
+):
+    with pytest.raises(DataError, match="more than once, but it is a one-shot generator"):
+        ptqkit.quantize(digits_cnn, (b for b in calib_batches), CFG.replace(**changes))
+
+
 def test_num_batches_limits_calibration(digits_cnn, calib_batches):
     q = ptqkit.quantize(digits_cnn, calib_batches * 3, CFG.replace(num_batches=2))
     assert q.ptq_info.calibration_batches == 2 and q.ptq_info.calibration_samples == 128

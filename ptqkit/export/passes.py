@@ -28,6 +28,7 @@ pass                        rewrite
 ``bias_to_int32``           float bias of ``Conv``/``Gemm``/``MatMul+Add`` fed by ``DQ(x)`` and
                             ``DQ(W)`` → ``DQ(int32, scale = s_x·s_w, zero point 0)``
 ``tidy_names``              short tensor names (``aq_r1.q``, ``conv1.weight``, ``/conv1/Conv``)
+``share_constants``         identical small initializers (zero points, scales) → one
 ``prune``                   nodes whose outputs nobody reads, initializers nobody uses
 ==========================  ====================================================================
 """
@@ -622,6 +623,27 @@ def tidy_names(g: Graph) -> int:
         n.name = g.fresh(f"{scope}.{n.op_type[:1] if n.op_type == Q else 'DQ'}")
         done += 1
     return done
+
+
+@register_pass("share_constants")
+def share_constants(g: Graph) -> int:
+    """Identical small initializers (zero points, scales: at most 64 values) → one."""
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    for name, t in g.inits.items():
+        v = numpy_helper.to_array(t)
+        if v.size > 64:
+            continue
+        key = (v.dtype.str, v.shape, v.tobytes())
+        if key in first:
+            rename[name] = first[key]
+        else:
+            first[key] = name
+    for n in g.nodes:
+        for k, i in enumerate(n.input):
+            if i in rename:
+                n.input[k] = rename[i]
+    return len(rename)
 
 
 @register_pass("prune")

@@ -345,8 +345,8 @@ def summary_rows(
             ("calibrator", str(c.get("calibration"))),
             ("CLE / bias correction", f"{c.get('cle')} / {c.get('bias_correction')}"),
             (
-                "calibration data",
-                f"{info.calibration_samples} samples in {info.calibration_batches} batches",
+                "calibration samples",
+                f"{info.calibration_samples} in {info.calibration_batches} batches",
             ),
             (
                 "quantized layers / activation quantizers",

@@ -44,6 +44,9 @@ def not_a_module():
 
 def broken():
     raise RuntimeError("weights missing")
+
+def exported():
+    return torch.export.load("digits.pt2").module()
 """
 
 
@@ -231,6 +234,14 @@ def test_quantize_image_folder_and_a_pt2_file(work):
     assert s["quantization"]["layers"] == 4  # the .pt2's aten convs became modules again
     assert s["quantization"]["traced"] is True
     assert any(a["rule"] == "validation_set" for a in s["advice"])
+
+
+def test_model_callable_returning_an_exported_program(work, cli):
+    args = ["quantize", "--model", "user_mod:exported", "--data", CALIB, "--out", "q4"]
+    code, last = cli(*args, "--no-onnx", "--no-latency", "--max-plots", "1", "--quiet")
+    assert code == 0, last
+    s = json.loads((work / "q4" / "summary.json").read_text())
+    assert s["quantization"]["layers"] == 4
 
 
 def test_bad_toml_in_a_real_process(work):
