@@ -78,8 +78,11 @@ def export_fp32(model: torch.nn.Module, path: Path, example: torch.Tensor) -> Pa
     return path
 
 
-def ort_quantize(fp32: Path, out: Path, calib: list[torch.Tensor]) -> Path:
-    """ONNX Runtime's ``quantize_static`` after its recommended ``quant_pre_process``."""
+def ort_quantize(
+    fp32: Path, out: Path, calib: list[torch.Tensor], method: str = "MinMax"
+) -> Path:
+    """ONNX Runtime's ``quantize_static`` after its recommended ``quant_pre_process``;
+    ``method`` names its ``CalibrationMethod`` (MinMax, Entropy, Percentile, Distribution)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -110,7 +113,7 @@ def ort_quantize(fp32: Path, out: Path, calib: list[torch.Tensor]) -> Path:
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
+        calibrate_method=CalibrationMethod[method],
     )
     return out
 

@@ -23,6 +23,7 @@ from .errors import (
     ModelError,
     PTQError,
     PTQWarning,
+    SaveError,
 )
 from .pipeline import quantize
 
@@ -59,6 +60,7 @@ __all__ = [
     "PTQError",
     "PTQWarning",
     "QuantSpec",
+    "SaveError",
     "__version__",
     "evaluate",
     "export_onnx",

@@ -6,6 +6,7 @@ them field by field; unknown keys are an error."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,11 +178,17 @@ class PTQConfig:
         ):
             raise ConfigError(f"smoothquant must be None or in [0, 1], got {self.smoothquant!r}")
         if self.max_degradation is not None and not (
-            isinstance(self.max_degradation, (int, float)) and self.max_degradation >= 0
+            isinstance(self.max_degradation, (int, float))
+            and not isinstance(self.max_degradation, bool)
+            and self.max_degradation >= 0
         ):
             raise ConfigError(f"max_degradation must be >= 0, got {self.max_degradation!r}")
-        if self.min_sqnr_db is not None and not isinstance(self.min_sqnr_db, (int, float)):
-            raise ConfigError(f"min_sqnr_db must be a number, got {self.min_sqnr_db!r}")
+        if self.min_sqnr_db is not None and not (
+            isinstance(self.min_sqnr_db, (int, float))
+            and not isinstance(self.min_sqnr_db, bool)
+            and math.isfinite(self.min_sqnr_db)
+        ):  # NaN compares false with everything: the fallback would silently ignore the target
+            raise ConfigError(f"min_sqnr_db must be a finite number, got {self.min_sqnr_db!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an int, got {self.seed!r}")
 

@@ -96,7 +96,7 @@ def run_model(model: nn.Module, index: int, args: tuple, kwargs: dict) -> Any:
     """Call the model on one batch; an error names the batch and its shapes."""
     try:
         return model(*args, **kwargs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+    except Exception as e:  # whatever the user's forward raises (AssertionError, KeyError, ...)
         from .errors import CalibrationError, PTQError
 
         if isinstance(e, PTQError):

@@ -31,5 +31,9 @@ class LoadError(PTQError, ValueError):
     """A saved quantized model is truncated, corrupt or not a ptqkit file."""
 
 
+class SaveError(PTQError, OSError):
+    """A quantized model cannot be written where asked (missing folder, path is a folder)."""
+
+
 class PTQWarning(UserWarning):
     """Something the user should know: a fallback was taken, a best practice was not followed."""

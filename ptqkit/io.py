@@ -40,7 +40,7 @@ import torch
 from torch import fx, nn
 
 from .config import PTQConfig, QuantSpec
-from .errors import ConfigError, LoadError, ModelError, PTQError
+from .errors import ConfigError, LoadError, ModelError, PTQError, SaveError
 from .info import PTQInfo
 from .quant.modules import act_quants, quant_layers
 from .quant.primitives import storage_dtype
@@ -113,7 +113,9 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
             }
             for n, q in quants.items()
         },
-        "info": info.to_dict() if isinstance(info, PTQInfo) else {},
+        # without the wall-clock time of each stage: the same model, data and config must give
+        # the same bytes
+        "info": {**info.to_dict(), "stages": {}} if isinstance(info, PTQInfo) else {},
         "modules": _structural_modules(qmodel),
         "graph": _encode_graph(qmodel),
         "sha256": _digest(tensors),
@@ -122,6 +124,10 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
     # a single sorted JSON document keeps the file byte-for-byte reproducible
     meta = {METADATA_KEY: json.dumps(doc, sort_keys=True, default=str)}
     path = Path(path)
+    if path.is_dir():
+        raise SaveError(f"{path} is a folder; give the path of the file to write")
+    if not (path.parent if str(path.parent) else Path(".")).is_dir():
+        raise SaveError(f"{path}: folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:

@@ -165,13 +165,17 @@ class EMACalibrator(_Base):
         return self._out(*self.m)
 
 
+#: most histogram bins per channel (each bin is an int64 count: 2^20 bins = 8 MiB per channel)
+MAX_BINS = 2**20
+
+
 class _HistogramCalibrator(_Base):
     """Shared observer of the histogram calibrators: one :class:`HistogramStats`."""
 
     def __init__(self, bins: int = 4096, axis: int | None = None) -> None:
         super().__init__(axis)
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 8:
-            raise ConfigError(f"{self.name}: bins must be an int >= 8, got {bins!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 8 <= bins <= MAX_BINS:
+            raise ConfigError(f"{self.name}: bins must be an int in 8..{MAX_BINS}, got {bins!r}")
         self.stats = HistogramStats(bins, axis, self.name)
 
     def observe(self, x: torch.Tensor) -> None:

@@ -209,15 +209,65 @@ def all_reduce_max(tensors: list[torch.Tensor]) -> None:
         t.copy_(part.reshape(t.shape))
 
 
+def _allowed_classes() -> dict[str, type]:
+    """Classes whose state may cross ranks: ptqkit's statistics and the registered calibrators."""
+    from .calibrators import CALIBRATORS
+    from .stats import HistogramStats, MinMaxStats
+
+    classes = [
+        HistogramStats,
+        MinMaxStats,
+        *(f for f in CALIBRATORS.values() if isinstance(f, type)),
+    ]
+    return {f"{c.__module__}.{c.__qualname__}": c for c in classes}
+
+
+def _to_plain(obj: Any) -> Any:
+    """An object tree as tensors, numbers, strings and containers only (``torch.load`` with
+    ``weights_only=True`` reads it back: nothing received from a peer is unpickled as code)."""
+    if isinstance(obj, (torch.Tensor, int, float, str, bool, type(None))):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return {"__seq__": type(obj).__name__, "items": [_to_plain(v) for v in obj]}
+    if isinstance(obj, dict):
+        return {"__dict__": {k: _to_plain(v) for k, v in obj.items()}}
+    key = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if key not in _allowed_classes():
+        raise CalibrationError(f"cannot exchange a {key} between ranks (not a ptqkit statistic)")
+    return {"__obj__": key, "state": {k: _to_plain(v) for k, v in vars(obj).items()}}
+
+
+def _from_plain(d: Any, device: torch.device) -> Any:
+    if isinstance(d, torch.Tensor):
+        return d.to(device)
+    if not isinstance(d, dict):
+        return d
+    if "__seq__" in d:
+        items = [_from_plain(v, device) for v in d["items"]]
+        return tuple(items) if d["__seq__"] == "tuple" else items
+    if "__dict__" in d:
+        return {k: _from_plain(v, device) for k, v in d["__dict__"].items()}
+    cls = _allowed_classes().get(d.get("__obj__", ""))
+    if cls is None:
+        raise CalibrationError(f"a peer sent an unknown statistic type {d.get('__obj__')!r}")
+    obj = cls.__new__(cls)
+    obj.__dict__.update({k: _from_plain(v, device) for k, v in d["state"].items()})
+    return obj
+
+
 def merge_calibrators(model: nn.Module) -> None:
     """Replace the calibrator of every activation quantizer by the merge, in rank order, of that
-    quantizer's calibrators on all ranks (identical on every rank). Call :func:`agree` first."""
+    quantizer's calibrators on all ranks (identical on every rank). Call :func:`agree` first.
+    Calibrators cross ranks as plain tensors and numbers, read back with ``weights_only=True``."""
     quants = act_quants(model)
     buf = io.BytesIO()
-    torch.save({n: q.calibrator for n, q in quants.items()}, buf)
+    torch.save({n: _to_plain(q.calibrator) for n, q in quants.items()}, buf)
     device = model_device(model)
     states = [
-        torch.load(io.BytesIO(b), map_location=device, weights_only=False)
+        {
+            n: _from_plain(v, device)
+            for n, v in torch.load(io.BytesIO(b), map_location="cpu", weights_only=True).items()
+        }
         for b in all_gather_bytes(buf.getvalue())
     ]
     for name, q in quants.items():

@@ -30,8 +30,8 @@ from ..errors import CalibrationError
 def as_channels(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """View ``x`` as ``[C, M]``: one row per channel along ``axis``, or one row (per tensor)."""
     x = x.detach()
-    if not torch.is_floating_point(x):
-        x = x.float()
+    if x.dtype not in (torch.float32, torch.float64):  # ints, and half / bfloat16 (bincount
+        x = x.float()  # and the bin arithmetic need float32 at least)
     if axis is None or x.dim() == 0:
         return x.reshape(1, -1)
     if not -x.dim() <= axis < x.dim():

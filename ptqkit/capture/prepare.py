@@ -41,6 +41,11 @@ def prepare(model: nn.Module, config: PTQConfig, info: PTQInfo) -> nn.Module:
     qmodel.eval()
     for p in qmodel.parameters():
         p.requires_grad_(False)
+    if config.weights.per_channel and config.weights.axis != 0:
+        info.warn(
+            f"weights are quantized per output channel (axis 0); weights.axis="
+            f"{config.weights.axis} is ignored"
+        )
     wrapped, skipped, used = wrap_layers(qmodel, config.weights, config.skip)
     info.layers, info.skipped = wrapped, skipped
     for p in sorted(set(config.skip) - used):

@@ -342,7 +342,8 @@ def strip_qdq(model: onnx.ModelProto) -> dict[str, Any]:
         z = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
         if s is None:
             continue
-        z = np.zeros(s.shape, np.uint8) if z is None else z
+        if z is None:  # no zero point: 0 of the quantized tensor's type (uint8 by default)
+            z = np.zeros(s.shape, x.dtype if x is not None else np.uint8)
         if x is not None:  # a parameter
             axis = g.attr(dq, "axis", 1) % max(x.ndim, 1)
             shape = [-1 if k == axis else 1 for k in range(x.ndim)] if s.size > 1 else []

@@ -169,9 +169,10 @@ class QuantLayer(nn.Module):
 
     def refresh(self) -> None:
         """Compute with the dequantized integer weight ``(q - z)·s``."""
+        # in the float weight's dtype: a half / double model computes in its own dtype
         self.layer._buffers["weight"] = dequantize(
             self.weight_int, self.weight_scale, self.weight_zero_point, self.spec.axis
-        )
+        ).to(self.weight_fp.dtype)
         self.select_bias("bias_q")
         self.quantized = True
 

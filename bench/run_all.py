@@ -1,0 +1,477 @@
+"""ptqkit side by side with ONNX Runtime ``quantize_static``, PyTorch FX PTQ and NNCF on the same
+models, calibration samples and evaluation sets, in one run; writes ``BENCHMARKS.md``.
+
+    python bench/run_all.py            # full: 10k Fashion-MNIST test images, 256 photo crops
+    python bench/run_all.py --quick    # validation run (< 5 min): 2k test images, 64 crops
+
+Every tool's calibration + quantization runs in its own fresh process (``--worker``), so its
+wall time and peak resident memory are its own: the kernel's peak-RSS mark is reset after the
+model and data are loaded and one warm-up batch has run, and read after the tool returns. ONNX
+variants (ptqkit's export, ONNX Runtime's quantizer) are timed in this process, interleaved so a
+load spike hits every variant alike; FX's int8 model is timed in its worker (eager PyTorch).
+Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from bench_export import export_fp32, latency, machine, ort_quantize, task  # noqa: E402
+from bench_pipeline import PROBE_ENV, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+
+import ptqkit  # noqa: E402
+from ptqkit.export import OrtModule  # noqa: E402
+
+MODELS = ("resnet_fmnist", "mobilenetv2_fmnist", "efficientnet_lite0")
+PTQ_CALIBRATORS = ("minmax", "percentile", "kl", "mse", "auto_percentile")
+ORT_METHODS = ("MinMax", "Entropy", "Percentile")
+NNCF_PATH = os.environ.get("PTQKIT_NNCF_PATH", "/tmp/nncf_pkg")  # a throwaway --target install
+THREADS = 2
+MIB = 2**20
+
+
+# -- one tool in a fresh process ----------------------------------------------------------------
+def scores(fn, x: torch.Tensor, bs: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([torch.as_tensor(fn(x[i : i + bs])).float() for i in range(0, len(x), bs)])
+
+
+def quality(out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor | None) -> dict:
+    """Top-1 vs labels (Fashion-MNIST), or top-1 agreement and mean KL(FP32 ‖ int8) vs FP32."""
+    agree = 100.0 * float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    lp, lq = ref.log_softmax(-1), out.log_softmax(-1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    metric = agree if y is None else 100.0 * float((out.argmax(-1) == y).float().mean())
+    return {"metric": metric, "agreement": agree, "kl": kl}
+
+
+def measured(fn) -> tuple[object, float, float]:
+    """``fn()``, its wall seconds and its peak RSS above the RSS before it (MiB)."""
+    import gc
+
+    gc.collect()
+    exact = reset_peak_rss()
+    base = rss_bytes()
+    t0 = time.perf_counter()
+    result = fn()
+    sec = time.perf_counter() - t0
+    peak = max(rss_bytes(), peak_rss_bytes() if exact else 0)
+    return result, sec, (peak - base) / MIB
+
+
+def ptq_config(job: dict) -> ptqkit.PTQConfig:
+    kw = {"calibration": job.get("calibrator", "minmax"), "progress": False, "seed": 0}
+    if job.get("cle"):
+        kw.update(cle=True, bias_correction=True)
+    if job.get("w4"):
+        kw["weights"] = ptqkit.QuantSpec(bits=4, symmetric=True, per_channel=True)
+    if job.get("adaround"):
+        kw.update(adaround=True, adaround_iters=job.get("adaround_iters", 500))
+    return ptqkit.PTQConfig(**kw)
+
+
+def fx_quantize(model, calib, kind: str):
+    from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
+    from torch.ao.quantization.observer import MinMaxObserver, default_per_channel_weight_observer
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    if kind == "default":
+        mapping = get_default_qconfig_mapping("x86")
+    else:  # min/max activations (x86 keeps reduce_range), per-channel min/max weights
+        act = MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=True)
+        mapping = QConfigMapping().set_global(
+            QConfig(activation=act, weight=default_per_channel_weight_observer)
+        )
+    prepared = prepare_fx(model, mapping, example_inputs=(calib[0][:1],))
+    with torch.no_grad():
+        for b in calib:
+            prepared(b)
+    return convert_fx(prepared)
+
+
+def nncf_quantize(model, calib):
+    sys.path.insert(0, NNCF_PATH)
+    import nncf
+
+    return nncf.quantize(model, nncf.Dataset(calib), subset_size=sum(len(b) for b in calib))
+
+
+def worker(job: dict) -> dict:
+    torch.set_num_threads(THREADS)
+    warnings.simplefilter("ignore")
+    if job.get("mem_limit_gib"):  # fail with MemoryError instead of starving the shared machine
+        lim = int(job["mem_limit_gib"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    model, calib, x_eval, y_eval = task(job["model"], job["n_calib"], job["n_eval"])
+    ref = torch.load(job["ref"]) if job.get("ref") else None
+    bs = 32 if job["model"] == "efficientnet_lite0" else 500
+    with torch.no_grad():
+        model(calib[0])  # warm the allocator and kernels before the memory baseline
+    tool, res = job["tool"], {}
+    if tool == "ptqkit":
+        q, sec, peak = measured(lambda: ptqkit.quantize(model, calib, ptq_config(job)))
+        res["size"] = ptqkit.evaluate(model, q, [(x_eval[:8], None)], "agreement", False)
+        res["size"] = res["size"].size_bytes_quantized
+        res.update(quality(scores(q, x_eval, bs), ref, y_eval))
+        if job.get("onnx"):
+            ptqkit.export_onnx(q, job["onnx"], x_eval[:1])
+            res["onnx_size"] = Path(job["onnx"]).stat().st_size
+    elif tool == "ort":
+        _, sec, peak = measured(
+            lambda: ort_quantize(Path(job["fp32_onnx"]), Path(job["onnx"]), calib, job["method"])
+        )
+        ort = OrtModule(job["onnx"], threads=THREADS, spinning=False)
+        res.update(quality(scores(ort, x_eval, bs), ref, y_eval))
+        res["size"] = Path(job["onnx"]).stat().st_size
+    elif tool == "fx":
+        q, sec, peak = measured(lambda: fx_quantize(model, calib, job["kind"]))
+        res.update(quality(scores(q, x_eval, bs), ref, y_eval))
+        buf = io.BytesIO()
+        torch.save(q.state_dict(), buf)
+        res["size"] = buf.tell()
+        lat = {}
+        for b in (1, 32):
+            x = x_eval[:b] if len(x_eval) >= b else x_eval.repeat(b, 1, 1, 1)[:b]
+            lat[str(b)] = latency({"fx": q}, x.contiguous(), job["rounds"], job["budget"])["fx"]
+        res["latency"] = lat
+    elif tool == "nncf":
+        q, sec, peak = measured(lambda: nncf_quantize(model, calib))
+        res.update(quality(scores(q, x_eval, bs), ref, y_eval))
+    else:
+        raise ValueError(tool)
+    res.update(seconds=sec, peak_mib=peak)
+    return res
+
+
+def run_job(job: dict, timeout: float) -> dict:
+    """``job`` in a fresh process: its result, or ``{"error": why}``."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=PROBE_ENV, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"not run: over the {timeout:.0f} s budget"}
+    if p.returncode != 0:
+        tail = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-1:] or ["?"]
+        return {"error": f"failed: {tail[0][:160]}"}
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    log(f"  {job['tool']} {job.get('calibrator') or job.get('method') or job.get('kind') or ''}"
+        f" {job.get('label', '')}: {out.get('metric', 0):.2f} in "
+        f"{time.perf_counter() - t0:.0f} s")
+    return out
+
+
+# -- one model ---------------------------------------------------------------------------------
+def bench_model(name: str, args, out: Path) -> dict:
+    effnet = name == "efficientnet_lite0"
+    n_calib = 128 if effnet else 512
+    n_eval = (64 if args.quick else 256) if effnet else (2000 if args.quick else 10_000)
+    model, calib, x_eval, y_eval = task(name, n_calib, n_eval)
+    ref = scores(model, x_eval, 32 if effnet else 500)
+    torch.save(ref, out / f"{name}.ref.pt")
+    fp32_onnx = export_fp32(model, out / f"{name}.fp32.onnx", x_eval[:1])
+    fp32 = quality(ref, ref, y_eval)
+    base = {"model": name, "n_calib": n_calib, "n_eval": n_eval, "ref": str(out / f"{name}.ref.pt")}
+    tmo = args.timeout
+    rows: list[dict] = []
+
+    def add(label: str, tool: str, runtime: str, job: dict, timeout: float = tmo) -> dict:
+        log(f"[{name}] {label}")
+        r = {"label": label, "tool": tool, "runtime": runtime, **job}
+        r.update(run_job({**base, "tool": tool, **job}, timeout))
+        rows.append(r)
+        return r
+
+    for cal in PTQ_CALIBRATORS:
+        onnx = str(out / f"{name}.ptqkit_{cal}.onnx")
+        add(f"ptqkit W8A8 {cal}", "ptqkit", "simulated (PyTorch)", {"calibrator": cal, "onnx": onnx})
+    ok = [r for r in rows if "error" not in r]
+    if ok:
+        best = min(ok, key=lambda r: 100 - r["metric"] + (0 if y_eval is not None else r["kl"]))
+        ort = OrtModule(best["onnx"], threads=THREADS, spinning=False)
+        exp = {"label": f"ptqkit W8A8 {best['calibrator']} → ONNX", "tool": "ptqkit",
+               "runtime": "ONNX Runtime (int8)", "calibrator": best["calibrator"],
+               "onnx": best["onnx"], "seconds": best["seconds"], "peak_mib": best["peak_mib"],
+               "size": best["onnx_size"], "export_of_best": True}
+        exp.update(quality(scores(ort, x_eval, 32 if effnet else 500), ref, y_eval))
+        rows.append(exp)
+    add("ptqkit W8A8 minmax + CLE + bias corr.", "ptqkit", "simulated (PyTorch)",
+        {"calibrator": "minmax", "cle": True})
+    if effnet and args.quick:
+        rows.append({"label": "ptqkit W4A8 AdaRound", "tool": "ptqkit", "error": "not run (--quick)"})
+    else:
+        iters = 100 if args.quick else 500
+        add(f"ptqkit W4A8 minmax + AdaRound ({iters} it/layer)", "ptqkit", "simulated (PyTorch)",
+            {"calibrator": "minmax", "w4": True, "adaround": True, "adaround_iters": iters},
+            timeout=args.adaround_timeout)
+    for m in ORT_METHODS:
+        add(f"ORT quantize_static QDQ {m}", "ort", "ONNX Runtime (int8)",
+            {"method": m, "fp32_onnx": str(fp32_onnx), "onnx": str(out / f"{name}.ort_{m}.onnx"),
+             "mem_limit_gib": args.mem_limit})
+    fx_job = {"rounds": args.rounds, "budget": args.budget}
+    add("PyTorch FX default x86 qconfig", "fx", "PyTorch eager (int8)", {"kind": "default", **fx_job})
+    add("PyTorch FX minmax (timing ref.)", "fx", "PyTorch eager (int8)", {"kind": "minmax", **fx_job})
+    if args.nncf:
+        add("NNCF nncf.quantize (defaults)", "nncf", "simulated (PyTorch)", {})
+    for r in rows:
+        if "metric" in r:
+            r["drop"] = fp32["metric"] - r["metric"]
+
+    # latency of every ONNX variant, interleaved
+    variants = {"FP32 (ORT)": OrtModule(fp32_onnx, threads=THREADS, spinning=False)}
+    for r in rows:
+        if "error" not in r and r["runtime"].startswith("ONNX"):
+            variants[r["label"]] = OrtModule(r["onnx"], threads=THREADS, spinning=False)
+    lat = {}
+    for b in (1, 32):
+        x = x_eval[:b] if len(x_eval) >= b else x_eval.repeat(b, 1, 1, 1)[:b]
+        budget = args.budget * (0.5 if effnet and b == 32 else 1.0)
+        lat[str(b)] = latency(variants, x.contiguous(), args.rounds, budget)
+    for r in rows:
+        if r.get("label") in variants:
+            r["latency"] = {b: lat[b][r["label"]] for b in lat}
+    fp32["latency"] = {b: lat[b]["FP32 (ORT)"] for b in lat}
+    fp32["size"] = Path(fp32_onnx).stat().st_size
+    return {"model": name, "n_calib": n_calib, "n_eval": n_eval, "fp32": fp32, "rows": rows}
+
+
+def bench_memory(args, out: Path) -> list[dict]:
+    """Calibration peak RSS for 256 vs 2,048 samples: ptqkit (kl, histogram) vs ORT Entropy."""
+    name = "resnet_fmnist"
+    fp32_onnx = out / f"{name}.fp32.onnx"
+    res = []
+    for n in (256, 2048):
+        base = {"model": name, "n_calib": n, "n_eval": 8}
+        for tool, job in (
+            ("ptqkit", {"calibrator": "kl"}),
+            ("ort", {"method": "Entropy", "fp32_onnx": str(fp32_onnx),
+                     "onnx": str(out / f"{name}.mem_{n}.onnx"), "mem_limit_gib": args.mem_limit}),
+        ):
+            log(f"[memory] {tool} {n} samples")
+            r = run_job({**base, "tool": tool, **job}, args.timeout)
+            res.append({"tool": tool, "samples": n, **r})
+    return res
+
+
+# -- report ------------------------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def f(x, spec=".2f", dash="—") -> str:
+    return dash if x is None or x != x else format(x, spec)
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**MET**" if ok else "**MISSED**")
+
+
+def targets(models: list[dict], mem: list[dict]) -> list[str]:
+    lines = []
+    for m in models:
+        rows = {r["label"]: r for r in m["rows"]}
+        ok = [r for r in m["rows"] if "error" not in r and "drop" in r]
+        ptq = [r for r in ok if r["tool"] == "ptqkit" and "W8A8" in r["label"]]
+        peers = [r for r in ok if r["tool"] in ("ort", "fx", "nncf")]
+        name = m["model"]
+        if ptq and peers:
+            b, p = min(ptq, key=lambda r: r["drop"]), min(peers, key=lambda r: r["drop"])
+            lines.append(f"* **{name} accuracy**: ptqkit best W8A8 drop {b['drop']:.2f} "
+                         f"({b['label']}) vs best peer {p['drop']:.2f} ({p['label']}) — "
+                         f"{verdict(b['drop'] <= p['drop'])}")
+            d = rows.get("ptqkit W8A8 minmax")
+            if d and "drop" in d:
+                gap = d["drop"] - b["drop"]
+                lines.append(f"* **{name} default config** (minmax) drop {d['drop']:.2f} vs best "
+                             f"{b['drop']:.2f}: gap {gap:.2f} points (target ≤ 0.1) — "
+                             f"{verdict(gap <= 0.1)}")
+        kl, ent = rows.get("ptqkit W8A8 kl", {}), rows.get("ORT quantize_static QDQ Entropy", {})
+        if "seconds" in kl and "seconds" in ent:
+            ratio = ent["seconds"] / kl["seconds"]
+            lines.append(f"* **{name} KL vs ORT Entropy calibration time**: {kl['seconds']:.2f} s vs "
+                         f"{ent['seconds']:.2f} s = {ratio:.1f}× faster (target ≥ 5×) — "
+                         f"{verdict(ratio >= 5)}")
+        mm, fx = rows.get("ptqkit W8A8 minmax", {}), rows.get("PyTorch FX minmax (timing ref.)", {})
+        if "seconds" in mm and "seconds" in fx:
+            ratio = mm["seconds"] / fx["seconds"]
+            lines.append(f"* **{name} minmax vs FX minmax calibration time**: {mm['seconds']:.2f} s "
+                         f"vs {fx['seconds']:.2f} s = {ratio:.2f}× (target ≤ 1.5×) — "
+                         f"{verdict(ratio <= 1.5)}")
+        hist = [r for r in ok if r["tool"] == "ptqkit" and "calibrator" in r
+                and r["calibrator"] != "minmax" and "W8A8" in r["label"] and "→" not in r["label"]]
+        ort_h = [rows.get(f"ORT quantize_static QDQ {k}", {}) for k in ("Entropy", "Percentile")]
+        ort_h = [r for r in ort_h if "peak_mib" in r]
+        if hist and ort_h:
+            pk, po = max(r["peak_mib"] for r in hist), min(r["peak_mib"] for r in ort_h)
+            lines.append(f"* **{name} calibration peak memory**: ptqkit histogram calibrators ≤ "
+                         f"{pk:.1f} MiB vs ORT Entropy/Percentile ≥ {po:.1f} MiB — "
+                         f"{verdict(pk < po)}")
+        exp = next((r for r in ok if r.get("export_of_best")), None)
+        ortmm = rows.get("ORT quantize_static QDQ MinMax", {})
+        if exp and "latency" in exp and "latency" in ortmm:
+            parts, good = [], True
+            for b in ("1", "32"):
+                a, o = exp["latency"][b]["median"], ortmm["latency"][b]["median"]
+                parts.append(f"batch {b}: {a:.2f} vs {o:.2f} ms ({100 * (a / o - 1):+.1f}%)")
+                good &= a <= 1.05 * o
+            lines.append(f"* **{name} exported latency vs ORT's own quantized model (MinMax)**: "
+                         + "; ".join(parts) + f" (target within +5%) — {verdict(good)}")
+    by = {(r["tool"], r["samples"]): r for r in mem}
+    if all(k in by and "peak_mib" in by[k] for k in (("ptqkit", 256), ("ptqkit", 2048))):
+        a, b = by["ptqkit", 256]["peak_mib"], by["ptqkit", 2048]["peak_mib"]
+        flat = b <= 1.1 * a + 2.0
+        lines.append(f"* **Memory flatness** (resnet_fmnist, ptqkit kl): {a:.1f} MiB at 256 samples, "
+                     f"{b:.1f} MiB at 2,048 (target: flat, ≤ +10% + 2 MiB) — {verdict(flat)}")
+        if ("ort", 2048) in by and "peak_mib" in by["ort", 2048]:
+            o1 = by["ort", 256].get("peak_mib", float("nan"))
+            o2 = by["ort", 2048]["peak_mib"]
+            lines.append(f"  ORT Entropy for comparison: {o1:.1f} MiB at 256, {o2:.1f} MiB at "
+                         f"2,048; ptqkit below it at 2,048 — {verdict(b < o2)}")
+    return lines
+
+
+def report(args, models: list[dict], mem: list[dict], cmd: str, wall: float) -> str:
+    import onnx
+    import onnxruntime
+
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if ln.startswith("Model name"))
+    except StopIteration:
+        cpu = platform.processor()
+    nncf_v = "not used"
+    if args.nncf:
+        p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {NNCF_PATH!r}); "
+                            "import nncf; print(nncf.__version__)"], capture_output=True, text=True)
+        nncf_v = p.stdout.strip() or "not importable"
+    L = ["# Benchmarks: ptqkit vs ONNX Runtime, PyTorch FX and NNCF", ""]
+    if args.quick:
+        L += ["> **QUICK MODE** (`--quick`): 2,000 Fashion-MNIST test images, 64 photo crops, "
+              "shorter latency budgets, AdaRound at 100 iterations/layer. Validation numbers, not "
+              "the acceptance run.", ""]
+    L += [
+        f"* Command: `{cmd}` — {time.strftime('%Y-%m-%d %H:%M %Z')}, wall time {wall / 60:.1f} min",
+        f"* Machine: {cpu} (lscpu), {os.cpu_count()} logical CPUs shared with other jobs "
+        f"(load average {os.getloadavg()[0]:.1f} at the end); {THREADS} intra-op threads everywhere",
+        f"* Versions: Python {platform.python_version()}, torch {torch.__version__}, onnxruntime "
+        f"{onnxruntime.__version__}, onnx {onnx.__version__}, ptqkit {ptqkit.__version__}, "
+        f"NNCF {nncf_v}",
+        f"* {machine()}",
+        "",
+        "Same calibration samples for every tool: 512 Fashion-MNIST training images (fixed "
+        "permutation, seed 0) or 128 photo crops (`photo_crops(128, seed=0)`), batches of 32. "
+        "Evaluation: the first N Fashion-MNIST test images (top-1 vs labels), or N *other* photo "
+        "crops (seed 1) for EfficientNet-Lite0 — no ImageNet images here, so its metric is top-1 "
+        "agreement with FP32 and the mean KL(FP32 ‖ int8) of the softmax outputs. Drop: FP32 "
+        "metric minus the row's (points). Time: calibration + quantization wall seconds "
+        "(ORT: `quant_pre_process` + `quantize_static` from the FP32 ONNX; FX: prepare + "
+        "calibrate + convert; ptqkit: `quantize`, export not included), each in a fresh process. "
+        "Peak RSS: the process's peak resident memory during that call above its resident memory "
+        "before it (model and data loaded, one warm-up batch run). Latency: median wall ms per "
+        "call (p10 in brackets), 2 threads, ONNX Runtime for the ONNX rows (interleaved), eager "
+        "PyTorch int8 kernels for FX. Size: ONNX file (ONNX rows), ptqkit's storage estimate "
+        "(simulated rows: integer weights at their bit width), `torch.save` state dict (FX).",
+        "",
+    ]
+    for m in models:
+        fp = m["fp32"]
+        metric = ("top-1 agreement % (KL)" if m["model"] == "efficientnet_lite0" else "top-1 %")
+        L += [f"## {m['model']} — {m['n_calib']} calibration samples, {m['n_eval']} eval samples",
+              "",
+              f"FP32: {fp['metric']:.2f} {metric.split(' (')[0]}; ORT latency "
+              f"{fp['latency']['1']['median']:.2f} / {fp['latency']['32']['median']:.2f} ms "
+              f"(batch 1 / 32); ONNX size {fp['size'] / 1e6:.2f} MB.", "",
+              f"| tool / config | runs in | {metric} | drop (points) | calib+quant s | peak RSS MiB "
+              "| latency b1 ms | latency b32 ms | size MB |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in m["rows"]:
+            if "error" in r:
+                L.append(f"| {r['label']} | {r.get('runtime', '')} | {r['error']} ||||||| ")
+                continue
+            q = f"{r['metric']:.2f}" + (f" ({r['kl']:.3f})" if m["model"] == "efficientnet_lite0"
+                                         else "")
+            lat = r.get("latency") or {}
+            cell = lambda b: (f"{lat[b]['median']:.2f} ({lat[b]['p10']:.2f})"  # noqa: E731
+                              if b in lat else "—")
+            secs = f(r.get("seconds")) + (" (same run)" if r.get("export_of_best") else "")
+            L.append(f"| {r['label']} | {r['runtime']} | {q} | {f(r.get('drop'))} | {secs} | "
+                     f"{f(r.get('peak_mib'), '.1f')} | {cell('1')} | {cell('32')} | "
+                     f"{f(r.get('size', float('nan')) / 1e6, '.3f')} |")
+        L.append("")
+    if mem:
+        L += ["## Calibration peak memory: 256 vs 2,048 samples (resnet_fmnist)", "",
+              "| tool | samples | peak RSS MiB | calib+quant s |", "|---|---|---|---|"]
+        for r in mem:
+            L.append(f"| {'ptqkit kl' if r['tool'] == 'ptqkit' else 'ORT Entropy'} | {r['samples']} "
+                     f"| {r.get('error') or f(r.get('peak_mib'), '.1f')} | {f(r.get('seconds'))} |")
+        L.append("")
+    L += ["## all-MiniLM-L6-v2", "", "See [bench/TRANSFORMER.md](bench/TRANSFORMER.md) "
+          "(not re-run here).", "", "## Targets (ratios from this run)", ""]
+    L += targets(models, mem)
+    return "\n".join(L) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="validation run, < 5 min")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--no-nncf", dest="nncf", action="store_false")
+    ap.add_argument("--mem-limit", type=float, default=12.0, help="GiB address space per worker")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    args.rounds, args.budget = (2, 0.3) if args.quick else (3, 1.0)
+    args.timeout = 240 if args.quick else 900
+    args.adaround_timeout = 120 if args.quick else 900
+    torch.set_num_threads(THREADS)
+    warnings.simplefilter("ignore")
+    t0 = time.perf_counter()
+    out = ROOT / "bench" / "out" / ("run_all_quick" if args.quick else "run_all")
+    out.mkdir(parents=True, exist_ok=True)
+    from ptqkit.zoo import train as zoo_train
+
+    models = []
+    for name in args.models.split(","):
+        if args.quick and name in zoo_train.RECIPES and zoo_train.cached_info(name) is None:
+            log(f"[{name}] not cached: skipped in --quick (training takes 10+ min)")
+            models.append({"model": name, "skipped": "not run (--quick, model not trained yet)"})
+            continue
+        models.append(bench_model(name, args, out))
+    mem = bench_memory(args, out) if "resnet_fmnist" in args.models else []
+    ran = [m for m in models if "skipped" not in m]
+    cmd = "python bench/run_all.py " + " ".join(sys.argv[1:])
+    text = report(args, ran, mem, cmd.strip(), time.perf_counter() - t0)
+    for m in models:
+        if "skipped" in m:
+            text = text.replace("## all-MiniLM", f"## {m['model']}\n\n{m['skipped']}\n\n## all-MiniLM")
+    Path(args.out).write_text(text)
+    (out / "results.json").write_text(json.dumps({"models": models, "memory": mem}, indent=1))
+    log(f"wrote {args.out} in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
