@@ -78,9 +78,7 @@ def export_fp32(model: torch.nn.Module, path: Path, example: torch.Tensor) -> Pa
     return path
 
 
-def ort_quantize(
-    fp32: Path, out: Path, calib: list[torch.Tensor], method: str = "MinMax"
-) -> Path:
+def ort_quantize(fp32: Path, out: Path, calib: list[torch.Tensor], method: str = "MinMax") -> Path:
     """ONNX Runtime's ``quantize_static`` after its recommended ``quant_pre_process``;
     ``method`` names its ``CalibrationMethod`` (MinMax, Entropy, Percentile, Distribution)."""
     from onnxruntime.quantization import (

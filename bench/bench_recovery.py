@@ -284,7 +284,32 @@ def markdown(res: dict[str, Any], args: argparse.Namespace, cmd: str) -> str:
             *[f"- `{k['layer']}` ({k['params']} weights): {k['why']}" for k in d["kept_float"]],
             "",
         ]
+    lines += NOTES
     return "\n".join(lines)
+
+
+NOTES = [
+    "## Notes",
+    "",
+    "- Per-tensor W8A8: weights symmetric per-tensor, activations asymmetric per-tensor, min-max "
+    "ranges; the network's output (logits) is not quantized.",
+    "- CLE (`ptqkit/equalize/cle.py`) equalizes conv → ReLU/ReLU6/identity → conv pairs, "
+    "depthwise chains and conv → pool → flatten → Linear, then absorbs high biases. A ReLU6 "
+    "does not commute with the scaling, so each equalized ReLU6 use becomes a per-channel "
+    "clamp `[0, 6/s_i]` (ONNX Relu/Max/Min): the float network is unchanged (tested to 1e-5). "
+    "Bias absorption is applied only where it is exact (into 1×1 convs and Linear layers; a "
+    "zero-padded k×k conv would see the constant missing at the borders).",
+    "- Bias correction: `analytic` is data-free (BatchNorm statistics recorded at folding, "
+    "propagated through ReLU/ReLU6 as clipped normals); `empirical` measures each layer's mean "
+    "output error on (at most 256) calibration samples, layer by layer, with one pass per layer "
+    "that stops after it: its time grows with depth × samples.",
+    "- AdaRound: rectified-sigmoid rounding, λ = 0.01, β 20 → 2 after 20 % warm-up, Adam "
+    "(lr 1e-2), 1,024 sampled rows per step, at most 8,192 sampled output positions per layer; "
+    "the scale comes from the weight range (`weight_calibration`).",
+    "- Fallback measures its target on the data given to `quantize` (the calibration images); "
+    "the test-set numbers above show how that transfers.",
+    "",
+]
 
 
 def main() -> None:

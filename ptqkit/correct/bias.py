@@ -5,9 +5,11 @@ layer's (float) bias removes the systematic part of the error.
 * ``"empirical"``: for each quantized layer in execution order, ``b ← b + E[y] - E[ỹ]`` where
   ``E[y]`` is the per-channel mean of the float network's layer output and ``E[ỹ]`` that of the
   quantized network (quantized weights and activations upstream, earlier corrections applied)
-  over the calibration data. Means are accumulated per channel while streaming: one float pass,
-  then one pass per layer that stops right after that layer, so the cost is about
-  ``(layers / 2 + 1)`` passes over the data and the memory a few vectors.
+  over the calibration data (its first :data:`BIAS_SAMPLES` samples: a per-channel mean over
+  that many samples × positions is already precise, and each sample costs one pass per layer).
+  Means are accumulated per channel while streaming: one float pass, then one pass per layer that
+  stops right after that layer, so the cost is about ``(layers / 2 + 1)`` passes over those
+  samples and the memory a few vectors.
 * ``"analytic"`` (data-free): ``b ← b - ε·E[x]`` with ``E[x]`` propagated through the graph from
   the BatchNorm statistics recorded at folding time (a folded layer's output is taken as
   ``N(β, γ²)`` per channel; after a clipping activation ``clamp(·, a, b)`` its mean is the
@@ -32,15 +34,18 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..config import PTQConfig
-from ..data import iter_batches, model_device, run_model, to_device
+from ..data import batch_size, iter_batches, model_device, run_model, to_device
 from ..errors import DataError, ModelError
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import ActQuant, QuantLayer, float_mode, quant_layers
 
+#: the empirical variant averages over (at most) the first this many calibration samples
+BIAS_SAMPLES = 256
+
 
 # -- running part of the model -------------------------------------------------------------------
-class StopForward(Exception):
+class StopForward(BaseException):  # not an Exception: run_model must not wrap it
     """Raised by a hook to end a forward pass early (nothing after the hooked layer runs)."""
 
 
@@ -65,11 +70,18 @@ def run_until(model: nn.Module, args: tuple, kwargs: dict, index: int) -> None:
         run_model(model, index, args, kwargs)
 
 
-def batches(data: Iterable[Any], config: PTQConfig, model: nn.Module) -> Iterator[tuple]:
-    """``(index, args, kwargs)`` of the calibration batches, on the model's device."""
+def batches(
+    data: Iterable[Any], config: PTQConfig, model: nn.Module, max_samples: int | None = None
+) -> Iterator[tuple]:
+    """``(index, args, kwargs)`` of the calibration batches, on the model's device; with
+    ``max_samples``, the batches stop once that many samples have been yielded."""
     device = model_device(model)
+    seen = 0
     for i, (args, kwargs) in iter_batches(data, config.num_batches):
+        if max_samples is not None and seen >= max_samples:
+            break
         args, kwargs = to_device(args, kwargs, device)
+        seen += batch_size(args, kwargs)
         yield i, args, kwargs
 
 
@@ -147,7 +159,7 @@ def _empirical(
     ]
     try:
         with torch.no_grad(), float_mode(qmodel):
-            for i, args, kwargs in batches(data, config, qmodel):
+            for i, args, kwargs in batches(data, config, qmodel, BIAS_SAMPLES):
                 run_model(qmodel, i, args, kwargs)
     finally:
         for h in hooks:
@@ -161,7 +173,7 @@ def _empirical(
         h = layer.register_forward_hook(lambda m, a, y, got=got: got.add(y, m.layer))
         try:
             with torch.no_grad(), stop_after(layer):
-                for i, args, kwargs in batches(data, config, qmodel):
+                for i, args, kwargs in batches(data, config, qmodel, BIAS_SAMPLES):
                     run_until(qmodel, args, kwargs, i)
         finally:
             h.remove()

@@ -146,18 +146,12 @@ def _is_flatten_1(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-def _transparent(node: fx.Node, gm: fx.GraphModule) -> str | None:
-    """``"scale"`` (commutes with scaling only), ``"shift"`` (with scaling and shifting) or None."""
+def _transparent(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` commutes with a positive per-channel scale and a per-channel shift
+    (activation quantizers are still off while CLE runs)."""
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if isinstance(m, _TRANSPARENT):
-            return "shift"
-        if isinstance(m, _POOL_TO_ONE):
-            return "shift"
-        return None
-    if node.op in ("call_function", "call_method") and node.target in _TRANSPARENT_FN:
-        return "shift"
-    return None
+        return isinstance(gm.get_submodule(node.target), (*_TRANSPARENT, *_POOL_TO_ONE))
+    return node.op in ("call_function", "call_method") and node.target in _TRANSPARENT_FN
 
 
 @dataclass
@@ -170,7 +164,6 @@ class _Pair:
     act_kind: str = "identity"
     lo: torch.Tensor | None = None  # current activation bounds per channel (float64)
     hi: torch.Tensor | None = None
-    shift_ok: bool = True  # the chain commutes with a per-channel shift
     lo0: torch.Tensor | None = None  # the bounds before CLE
     hi0: torch.Tensor | None = None
     scale_total: torch.Tensor | None = None
@@ -180,8 +173,8 @@ class _Pair:
 
 def _walk(node: fx.Node, gm: fx.GraphModule, calls: dict[str, int]) -> tuple | str:
     """From the output of a wrapped layer to the next wrapped layer: ``(second node, activation
-    node, bounds, flattened, shift_ok)``, or a reason string when the chain does not qualify."""
-    cur, act, bounds, flat, shift_ok = node, None, None, False, True
+    node, bounds, flattened)``, or a reason string when the chain does not qualify."""
+    cur, act, bounds, flat = node, None, None, False
     while True:
         if len(cur.users) != 1:
             return (
@@ -191,7 +184,7 @@ def _walk(node: fx.Node, gm: fx.GraphModule, calls: dict[str, int]) -> tuple | s
         if u.op == "call_module" and isinstance(gm.get_submodule(u.target), QuantLayer):
             if not u.args or u.args[0] is not cur or calls.get(u.target, 0) != 1:
                 return f"{u.target} is called more than once or on another input"
-            return u, act, bounds, flat, shift_ok
+            return u, act, bounds, flat
         b = _activation_bounds(u, gm)
         if b is not None:
             if act is not None:
@@ -201,7 +194,7 @@ def _walk(node: fx.Node, gm: fx.GraphModule, calls: dict[str, int]) -> tuple | s
             act, bounds = u, b
         elif _is_flatten_1(u, gm):
             flat = True
-        elif _transparent(u, gm) is None:
+        elif not _transparent(u, gm):
             return f"{u.name} ({u.op} {getattr(u.target, '__name__', u.target)}) is in between"
         cur = u
 
@@ -275,7 +268,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], dict[str, str]]:
         if isinstance(got, str):
             why[n.target] = got
             continue
-        second, act, bounds, flat, shift_ok = got
+        second, act, bounds, flat = got
         l1 = gm.get_submodule(n.target).layer
         l2 = gm.get_submodule(second.target).layer
         c = l1.weight.shape[0]
@@ -301,7 +294,6 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], dict[str, str]]:
                 act_kind=_act_name(act),
                 lo=lo,
                 hi=hi,
-                shift_ok=shift_ok,
                 lo0=lo.clone(),
                 hi0=hi.clone(),
                 scale_total=torch.ones(c, dtype=torch.float64),
@@ -391,7 +383,7 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
         if p.first not in stats:
             p.notes.append("no BatchNorm statistics: no bias absorption")
             continue
-        if not p.shift_ok or not _shift_exact(layers[p.second].layer):
+        if not _shift_exact(layers[p.second].layer):
             p.notes.append(f"{p.second} pads its input: no bias absorption")
             continue
         mean, std = stats[p.first]
