@@ -313,7 +313,8 @@ def bench_model(name: str, args, out: Path) -> dict:
 def bench_memory(args, out: Path) -> list[dict]:
     """Calibration peak RSS for 256 vs 2,048 samples: ptqkit (kl, histogram) vs ORT Entropy."""
     name = "resnet_fmnist"
-    fp32_onnx = out / f"{name}.fp32.onnx"
+    model, _, x_eval, _ = task(name, 8, 8)
+    fp32_onnx = export_fp32(model, out / f"{name}.mem.fp32.onnx", x_eval[:1])
     res = []
     for n in (256, 2048):
         base = {"model": name, "n_calib": n, "n_eval": 8, "ref": None}
@@ -598,14 +599,15 @@ def main() -> None:
 
     models = []
     names = args.models or ("resnet_fmnist" if args.quick else ",".join(MODELS))
+    # first: cheap, and its target must not be lost if a long model run is stopped
+    mem = bench_memory(args, out) if "resnet_fmnist" in names else []
     for name in names.split(","):
         if args.quick and name in zoo_train.RECIPES and zoo_train.cached_info(name) is None:
             log(f"[{name}] not cached: skipped in --quick (training takes 10+ min)")
             models.append({"model": name, "skipped": "not run (--quick, model not trained yet)"})
             continue
         models.append(bench_model(name, args, out))
-        write(args, models, [], out, t0, partial=True)  # keep what ran if stopped later
-    mem = bench_memory(args, out) if "resnet_fmnist" in names else []
+        write(args, models, mem, out, t0, partial=True)  # keep what ran if stopped later
     write(args, models, mem, out, t0)
     log(f"wrote {args.out} in {(time.perf_counter() - t0) / 60:.1f} min")
 

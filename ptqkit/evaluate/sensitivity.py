@@ -50,7 +50,11 @@ def layer_quantizers(model: nn.Module) -> dict[str, list[str]]:
             n: ([f"{n}.input_quant"] if m.input_quant is not None else [])
             for n, m in layers.items()
         }
-    from ..capture.placement import is_activation, is_passthrough
+    from ..capture.placement import is_passthrough
+    from ..equalize.cle import _activation_bounds
+
+    def is_activation(n: fx.Node, gm: fx.GraphModule) -> bool:  # CLE's clamps included
+        return _activation_bounds(n, gm) is not None
 
     def is_aq(n: fx.Node) -> bool:
         return n.op == "call_module" and isinstance(model.get_submodule(n.target), ActQuant)

@@ -84,3 +84,24 @@ def test_layer_sqnr_is_streamed_in_slices(digits_cnn, calib_batches, monkeypatch
     for n in whole:
         assert abs(whole[n] - sliced[n]) < 1e-6
     assert whole["conv1"] > whole["fc"]  # error accumulates with depth
+
+
+def test_units_see_cle_clamps(digits_data):
+    """After CLE a ReLU6 is a per-channel clamp: still the activation before the quantizer."""
+    from torch import nn
+
+    from ptqkit.equalize.cle import ChannelClamp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU6(),
+        nn.Conv2d(8, 4, 1),
+        nn.Flatten(),
+        nn.Linear(256, 3),
+    ).eval()
+    x = digits_data[0][:64]
+    q = ptqkit.quantize(model, [x], ptqkit.PTQConfig(cle=True, progress=False))
+    assert any(isinstance(m, ChannelClamp) for m in q.modules())
+    units = layer_quantizers(q)
+    assert len(units["0"]) == 2  # its output (after the clamp) and the model input
