@@ -664,6 +664,14 @@ def _model_options(p: argparse.ArgumentParser, out_help: str, out_required: bool
     p.add_argument("--force", action="store_true", help="overwrite existing output")
 
 
+def _run_options(p: argparse.ArgumentParser, compare_help: str, max_plots: int) -> None:
+    """Options shared by the commands that quantize, export and report (demo, quantize)."""
+    p.add_argument("--compare", action="store_true", help=compare_help)
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    p.add_argument("--max-plots", type=int, default=max_plots, help="plots per report section")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -690,10 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default="mse", help="calibrator (default mse)")
     p.add_argument("--calibration-samples", type=int, help="default 128 (efficientnet), 512")
     p.add_argument("--eval-samples", type=int, help="default 128 (efficientnet), 360")
-    p.add_argument("--compare", action="store_true", help="also compare every method (slow)")
-    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
-    p.add_argument("--max-plots", type=int, default=16, help="plots per report section")
+    _run_options(p, "also compare every method (slow)", max_plots=16)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -704,11 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_options(p, "output folder")
     _data_options(p)
-    p.add_argument("--compare", action="store_true", help="also compare every method")
+    _run_options(p, "also compare every method", max_plots=24)
     p.add_argument("--sensitivity", action="store_true", help="per-layer sensitivity table")
-    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
-    p.add_argument("--max-plots", type=int, default=24, help="plots per report section")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser(
