@@ -799,8 +799,16 @@ def test_ranges_do_not_depend_on_the_batch_size(calibration):
                 for n, a in act_quants(q).items()
             }
         )
-    # histograms are exactly batch-split invariant (stats.py), so the ranges are equal exactly
-    assert all(r == ranges[0] for r in ranges[1:])
+    # the statistics are exactly batch-split invariant (tests/calibrate checks it on fixed
+    # tensors), but the float conv in front of them is not bitwise: oneDNN picks other kernels for
+    # other batch sizes (seen: 3.6e-7 apart on an AVX2 CPU), so a max may move by a few ulps
+    for r in ranges[1:]:
+        assert r.keys() == ranges[0].keys()
+        for name, ((lo, hi), scale, zp) in r.items():
+            (lo0, hi0), scale0, zp0 = ranges[0][name]
+            assert lo == pytest.approx(lo0, rel=1e-5, abs=1e-6), name
+            assert hi == pytest.approx(hi0, rel=1e-5, abs=1e-6), name
+            assert scale == pytest.approx(scale0, rel=1e-5) and abs(zp - zp0) <= 1, name
 
 
 # -- property fuzzing: calibrators → quantizer, over dtypes the other suites do not fuzz ---------

@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import ExportError
 from ..quant.modules import act_quants, quant_layers
 from .passes import DQ, Graph, Q, run_passes
+from .weights import resolve_weight_dtype, weights_to_uint8
 
 FORMATS = ("qdq", "fp32+encodings")
 MIN_OPSET, MAX_OPSET = 13, 20  # per-channel Q/DQ needs 13; the TorchScript exporter stops at 20
@@ -50,6 +51,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
+    weights: str = "auto",
 ) -> Path:
     """Export a ptqkit quantized model to ONNX and return the written path.
 
@@ -65,6 +67,10 @@ def export_onnx(
             themselves).
         dynamic_batch: export dimension 0 of every input and output as dynamic.
         input_names, output_names: ONNX names (default ``input``/``output``, numbered if many).
+        weights: container of the integer weights: ``"int8"``, ``"uint8"`` (the same values,
+            zero point + 128) or ``"auto"`` (default: ``int8`` where ONNX Runtime's u8×s8 kernels
+            are exact on this CPU, ``uint8`` on x86 without VNNI, where they saturate; see
+            :mod:`ptqkit.export.weights`).
 
     Raises:
         ExportError: not a ptqkit quantized model, unsupported bits, a path that cannot be
@@ -74,6 +80,7 @@ def export_onnx(
         raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be an int in {MIN_OPSET}..{MAX_OPSET}, got {opset!r}")
+    weight_dtype = resolve_weight_dtype(weights)
     check_exportable(qmodel)
     path = _check_path(path)
     args = _check_example(qmodel, example_input)
@@ -82,6 +89,8 @@ def export_onnx(
     encodings = None
     if format == "fp32+encodings":
         encodings = strip_qdq(model)
+    elif weight_dtype == "uint8":
+        weights_to_uint8(model)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:  # a bug of ptqkit's passes, not the user's
