@@ -238,7 +238,7 @@ def ptqkit_state_bytes(cal) -> int:
     if stats is not None:
         mm = getattr(stats, "minmax", stats)
         tensors += [mm.lo, mm.hi]
-        tensors += [getattr(stats, k, None) for k in ("counts", "exp", "off", "zeros")]
+        tensors += [getattr(stats, k, None) for k in ("counts", "top", "zeros")]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
@@ -302,7 +302,8 @@ def memory_child(which: str, n_batches: int, size: int) -> dict[str, float]:
         bins = max(len(h[0]) for h in hists.values())
     else:
         state = ptqkit_state_bytes(cal)
-        bins = getattr(getattr(cal, "stats", None), "nbins", None)
+        counts = getattr(getattr(cal, "stats", None), "counts", None)
+        bins = counts.shape[-1] if counts is not None else None
     return {"state": state, "py_peak": py_peak, "rss": max(peak - rss0, 0), "bins": bins}
 
 
@@ -576,8 +577,8 @@ def write_report(path, rows, checks, mem, size, n, load0, load1, elapsed, quick)
         "## Memory vs number of batches",
         "",
         f"Batches of {size:,} heavy-tailed values whose range keeps growing (scale × (1 + k/50) "
-        "at batch k). *State*: the calibrator's statistics (ptqkit: histogram counts, exponent, "
-        "offset, zeros, min/max tensors; ORT: the histograms and edges of its two tensors `x` "
+        "at batch k). *State*: the calibrator's statistics (ptqkit: log-scale histogram counts, "
+        "window top, zeros, min/max tensors; ORT: the histograms and edges of its two tensors `x` "
         "and `y` of an Identity model). *Python-heap peak*: `tracemalloc` during observation "
         "(sees numpy arrays, not torch tensors). *Peak RSS growth*: peak resident memory of the "
         "process (a fresh one per row) minus its resident memory before observing.",
@@ -598,11 +599,12 @@ def write_report(path, rows, checks, mem, size, n, load0, load1, elapsed, quick)
             )
     out += [
         "",
-        "ptqkit's statistics have a fixed size whatever the number of batches (the histogram is "
-        "re-binned exactly, by powers of two, when the range grows). ORT's `collect_data` keeps "
-        "every batch's outputs of a pass until the end of the pass before histogramming them "
-        "(memory linear in the number of batches), and its histogram grows by whole bins of the "
-        "first width when the range grows.",
+        "ptqkit's statistics have a fixed size whatever the number of batches (a log-scale "
+        "histogram of 8,192 bins, 2^-7 relative width, over the 32 binades below max |x|: its "
+        "window slides up exactly, whole bins at a time, when the range grows). ORT's "
+        "`collect_data` keeps every batch's outputs of a pass until the end of the pass before "
+        "histogramming them (memory linear in the number of batches), and its histogram grows "
+        "by whole bins of the first width when the range grows.",
         "",
     ]
     path.write_text("\n".join(out))

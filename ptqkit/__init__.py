@@ -38,6 +38,8 @@ _LAZY = {
     "load": "ptqkit.io",
     "export_onnx": "ptqkit.export.onnx",
     "write_report": "ptqkit.report.html",
+    "run_job": "ptqkit.job",
+    "JobResult": "ptqkit.job",
 }
 
 
@@ -54,6 +56,7 @@ __all__ = [
     "DataError",
     "EvalResult",
     "ExportError",
+    "JobResult",
     "LoadError",
     "ModelError",
     "PTQConfig",
@@ -67,6 +70,7 @@ __all__ = [
     "load",
     "quantize",
     "register_calibrator",
+    "run_job",
     "save",
     "sensitivity",
     "write_report",

@@ -55,6 +55,10 @@ class Facts:
     heldout_clipped: dict[str, float] = field(default_factory=dict)
     #: a comparison of methods ran: ``(best method, its metric)``
     best_method: tuple[str, float] | None = None
+    #: activation quantizer label -> outlier found in its calibration data (``ptq_info.outliers``)
+    outliers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: activation quantizer -> its coverage of the evaluation data (``EvalResult.coverage``)
+    coverage: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ def gather(
         f.calibration_samples = info.calibration_samples
         f.float_activations = {info.quantizers.get(k, k): v for k, v in info.disabled.items()}
         f.float_layers = list(info.skipped)
+        f.outliers = dict(getattr(info, "outliers", None) or {})
     for name, layer in quant_layers(qmodel).items():
         if _is_depthwise(layer.layer) and not layer.spec.per_channel:
             f.depthwise_per_tensor.append(name)
@@ -146,6 +151,7 @@ def gather(
     if result is not None:
         f.metric, f.fp32, f.quantized = result.metric, result.fp32, result.quantized
         f.degradation = result.degradation
+        f.coverage = dict(getattr(result, "coverage", None) or {})
     f.clipped = dict(clipped or {})
     f.heldout_clipped = dict(heldout_clipped or {})
     if comparison is not None and getattr(comparison, "rows", None):
@@ -172,6 +178,8 @@ def _samples(f: Facts) -> str | None:
     "Calibrate on data that represents the real input distribution",
 )
 def _representative(f: Facts) -> str | None:
+    if f.coverage:  # measured on every evaluation value: see the calibration_coverage rule
+        return None
     worse = sorted(
         (
             (v, k)
@@ -189,6 +197,32 @@ def _representative(f: Facts) -> str | None:
         f"{len(worse)} tensor(s) see far more values outside their calibrated range on the "
         f"evaluation data than on the calibration data ({shown}): the calibration data does "
         "not represent the inputs well; calibrate on samples drawn like the real inputs"
+    )
+
+
+@rule(
+    "calibration_coverage",
+    "The calibrated ranges must hold the real inputs (ptqkit.evaluate.coverage)",
+)
+def _coverage(f: Facts) -> str | None:
+    from .evaluate.coverage import coverage_message
+
+    return coverage_message(f.coverage)
+
+
+@rule("calibration_outliers", "Calibrate on clean, representative data")
+def _outliers(f: Facts) -> str | None:
+    if not f.outliers:
+        return None
+    from .calibrate.outliers import describe
+
+    worst = sorted(f.outliers.items(), key=lambda kv: -kv[1]["ratio"])[:3]
+    more = f" (and {len(f.outliers) - 3} more)" if len(f.outliers) > 3 else ""
+    return (
+        "; ".join(describe(label, o) for label, o in worst)
+        + more
+        + ": check the data (a corrupt sample, a glitch?). The histogram calibrators "
+        "(percentile, mse, kl) leave such values out of their ranges; minmax and ema do not."
     )
 
 

@@ -22,9 +22,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import PTQError
 from .inputs import Data, UsageError, batched, load_config, load_data, load_model, one_line
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class AllRunsFailed(PTQError):
+    """Every run of a command failed (e.g. every method of ``compare``): exit code 1."""
 
 
 # -- console -------------------------------------------------------------------------------------
@@ -121,8 +126,9 @@ def _mkdir(p: Path) -> Path:
 
 
 # -- measuring -----------------------------------------------------------------------------------
-def _example(batches: Any) -> tuple | None:
-    """One sample of the first batch as positional inputs (``None`` for keyword inputs)."""
+def _example(batches: Any, n: int = 1) -> tuple | None:
+    """The first ``n`` samples of the first batch as positional inputs (``None`` for keyword
+    inputs)."""
     import torch
 
     from .data import split_batch
@@ -131,7 +137,7 @@ def _example(batches: Any) -> tuple | None:
         args, kwargs = split_batch(batch)
         if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
             return None
-        return tuple(a[:1] for a in args)
+        return tuple(a[:n] for a in args)
     return None
 
 
@@ -159,15 +165,16 @@ def export_and_time(
     export: bool = True,
     latency: bool = True,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Latencies (ms, batch 1) of the float and simulated models and, when exported, of the ONNX
-    Runtime float and int8 models; plus what the export wrote."""
+    """Latencies (ms, on ``example``'s batch) of the float and simulated models and, when
+    exported, of the ONNX Runtime float and int8 models; plus what the export wrote."""
     lat: dict[str, float] = {}
     onnx: dict[str, Any] = {}
     if example is None:
         onnx["skipped"] = "the model takes keyword inputs; ONNX export needs positional tensors"
         return lat, onnx
     if latency:
-        with console.step("timing FP32 and simulated INT8 (PyTorch, batch 1)"):
+        n = len(example[0]) if example and hasattr(example[0], "__len__") else 1
+        with console.step(f"timing FP32 and simulated INT8 (PyTorch, batch {n})"):
             lat["FP32 PyTorch"] = latency_ms(model, example)
             lat["INT8 simulated PyTorch"] = latency_ms(qmodel, example)
     if not export or out is None:
@@ -186,7 +193,7 @@ def export_and_time(
         rep = kernel_report(int8)
         onnx["int_kernels"], onnx["float_kernels"] = rep.int_kernels, rep.float_kernels
         if latency:
-            with console.step("timing ONNX Runtime float and int8 (batch 1)"):
+            with console.step("timing ONNX Runtime float and int8 (same batch)"):
                 import torch
 
                 threads = torch.get_num_threads()  # the same as PyTorch's, for a fair comparison
@@ -205,7 +212,7 @@ def _size(n: int | None) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
-def result_table(res: Any, lat: dict[str, float]) -> str:
+def result_table(res: Any, lat: dict[str, float], batch: int = 1) -> str:
     """The short FP32 vs INT8 table."""
     unit = "%" if res.metric in ("top1", "top5", "agreement") else ""
     rows = [
@@ -246,7 +253,7 @@ def result_table(res: Any, lat: dict[str, float]) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
-    lines.append(f"({res.samples} evaluation samples; latency: best of 10 runs, batch 1)")
+    lines.append(f"({res.samples} evaluation samples; latency: best of 10 runs, batch {batch})")
     return "\n".join(lines)
 
 
@@ -343,7 +350,9 @@ def run_pipeline(
         with console.step("saving the quantized model"):
             ptqkit.save(qmodel, out_dir / "model.ptq.safetensors")
         files["quantized_model"] = str(out_dir / "model.ptq.safetensors")
-    example = _example(calib.batches)
+    from .static_batch import static_batch_size
+
+    example = _example(calib.batches, static_batch_size(model) or 1)
     lat, onnx = export_and_time(
         console,
         model,
@@ -362,7 +371,7 @@ def run_pipeline(
             data=calib.batches,
             eval_data=None if on_calib else evald.batches,
             result=res,
-            sensitivity=sensitivity,
+            sensitivity=_report_sensitivity(model, sensitivity, notes),
             comparison=comparison,
             latency=lat,
             title=title,
@@ -383,7 +392,7 @@ def run_pipeline(
             )
         if report_path is not None:
             write_report(report_path, report=rep)
-    console.out(result_table(res, lat))
+    console.out(result_table(res, lat, len(example[0]) if example else 1))
     if onnx.get("int8"):
         console.out(
             f"ONNX Runtime runs {onnx['int_kernels']} integer kernels and "
@@ -504,12 +513,49 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
-    config = load_config(args.config)
-    out = _prepare_out(args.out, args.force)
+def _report_sensitivity(model: Any, sensitivity: Any, notes: list[str]) -> Any:
+    """What the report gets as ``sensitivity``: for a static-batch program, nothing to measure
+    (the per-layer SQNR runs sub-batches, which such a program refuses), said in ``notes``."""
+    from .static_batch import static_batch_size
+
+    if sensitivity is not None or static_batch_size(model) is None:
+        return sensitivity
+    notes.append(
+        "Per-layer SQNR not measured: it runs sub-batches, which a program exported with a "
+        "static batch size refuses."
+    )
+    return {}
+
+
+def _load_inputs(args: argparse.Namespace, console: Console) -> tuple[Any, Data, Data | None]:
+    """``--model``, ``--data`` and ``--eval-data``; for a program exported with a static batch
+    size, the data in batches of exactly that size (see :mod:`ptqkit.static_batch`)."""
+    from .static_batch import DYNAMIC_HINT, fit_batches, static_batch_size
+
     model = load_model(args.model)
     calib = load_data(args.data, args)
     evald = load_data(args.eval_data, args, "--eval-data") if args.eval_data else None
+    size = static_batch_size(model)
+    if size is not None and getattr(args, "sensitivity", False):
+        raise UsageError(
+            f"--sensitivity runs sub-batches, which --model {args.model} refuses (it was exported "
+            f"with a static batch of {size}); drop --sensitivity, or {DYNAMIC_HINT}"
+        )
+    if size is not None:
+        console.log(
+            f"--model {args.model} was exported with a static batch of {size}: every batch "
+            f"(calibration, evaluation, report, export) has {size} samples; to {DYNAMIC_HINT}"
+        )
+        calib = fit_batches(calib, size, "--data", UsageError, console.warn)
+        if evald is not None:
+            evald = fit_batches(evald, size, "--eval-data", UsageError, console.warn)
+    return model, calib, evald
+
+
+def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
+    config = load_config(args.config)
+    out = _prepare_out(args.out, args.force)
+    model, calib, evald = _load_inputs(args, console)
     notes = [f"Model {args.model}."]
     if evald is None:
         notes.append("No --eval-data: evaluated on the calibration data.")
@@ -534,9 +580,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
     config = load_config(args.config)
     out = _prepare_out(args.out, args.force, is_file=True)
-    model = load_model(args.model)
-    calib = load_data(args.data, args)
-    evald = load_data(args.eval_data, args, "--eval-data") if args.eval_data else None
+    model, calib, evald = _load_inputs(args, console)
     qmodel = None
     if args.quantized:
         if not Path(args.quantized).is_file():
@@ -569,9 +613,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 
     config = load_config(args.config).replace(progress=False)
     out = _prepare_out(args.out, args.force) if args.out else None
-    model = load_model(args.model)
-    calib = load_data(args.data, args)
-    evald = load_data(args.eval_data, args, "--eval-data") if args.eval_data else calib
+    model, calib, evald = _load_inputs(args, console)
+    evald = evald or calib
     metric = args.metric if args.metric != "auto" else detect_metric(evald.batches)
     calibrators = args.calibrators.split(",") if args.calibrators else None
     from .errors import ConfigError
@@ -600,6 +643,10 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     best = result.best()
     if best is not None:
         console.out(f"best: {best.method} ({metric} {best.quantized:.2f})")
+    failed = None
+    if best is None and result.rows:
+        first = result.rows[0]
+        failed = f"all {len(result.rows)} methods failed (first: {first.method}: {first.error})"
     if out is not None:
         _write_json(_mkdir(out) / "comparison.json", result.to_dict())
         console.out(f"comparison: {out / 'comparison.json'}")
@@ -620,9 +667,12 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
                     result=res,
                     comparison=result,
                     title=f"ptqkit compare: {args.model}",
-                    notes=[f"Best method: {best.method}."],
+                    sensitivity=_report_sensitivity(model, None, notes := []),
+                    notes=[f"Best method: {best.method}.", *notes],
                 )
             console.out(f"report: {out / 'report.html'}")
+    if failed is not None:
+        raise AllRunsFailed(failed)
     return EXIT_OK
 
 
@@ -634,7 +684,12 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resize", type=int, help="resize the shorter image side to N pixels")
     g.add_argument("--crop", type=int, help="center-crop images to NxN")
     g.add_argument("--grayscale", action="store_true", help="read images as one channel")
-    g.add_argument("--mean", help="per-channel mean on [0,1] pixels, e.g. 0.485,0.456,0.406")
+    g.add_argument(
+        "--mean",
+        help="per-channel mean on [0,1] pixels, e.g. 0.485,0.456,0.406 (--resize, --crop, "
+        "--grayscale, --mean/--std, --scale/--offset: image folders only; refused for arrays "
+        "and loaders, which are used as they are)",
+    )
     g.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225")
     g.add_argument("--scale", type=float, help="x*scale+offset on [0,255] pixels (default 1/255)")
     g.add_argument("--offset", type=float, help="see --scale (default 0)")
@@ -644,7 +699,10 @@ def _model_options(p: argparse.ArgumentParser, out_help: str, out_required: bool
     p.add_argument(
         "--model",
         required=True,
-        help="package.module:callable (returns an nn.Module) or a torch.export .pt2 file",
+        help="package.module:callable (returns an nn.Module; ptqkit IMPORTS that module and "
+        "CALLS the callable, which runs its code: use only code you trust; the current folder "
+        "is searched after the installed packages) or a torch.export .pt2 file (never runs "
+        "code; a static batch size is detected and used for all data)",
     )
     p.add_argument(
         "--data",
@@ -762,8 +820,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from .errors import PTQError
-
     try:
         with _warnings_to(console), _logging_to(console):
             return args.func(args, console)

@@ -71,6 +71,79 @@ def _default_activations() -> QuantSpec:
     return QuantSpec(bits=8, symmetric=False, per_channel=False)
 
 
+def _positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be an int >= 1, got {value!r}")
+
+
+def _positive_number(value: Any, what: str, zero: bool = False) -> None:
+    ok = _is_number(value) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero):
+        kind = "non-negative" if zero else "positive"
+        raise ConfigError(f"{what} must be a {kind} number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BiasCorrectionOptions:
+    """Hyperparameters of empirical bias correction (:mod:`ptqkit.correct.bias`).
+
+    Fields:
+        samples: the per-channel means are taken over (at most) the first this many
+            calibration samples.
+        memory_budget: bytes of cached layer inputs kept in memory; past it they spill to disk.
+    """
+
+    samples: int = 256
+    memory_budget: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        _positive_int(self.samples, "BiasCorrectionOptions.samples")
+        _positive_int(self.memory_budget, "BiasCorrectionOptions.memory_budget")
+
+
+@dataclass(frozen=True)
+class AdaRoundOptions:
+    """Hyperparameters of AdaRound (:mod:`ptqkit.correct.adaround`; Nagel et al. 2020).
+
+    Fields:
+        reg: weight λ of the rounding regularizer.
+        beta: ``(start, end)`` of the annealed exponent β of the regularizer.
+        warmup: fraction of the iterations before the regularizer is switched on.
+        lr: Adam learning rate on ``V``.
+        max_rows: output positions kept per layer (sampled), in all.
+        rows_per_batch: output positions sampled per layer from each batch.
+        rows_per_step: rows per optimization step.
+        memory_budget: bytes of cached layer inputs kept in memory; past it they spill to disk.
+    """
+
+    reg: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    lr: float = 1e-2
+    max_rows: int = 8192
+    rows_per_batch: int = 1024
+    rows_per_step: int = 1024
+    memory_budget: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beta, list):
+            object.__setattr__(self, "beta", tuple(self.beta))
+        if not isinstance(self.beta, tuple) or len(self.beta) != 2:
+            raise ConfigError(f"AdaRoundOptions.beta must be (start, end), got {self.beta!r}")
+        for b in self.beta:
+            _positive_number(b, "AdaRoundOptions.beta")
+        _positive_number(self.reg, "AdaRoundOptions.reg", zero=True)
+        _positive_number(self.lr, "AdaRoundOptions.lr")
+        if not (_is_number(self.warmup) and 0.0 <= self.warmup < 1.0):
+            raise ConfigError(f"AdaRoundOptions.warmup must be in [0, 1), got {self.warmup!r}")
+        for name in ("max_rows", "rows_per_batch", "rows_per_step", "memory_budget"):
+            _positive_int(getattr(self, name), f"AdaRoundOptions.{name}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class PTQConfig:
     """Everything :func:`ptqkit.quantize` needs to know.
@@ -92,11 +165,16 @@ class PTQConfig:
             (data-free, from BatchNorm statistics); ``True`` means ``"empirical"``.
         adaround: adaptive rounding of the weights (Nagel et al. 2020).
         adaround_iters: optimization steps per layer for AdaRound.
+        adaround_options: AdaRound's other hyperparameters (:class:`AdaRoundOptions`).
+        bias_correction_options: empirical bias correction's (:class:`BiasCorrectionOptions`).
         smoothquant: SmoothQuant migration strength alpha in [0, 1], or ``None``.
         max_degradation: accuracy target (points) for automatic float fallback, with labeled data.
         min_sqnr_db: output-SQNR target (dB) for automatic fallback without labels.
         progress: show progress bars.
         seed: seed for every random choice (AdaRound init, sampling).
+        range_margin: headroom m >= 0 added to every calibrated activation range,
+            ``m·(hi - lo)`` on each side (a side at 0 stays), after calibration; a remedy when
+            the real inputs exceed the calibration data (see :mod:`ptqkit.evaluate.coverage`).
     """
 
     weights: QuantSpec = field(default_factory=_default_weights)
@@ -111,19 +189,32 @@ class PTQConfig:
     bias_correction: bool | str = False
     adaround: bool = False
     adaround_iters: int = 500
+    adaround_options: AdaRoundOptions = field(default_factory=AdaRoundOptions)
+    bias_correction_options: BiasCorrectionOptions = field(default_factory=BiasCorrectionOptions)
     smoothquant: float | None = None
     max_degradation: float | None = None
     min_sqnr_db: float | None = None
     progress: bool = True
     seed: int = 0
+    range_margin: float = 0.0
 
     def __post_init__(self) -> None:
+        _positive_number(self.range_margin, "PTQConfig.range_margin", zero=True)
         from .calibrate import CALIBRATORS  # late import: the registry imports config
 
         if isinstance(self.weights, dict):
             object.__setattr__(self, "weights", QuantSpec.from_dict(self.weights))
         if isinstance(self.activations, dict):
             object.__setattr__(self, "activations", QuantSpec.from_dict(self.activations))
+        for name, kind in (
+            ("adaround_options", AdaRoundOptions),
+            ("bias_correction_options", BiasCorrectionOptions),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, _from_dict(kind, value, kind.__name__))
+            elif not isinstance(value, kind):
+                raise ConfigError(f"PTQConfig.{name} must be a {kind.__name__}, got {value!r}")
         if not isinstance(self.weights, QuantSpec):
             raise ConfigError(f"PTQConfig.weights must be a QuantSpec, got {self.weights!r}")
         if self.activations is not None and not isinstance(self.activations, QuantSpec):

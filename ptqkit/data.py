@@ -57,6 +57,34 @@ def to_device(args: tuple, kwargs: dict, device: torch.device) -> Batch:
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
+def fresh_inputs(args: tuple, kwargs: dict) -> Batch:
+    """Copies of the input tensors: a model that modifies its input in place (``x.relu_()``)
+    must not change the batch a later pass (float or quantized) runs on."""
+    copy = lambda t: t.clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
+
+
+def _copied(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_copied(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _copied(v) for k, v in batch.items()}
+    return batch
+
+
+class FreshBatches:
+    """``data`` whose batches are copied as they are read (:func:`fresh_inputs` for a whole
+    iterable): a pass of a model that modifies its input in place leaves ``data`` as it was."""
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[Any]:
+        return (_copied(batch) for batch in self.data)
+
+
 def model_device(model: nn.Module) -> torch.device:
     for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device

@@ -16,14 +16,28 @@ class PTQInfo:
     config: dict[str, Any] = field(default_factory=dict)
     traced: bool = False
     trace_error: str = ""
+    # capture used ("fx" | "export" | "hooks"), each method tried ("fx: <why not>", ...), the
+    # relative error of the float copy against the model (ptqkit.capture.verify), per check
+    # ("capture", "CLE" with its bias absorption, "SmoothQuant")
+    capture: str = ""
+    capture_attempts: list[str] = field(default_factory=list)
+    capture_error: float = 0.0
+    capture_checks: dict[str, float] = field(default_factory=dict)
+    # shapes and dtypes of the example batch's tensors ({"args": [[shape, dtype]], "kwargs":
+    # {name: [shape, dtype]}}): what `load` re-runs torch.export on (no data is kept)
+    capture_inputs: dict[str, Any] = field(default_factory=dict)
     folded_bn: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)  # quantized Conv/Linear
-    skipped: list[str] = field(default_factory=list)  # left in float by `skip`
+    skipped: list[str] = field(default_factory=list)  # modules with weights left in float
+    skip_reasons: dict[str, str] = field(default_factory=dict)  # skipped module -> why
     quantizers: dict[str, str] = field(default_factory=dict)  # activation quantizer -> label
     disabled: dict[str, str] = field(default_factory=dict)  # quantizer -> why it stays float
     calibration_batches: int = 0
     calibration_samples: int = 0
     chosen: dict[str, str] = field(default_factory=dict)  # quantizer -> calibrator ("auto")
+    # activation quantizer label -> {quantizer, max, percentile, q, ratio, batch}: calibration
+    # data whose max |x| lies > 100x beyond its 99.9th percentile q (ptqkit.calibrate.outliers)
+    outliers: dict[str, dict[str, Any]] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     details: dict[str, Any] = field(default_factory=dict)  # per-stage results (CLE, fallback, ...)
     warnings: list[str] = field(default_factory=list)

@@ -45,9 +45,14 @@ def _import_attr(spec: str, flag: str) -> Any:
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
         raise UsageError(f"{flag} {spec!r}: expected package.module:callable")
+    # the current folder goes LAST: a local onnx.py, safetensors.py, ... must not shadow the
+    # installed package of that name (for ptqkit's own imports as for the user's); `python -m`
+    # and `python -c` put it first ("" or its path), so it is moved
     cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    for entry in ("", ".", cwd):
+        while entry in sys.path:
+            sys.path.remove(entry)
+    sys.path.append(cwd)
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
@@ -59,7 +64,18 @@ def _import_attr(spec: str, flag: str) -> Any:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"{flag} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+            top = mod_name.partition(".")[0]
+            origin = getattr(module, "__file__", None) or "?"
+            local = [p for p in (f"{top}.py", f"{top}/__init__.py") if os.path.isfile(p)]
+            shadow = (
+                f" (it was imported from {origin}: an installed module of that name comes before "
+                f"the local {local[0]}; rename the local file)"
+                if local and not os.path.abspath(origin).startswith(cwd + os.sep)
+                else ""
+            )
+            raise UsageError(
+                f"{flag} {spec!r}: module {mod_name!r} has no attribute {attr!r}{shadow}"
+            )
         obj = getattr(obj, part)
     return obj
 
@@ -295,6 +311,9 @@ class Data:
     batches: Any
     description: str
     labels: bool = False
+    #: ``(inputs, labels or None)`` when ptqkit batched them itself (arrays, images): they can
+    #: be batched again (e.g. to the static batch of an exported program)
+    arrays: tuple[Any, Any] | None = None
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -389,6 +408,7 @@ def _image_folder(folder: Path, args: argparse.Namespace, flag: str) -> Data:
     return Data(
         batched(x, None, args.batch_size),
         f"{len(files)} images from {folder} ({c}x{size}, {how})",
+        arrays=(x, None),
     )
 
 
@@ -402,7 +422,7 @@ def _arrays(path: Path, args: argparse.Namespace, flag: str) -> Data:
         raise UsageError(f"{flag} {path}: {one_line(e)} (pickled arrays are refused)") from None
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot read: {one_line(e)}") from None
-    y = None
+    y = xk = yk = None
     if isinstance(loaded, np.ndarray):
         x = loaded
     else:
@@ -410,16 +430,24 @@ def _arrays(path: Path, args: argparse.Namespace, flag: str) -> Data:
             keys = list(loaded.keys())
             if not keys:
                 raise UsageError(f"{flag} {path}: the archive holds no array")
-            xk = next((k for k in ("x", "inputs", "input", "data", "images") if k in keys), keys[0])
-            yk = next((k for k in ("y", "labels", "label", "targets") if k in keys), None)
+            yk = next((k for k in LABEL_KEYS if k in keys), None)
+            xk = next(
+                (k for k in INPUT_KEYS if k in keys), next((k for k in keys if k != yk), None)
+            )
+            if xk is None:
+                raise UsageError(
+                    f"{flag} {path}: the only array is the labels {yk!r}; store the inputs "
+                    f"under one of {', '.join(map(repr, INPUT_KEYS))}"
+                )
             x = loaded[xk]
             y = loaded[yk] if yk is not None else None
+    what = f"key {xk!r}" if y is not None or not isinstance(loaded, np.ndarray) else "the array"
     if x.dtype.kind not in "fiub" or x.ndim < 1 or len(x) == 0:
         raise UsageError(
-            f"{flag} {path}: expected a non-empty numeric array, got {x.dtype} {x.shape}"
+            f"{flag} {path}: {what}: expected a non-empty numeric array, got {x.dtype} {x.shape}"
         )
-    if y is not None and len(y) != len(x):
-        raise UsageError(f"{flag} {path}: {len(x)} inputs but {len(y)} labels")
+    if y is not None:
+        _check_labels(x, y, xk, yk, path, flag)
     if args.limit:
         x = x[: args.limit]
         y = y[: args.limit] if y is not None else None
@@ -427,7 +455,44 @@ def _arrays(path: Path, args: argparse.Namespace, flag: str) -> Data:
     yt = torch.from_numpy(np.ascontiguousarray(y).astype(np.int64)) if y is not None else None
     desc = f"{len(xt)} samples from {path} (shape {tuple(xt.shape[1:])}"
     desc += ", with labels)" if yt is not None else ")"
-    return Data(batched(xt, yt, args.batch_size), desc, yt is not None)
+    return Data(batched(xt, yt, args.batch_size), desc, yt is not None, arrays=(xt, yt))
+
+
+#: keys of a .npz read as the inputs / the labels, first match wins
+INPUT_KEYS = ("x", "inputs", "input", "data", "images")
+LABEL_KEYS = ("y", "labels", "label", "targets")
+
+
+def _check_labels(x: Any, y: Any, xk: str, yk: str, path: Path, flag: str) -> None:
+    """Labels are integer class indices, one per input (or one per output position)."""
+    import numpy as np
+
+    where = f"{flag} {path}: labels {yk!r}"
+    if y.ndim < 1 or len(y) != len(x):
+        n = len(y) if y.ndim else "a scalar"
+        raise UsageError(f"{where}: {n} labels for {len(x)} inputs (key {xk!r}); need one each")
+    if y.dtype.kind == "b" or y.dtype.kind not in "iuf":
+        raise UsageError(f"{where}: expected integer class indices, got {y.dtype}")
+    if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
+        raise UsageError(
+            f"{where}: holds non-integer values ({y.dtype}); labels must be class indices "
+            "(not one-hot vectors or probabilities)"
+        )
+    if y.size and y.min() < 0:
+        raise UsageError(f"{where}: holds negative values (min {y.min()}); need class indices")
+
+
+#: preprocessing flags that only image folders use
+IMAGE_FLAGS = ("resize", "crop", "grayscale", "mean", "std", "scale", "offset")
+
+
+def _refuse_image_flags(args: argparse.Namespace, spec: str, flag: str, kind: str) -> None:
+    given = [f"--{f}" for f in IMAGE_FLAGS if getattr(args, f, None) not in (None, False)]
+    if given:
+        raise UsageError(
+            f"{'/'.join(given)} only apply to image folders, but {flag} {spec} is {kind}, "
+            "which is used as it is: store the data already preprocessed, or drop the flags"
+        )
 
 
 def load_data(spec: str, args: argparse.Namespace, flag: str = "--data") -> Data:
@@ -440,8 +505,10 @@ def load_data(spec: str, args: argparse.Namespace, flag: str = "--data") -> Data
     if p.suffix in (".npy", ".npz"):
         if not p.is_file():
             raise UsageError(f"{flag} {p}: no such file")
+        _refuse_image_flags(args, spec, flag, "an array file")
         return _arrays(p, args, flag)
     if ":" in spec and not p.exists():
+        _refuse_image_flags(args, spec, flag, "a loader of batches")
         obj = _call(_import_attr(spec, flag), spec, flag)
         if isinstance(obj, (str, bytes)) or not isinstance(obj, Iterable):
             raise UsageError(f"{flag} {spec!r} returned a {type(obj).__name__}, not an iterable")

@@ -13,10 +13,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from .calibrate.session import calibrate
 from .capture import prepare
+from .capture.guards import refuse_stages
+from .capture.prepare import capture_reference
+from .capture.verify import first_batch, verify_stage
 from .config import PTQConfig
 from .errors import ConfigError, DataError
 from .info import PTQInfo
@@ -49,6 +53,15 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
     config = PTQConfig() if config is None else config
     if not isinstance(config, PTQConfig):
         raise ConfigError(f"config must be a PTQConfig, got {type(config).__name__}")
+    if config.adaround and torch.is_inference_mode_enabled():
+        raise ConfigError(
+            "adaround=True optimizes the rounding with autograd, which torch.inference_mode() "
+            "turns off (its tensors cannot be used in backward); call ptqkit.quantize outside "
+            "inference_mode (torch.no_grad() is fine), or set adaround=False"
+        )
+    if torch.is_inference_mode_enabled():  # the quantized model must hold normal tensors: an
+        with torch.inference_mode(False):  # inference tensor refuses later in-place updates
+            return quantize(model, data, config)
     again = _stages_iterating_again(config)
     if again and _is_one_shot(data):
         raise DataError(
@@ -56,20 +69,29 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
             f"{type(data).__name__}; pass a list of batches or a DataLoader"
         )
     info = PTQInfo(config=config.to_dict())
-    qmodel = prepare(model, config, info)
+    example, data = first_batch(data)  # a one-shot iterator gets its first batch put back
+    ref = capture_reference(model, example, info)
+    qmodel = prepare(model, config, info, ref)
+    refuse_stages(qmodel, config)
     if config.cle:
         from .equalize.cle import equalize
 
         _timed(info, "cle", equalize, qmodel, info)
+        verify_stage(qmodel, ref, "CLE", info)
     if config.smoothquant is not None:
         from .equalize.smoothquant import smooth
 
         _timed(info, "smoothquant", smooth, qmodel, data, config, info)
+        verify_stage(qmodel, ref, "SmoothQuant", info)
     calibrators = calibrate(qmodel, data, config, info)
     if config.calibration == "auto" and calibrators:
         from .calibrate.auto import choose_ranges
 
         _timed(info, "auto", choose_ranges, qmodel, data, calibrators, config, info)
+    if config.range_margin > 0:
+        from .evaluate.coverage import widen_ranges
+
+        widen_ranges(qmodel, config.range_margin, info)
     if config.adaround:
         from .correct.adaround import adaround
 

@@ -389,7 +389,9 @@ def test_failure_mid_calibration_leaves_the_model_as_it_was(exc, where, train_mo
 
         def hook(m, args):
             calls.append(1)
-            if len(calls) == 3:
+            # the capture check runs the model (a copy, same hook) and the captured copy once
+            # each on the first batch: the 5th call is calibration batch 2
+            if len(calls) == 5:
                 raise exc
 
         model[0].register_forward_pre_hook(hook)  # copied with the layer into the copy
@@ -448,13 +450,13 @@ def test_save_failing_in_the_rename_leaves_no_file_behind(
 
 
 def test_save_interrupted_while_writing_leaves_no_file(qmlp, tmp_path, monkeypatch):
-    import safetensors.torch
+    import ptqkit.io.container
 
-    def interrupted(tensors, filename, metadata=None):
+    def interrupted(filename, head, ordered):
         Path(filename).write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    monkeypatch.setattr(ptqkit.io.container, "_dump", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ptqkit.save(qmlp, tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == []
@@ -479,20 +481,24 @@ def saved_cnn(tmp_path_factory):
 
 
 def _rewrite(src: Path, dst: Path, edit_doc=None, edit_tensors=None) -> Path:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """``src`` edited and re-signed with a valid digest: what must catch the edit is load's
+    validation. A document that is not a dict is written as is (nothing to sign)."""
+    import struct
 
-    from ptqkit.io import _digest
+    from ptqkit.io.container import _header, _order, read, write
 
-    with safe_open(str(src), framework="pt") as f:
-        doc = json.loads(f.metadata()["ptqkit"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors, doc = read(src)
     if edit_tensors:
         edit_tensors(tensors)
-    doc["sha256"] = _digest(tensors)
     if edit_doc:
         doc = edit_doc(doc) or doc
-    save_file(tensors, str(dst), metadata={"ptqkit": json.dumps(doc)})
+    if isinstance(doc, dict):
+        write(dst, tensors, doc)
+    else:
+        entries = _order([(k, "F32", list(t.shape), t.numel() * 4) for k, t in tensors.items()])
+        head = _header(json.dumps(doc), entries)
+        data = b"".join(tensors[k].float().numpy().tobytes() for k, *_ in entries)
+        dst.write_bytes(struct.pack("<Q", len(head)) + head + data)
     return dst
 
 
@@ -612,6 +618,75 @@ def test_config_file_cannot_name_an_output_path(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "unknown key 'out'" in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path.parent / "escape").exists()
+
+
+# -- hygiene: no global RNG, inference mode -------------------------------------------------------
+class Mixed(nn.Module):
+    """Conv-ReLU-conv (CLE pairs), then LayerNorm-Linear (SmoothQuant): every stage has work."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(64), nn.Linear(64, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x)))).mean(1).flatten(1)
+        return self.fc2(torch.relu(self.fc1(self.ln(h))))
+
+
+ALL_STAGES = CFG.replace(
+    cle=True,
+    smoothquant=0.5,
+    calibration="auto",
+    weight_calibration="mse",
+    bias_correction="empirical",
+    min_sqnr_db=60.0,  # unreachable: the fallback runs its whole search
+)
+_G4 = torch.Generator().manual_seed(4)
+MIXED_DATA = [torch.randn(16, 1, 8, 8, generator=_G4) for _ in range(3)]
+
+
+def _mixed() -> nn.Module:
+    m = Mixed().eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return m
+
+
+def test_quantize_leaves_the_global_random_generators_as_they_were():
+    import random
+
+    model = _mixed()
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    random.seed(1234)
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    q = _ptq(model, MIXED_DATA, ALL_STAGES)
+    assert set(q.ptq_info.details) >= {"cle", "smoothquant", "bias_correction", "fallback"}
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert (np.random.get_state()[1] == states[1]).all() and random.getstate() == states[2]
+    # and the result does not depend on the global stream either
+    torch.manual_seed(99)
+    again = _ptq(model, MIXED_DATA, ALL_STAGES)
+    with torch.no_grad():
+        assert torch.equal(q(MIXED_DATA[0]), again(MIXED_DATA[0]))
+
+
+def test_quantize_under_inference_mode_works_or_says_why_not():
+    model = _mixed()
+    outside = _ptq(model, MIXED_DATA, ALL_STAGES)
+    with torch.inference_mode():
+        inside = _ptq(model, MIXED_DATA, ALL_STAGES)
+    with torch.no_grad():
+        x = MIXED_DATA[1]
+        assert torch.equal(inside(x), outside(x))  # the same model
+        assert sqnr_db(model(x), inside(x)) > 20
+    # normal tensors: usable (and updatable in place) after the inference_mode block
+    assert not any(t.is_inference() for t in inside.state_dict().values())
+    with torch.inference_mode(), pytest.raises(ConfigError, match="inference_mode"):
+        _ptq(model, MIXED_DATA, CFG.replace(adaround=True, adaround_iters=2))
 
 
 # -- CLI: wrong arguments, in process ------------------------------------------------------------

@@ -32,6 +32,7 @@ from ..errors import CalibrationError, ConfigError
 from ..info import PTQInfo
 from ..quant.modules import ActQuant, QuantLayer, act_quants, float_mode, quant_layers
 from ..quant.primitives import fake_quant, qparams
+from ..walk import batches
 from .calibrators import CALIBRATORS, make_calibrator
 from .stats import HistogramStats, MinMaxStats
 
@@ -93,8 +94,6 @@ def choose_ranges(
 ) -> dict[str, str]:
     """Set each calibrated quantizer's range to the best candidate (see the module docstring);
     returns ``{quantizer: chosen calibrator}``."""
-    from ..correct.bias import batches
-
     spec = config.activations
     quants = act_quants(qmodel)
     cands: dict[str, dict[str, tuple]] = {}

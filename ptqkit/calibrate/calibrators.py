@@ -6,6 +6,21 @@ mergeable (``a.merge(b)`` makes ``a`` the calibrator that saw ``a``'s data then 
 
 Non-finite values (NaN/Inf) in a batch raise :class:`ptqkit.errors.CalibrationError` naming the
 calibrator: a range computed from them would be silently wrong.
+
+Clipping guard. A calibrator whose range comes from a search that may cut into the data
+(``clips = True``: kl) checks the share of the energy of the data's body (the values up to its
+99.9th percentile ``Q``) that clipping turns into error,
+``Σ_{|x| ≤ Q} (x - clamp(x, lo, hi))² / Σ_{|x| ≤ Q} x²``
+(:func:`ptqkit.calibrate.bulk.clipped_energy`). Clipping the tail is KL's purpose; a
+range that cuts into the body is a collapse. A good range keeps this share below 1 % (measured
+over 200,000 values of Gaussian, Laplace and ReLU data at 4 and 8 bits, for KL, percentile and
+auto_percentile: at most 0.43 %; KL on a Student-t with 2 degrees of freedom: 0 % at 8 bits,
+14 % at 4 bits, where its range collapses); above :data:`MAX_CLIPPED_ENERGY` = 5 % (clipping alone
+then caps the body's SQNR at 13 dB) the range is replaced by the MSE range
+(:func:`ptqkit.calibrate.solvers.mse_range`, which weighs clipping against rounding) and the
+calibrator keeps ``fallback = {"from", "to", "clipped_energy", "channels"}`` for ``ptq_info``.
+``percentile`` is not guarded (its clip is the user's explicit choice of ``p``), nor is
+``auto_percentile`` (it already picks its candidate by the expected error, clipping included).
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import torch
 from ..config import QuantSpec
 from ..errors import CalibrationError, ConfigError
 from . import solvers
+from .bulk import clipped_energy
 from .stats import HistogramStats, MinMaxStats, as_channels
 
 
@@ -165,18 +181,24 @@ class EMACalibrator(_Base):
         return self._out(*self.m)
 
 
-#: most histogram bins per channel (each bin is an int64 count: 2^20 bins = 8 MiB per channel)
+#: most bins of the uniform grids the histogram solvers resample to
 MAX_BINS = 2**20
+#: share of the energy a clipping calibrator's range may turn into clipping error (see above)
+MAX_CLIPPED_ENERGY = 0.05
 
 
 class _HistogramCalibrator(_Base):
     """Shared observer of the histogram calibrators: one :class:`HistogramStats`."""
+
+    #: whether the range may clip the data (then guarded, see the module docstring)
+    clips = False
 
     def __init__(self, bins: int = 4096, axis: int | None = None) -> None:
         super().__init__(axis)
         if isinstance(bins, bool) or not isinstance(bins, int) or not 8 <= bins <= MAX_BINS:
             raise ConfigError(f"{self.name}: bins must be an int in 8..{MAX_BINS}, got {bins!r}")
         self.stats = HistogramStats(bins, axis, self.name)
+        self.fallback: dict[str, Any] | None = None
 
     def observe(self, x: torch.Tensor) -> None:
         self.stats.update(x)
@@ -186,7 +208,21 @@ class _HistogramCalibrator(_Base):
 
     def compute_range(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(self.stats, spec)
-        return self._out(*self._solve(spec))
+        lo, hi = self._solve(spec)
+        self.fallback = None
+        if self.clips:
+            share = clipped_energy(self.stats, lo, hi)
+            bad = share > MAX_CLIPPED_ENERGY
+            if bool(bad.any()):
+                lo_m, hi_m = solvers.mse_range(self.stats, spec)
+                lo, hi = torch.where(bad, lo_m, lo.double()), torch.where(bad, hi_m, hi.double())
+                self.fallback = {
+                    "from": self.name,
+                    "to": "mse",
+                    "clipped_energy": float(share.max()),
+                    "channels": int(bad.sum()),
+                }
+        return self._out(lo, hi)
 
     def _solve(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -215,6 +251,7 @@ class KLCalibrator(_HistogramCalibrator):
     :func:`ptqkit.calibrate.solvers.kl_divergence_curve`."""
 
     name = "kl"
+    clips = True
 
     def _solve(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         return solvers.kl_range(self.stats, spec)

@@ -3,8 +3,9 @@ flows through the (float) model once; memory does not grow with the number of ba
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from ..data import batch_size, iter_batches, model_device, run_model, to_device
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import act_quants, set_act_mode
-from . import distributed
+from . import distributed, outliers
 from .calibrators import make_calibrator
 
 #: the calibrator that collects statistics when the choice is made per layer (``"auto"``)
@@ -23,9 +24,15 @@ AUTO_OBSERVER = "mse"
 
 
 def observe(
-    model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo, desc: str = "calibrate"
+    model: nn.Module,
+    data: Iterable[Any],
+    config: PTQConfig,
+    info: PTQInfo,
+    desc: str = "calibrate",
+    on_batch: Callable[[int], None] | None = None,
 ) -> int:
-    """Run ``data`` through ``model`` with every quantizer in observe mode; returns batches seen."""
+    """Run ``data`` through ``model`` with every quantizer in observe mode; returns batches seen.
+    ``on_batch(i)`` is called after batch ``i``."""
     device = model_device(model)
     batches = samples = 0
     with torch.no_grad():
@@ -34,6 +41,8 @@ def observe(
         ):
             args, kwargs = to_device(args, kwargs, device)
             run_model(model, i, args, kwargs)
+            if on_batch is not None:
+                on_batch(i)
             batches += 1
             samples += batch_size(args, kwargs)
     info.calibration_batches, info.calibration_samples = batches, samples
@@ -53,13 +62,15 @@ def calibrate(
     axis = spec.axis if spec.per_channel else None
     for q in quants.values():
         q.calibrator = make_calibrator(name, axis=axis, **options)
+    tracker = outliers.BatchMaxTracker({n: q.calibrator for n, q in quants.items()})
     set_act_mode(model, "observe")
     t0 = time.perf_counter()
     try:
         if distributed.is_distributed():  # each rank observes its shard, then all merge
-            distributed.observe_and_merge(observe, model, data, config, info)
+            observe_tracked = functools.partial(observe, on_batch=tracker)
+            distributed.observe_and_merge(observe_tracked, model, data, config, info)
         else:
-            observe(model, data, config, info)
+            observe(model, data, config, info, on_batch=tracker)
     finally:
         set_act_mode(model, "off")
     calibrators = {}
@@ -71,6 +82,7 @@ def calibrate(
             continue
         q.set_range(*cal.compute_range(spec))
         calibrators[qname] = cal
+    outliers.record(calibrators, {n: q.label or n for n, q in quants.items()}, info, tracker)
     info.stages["calibrate"] = time.perf_counter() - t0
     if info.calibration_samples < 100:
         info.warn(

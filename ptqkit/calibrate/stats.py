@@ -6,18 +6,33 @@ the data of a batch is viewed as a ``[C, M]`` matrix.
 
 :class:`MinMaxStats` keeps ``min`` and ``max``.
 
-:class:`HistogramStats` keeps, per channel, ``n`` bins of width ``w = 2^e`` anchored at zero:
-bin ``j`` counts the values in ``[(o + j)·w, (o + j + 1)·w)``. The exponent is a fixed function of
-the observed range ``[lo, hi]``,
+:class:`HistogramStats` is a log-scale histogram (the idea of HDR histograms and of DDSketch,
+Masson et al., VLDB 2019) whose bins are a fixed function of the float32 bit pattern of ``|x|``:
 
-    ``e(lo, hi) = max(ceil(log2((hi - lo) / (n - 2))), -126)``,
+    ``key(x) = bits(|x|) >> (23 - m)``  (the 8 exponent bits and the top ``m`` mantissa bits),
 
-which is monotone in the range, and ``o = floor(lo / w)``. When the range grows, bins are merged
-exactly (``w`` doubles, ``j → floor((o + j) / 2^d) - o'``) instead of being reset or
-interpolated. Hence the final histogram is **exactly** the histogram of all the data at the
-final width, whatever the batch split or order (up to data in the float32 subnormal range), and
-two histograms merge exactly. The data occupies between ``n/2`` and ``n`` bins. Exact zeros are
-also counted apart (``zeros``), for solvers that must treat the ReLU zero spike specially.
+``m = 7`` (:data:`MANTISSA_BITS`). ``key`` is monotone in ``|x|`` (IEEE-754 orders non-negative
+floats like their bit patterns), and a key covers ``[v_k, v_{k+1})`` with
+``v_k = float(k << (23 - m))``, so every bin is ``2^-m = 0.78 %`` of its value wide, near zero
+as near the maximum: **the resolution does not depend on the largest value**, and an outlier of
+1e6 among N(0, 1) data leaves the bins of the ordinary values untouched.
+
+Bounded memory: per channel, the bins cover a window of :data:`BINADES` = 32 binades (factors of
+two) below the binade of ``max |x|``: ``n = 32 · 2^m = 4096`` bins per sign, ``2n = 8192``
+bins of 8 bytes = **64 KiB per tensor** (per channel: 64 KiB per channel). The window's top
+is ``top = (E + 1) · 2^m`` with ``E`` the exponent field of ``max |x|``; magnitude bin ``j``
+holds key ``top - n + j`` and bin 0 also holds every smaller key (the values below
+``max |x| · 2^-32``, exact zeros included). ``counts`` is stored in signed order: the negative
+bins mirrored (``-|x|``), then the positive ones, ``2n`` bins with edges
+``[-v_top, ..., -v_{top-n+1}, 0, v_{top-n+1}, ..., v_top]``.
+
+Exactness: the bin of a value depends only on the value and on ``top``, a monotone function of
+the running maximum; when ``top`` grows by ``d`` keys, magnitude bin ``j`` moves to
+``max(j - d, 0)`` (merging the bins that leave the window into bin 0, exactly). Hence the final
+state is **exactly** the histogram of all the data at the final window, whatever the batch split
+or order, and two states merge exactly (align both windows to the larger ``top``, add). Exact
+zeros are also counted apart (``zeros``), for solvers that must treat the ReLU zero spike
+specially. ``-0.0`` is counted as ``+0.0``.
 """
 
 from __future__ import annotations
@@ -87,22 +102,35 @@ class MinMaxStats:
             self._combine(other.lo, other.hi, other.count)
 
 
-_MIN_EXP = -126
+#: mantissa bits kept in a bin key: relative bin width 2^-7 = 0.78 %
+MANTISSA_BITS = 7
+#: binades (factors of 2) the window covers below the binade of max |x|
+BINADES = 32
+_SUB = 1 << MANTISSA_BITS
+_N = BINADES * _SUB  # magnitude bins per sign
+_SHIFT = 23 - MANTISSA_BITS
+_MAX_TOP = 255 << MANTISSA_BITS  # first key of inf / nan
 
 
-def _exponent(lo: torch.Tensor, hi: torch.Tensor, nbins: int) -> torch.Tensor:
-    """``e(lo, hi)`` of the module docstring; for a single value ``v``: ``floor(log2|v|) - 40``."""
-    lo64, hi64 = lo.double(), hi.double()
-    span = hi64 - lo64
-    e_span = torch.ceil(torch.log2(span.clamp_min(1e-300) / (nbins - 2)))
-    mag = torch.maximum(lo64.abs(), hi64.abs()).clamp_min(1e-300)
-    e_const = torch.floor(torch.log2(mag)) - 40
-    e = torch.where(span > 0, e_span, e_const)
-    return e.clamp_min(_MIN_EXP).to(torch.int64)
+def key_value(keys: torch.Tensor) -> torch.Tensor:
+    """``v_k``: the smallest float32 of key ``k`` (``0`` for ``k <= 0``), as float64."""
+    bits = (keys.clamp(0, _MAX_TOP).to(torch.int32) << _SHIFT).contiguous()
+    return bits.view(torch.float32).double()
+
+
+def _top(amax: torch.Tensor) -> torch.Tensor:
+    """``top`` (exclusive key bound of the window) for ``max |x|`` (float), int64 ``[C]``."""
+    bits = amax.float().contiguous().view(torch.int32).to(torch.int64)
+    return (((bits >> 23) + 1) << MANTISSA_BITS).clamp(min=_N, max=_MAX_TOP)
 
 
 class HistogramStats:
-    """Exactly mergeable per-channel histograms (see the module docstring)."""
+    """Exactly mergeable per-channel log-scale histograms (see the module docstring).
+
+    ``bins`` does not change the stored state (always ``2n = 8192`` bins); it is the resolution
+    of the uniform grids the solvers that need one (KL, the two-sided MSE search) resample to:
+    ``3 · bins / 8`` over ``[0, max |x|]``, ``bins`` over ``[min, max]``.
+    """
 
     def __init__(self, bins: int = 4096, axis: int | None = None, name: str = "histogram") -> None:
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 8:
@@ -111,9 +139,8 @@ class HistogramStats:
         self.minmax = MinMaxStats(axis, name)
         self.axis = axis
         self.name = name
-        self.counts: torch.Tensor | None = None  # [C, n] float64
-        self.exp: torch.Tensor | None = None  # [C] int64, bin width 2^exp
-        self.off: torch.Tensor | None = None  # [C] int64, global index of bin 0
+        self.counts: torch.Tensor | None = None  # [C, 2n] float64, signed order
+        self.top: torch.Tensor | None = None  # [C] int64, exclusive top key of the window
         self.zeros: torch.Tensor | None = None  # [C] float64, exact zeros seen
 
     # -- views ------------------------------------------------------------------------------
@@ -125,74 +152,76 @@ class HistogramStats:
     def hi(self) -> torch.Tensor | None:
         return self.minmax.hi
 
-    def width(self) -> torch.Tensor:
-        """Bin width ``2^e`` per channel, float64."""
-        return torch.ldexp(torch.ones_like(self.exp, dtype=torch.float64), self.exp)
+    def magnitude_edges(self) -> torch.Tensor:
+        """``[C, n + 1]`` edges of the magnitude bins: ``0, v_{top-n+1}, ..., v_top``."""
+        j = torch.arange(1, _N + 1, device=self.top.device)
+        v = key_value(self.top[:, None] - _N + j[None, :])
+        return torch.cat([torch.zeros_like(v[:, :1]), v], dim=1)
 
     def edges(self) -> torch.Tensor:
-        """``[C, n + 1]`` bin edges, float64."""
-        j = torch.arange(self.nbins + 1, dtype=torch.float64, device=self.exp.device)
-        return (self.off.double()[:, None] + j[None, :]) * self.width()[:, None]
+        """``[C, 2n + 1]`` edges of ``counts`` (signed order), float64."""
+        m = self.magnitude_edges()
+        return torch.cat([-m[:, 1:].flip(1), m], dim=1)
+
+    def zero_bin(self) -> torch.Tensor:
+        """``[C]`` index (in ``counts``) of the bin that holds the exact zeros."""
+        return _N + (-(self.top - _N)).clamp(0, _N - 1)
+
+    def folded(self, drop_zeros: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Histogram of ``|x|``: ``(counts [C, n], edges [C, n + 1])``, exact (the negative
+        bins are the mirrored positive ones). ``drop_zeros`` removes the exact zeros."""
+        out = self.counts[:, _N:] + self.counts[:, :_N].flip(1)
+        if drop_zeros:
+            j0 = (self.zero_bin() - _N)[:, None]
+            out = out.clone()
+            out.scatter_add_(1, j0, -self.zeros[:, None])
+            out.clamp_(min=0)
+        return out, self.magnitude_edges()
 
     # -- accumulation -----------------------------------------------------------------------
-    def _regrid(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """New ``(exp, off)`` for the range ``[lo, hi]`` (never finer than the current grid)."""
-        exp = _exponent(lo, hi, self.nbins)
-        if self.exp is not None:
-            exp = torch.maximum(exp, self.exp)
-        w = torch.ldexp(torch.ones_like(lo, dtype=torch.float64), exp)
-        off = torch.floor(lo.double() / w).to(torch.int64)
-        return exp, off
-
-    def _remap(
-        self,
-        counts: torch.Tensor,
-        exp: torch.Tensor,
-        off: torch.Tensor,
-        new_exp: torch.Tensor,
-        new_off: torch.Tensor,
+    def _shift(
+        self, counts: torch.Tensor, top: torch.Tensor, new_top: torch.Tensor
     ) -> torch.Tensor:
-        """Move ``counts`` from grid ``(exp, off)`` to the coarser grid ``(new_exp, new_off)``."""
-        c, n = counts.shape
-        j = torch.arange(n, device=counts.device, dtype=torch.float64)
-        shift = torch.ldexp(torch.ones_like(exp, dtype=torch.float64), exp - new_exp)  # 2^-d
-        glob = torch.floor((off.double()[:, None] + j[None, :]) * shift[:, None])
-        pos = (glob - new_off.double()[:, None]).clamp(0, n - 1).to(torch.int64)
-        pos = pos + torch.arange(c, device=counts.device)[:, None] * n
-        out = torch.zeros(c * n, dtype=torch.float64, device=counts.device)
-        out.index_add_(0, pos.reshape(-1), counts.reshape(-1))
-        return out.reshape(c, n)
+        """``counts`` on the window ``top`` moved to the window ``new_top >= top``."""
+        d = (new_top - top).to(counts.device)
+        if not bool((d != 0).any()):
+            return counts
+        j = torch.arange(_N, device=counts.device)
+        nj = (j[None, :] - d[:, None]).clamp_min(0)  # magnitude bin j -> nj
+        index = torch.cat([(_N - 1 - nj).flip(1), _N + nj], dim=1)
+        out = torch.zeros_like(counts)
+        out.scatter_add_(1, index, counts)
+        return out
 
     def update(self, x: torch.Tensor) -> None:
         xc = as_channels(x, self.axis)
         if xc.shape[1] == 0:
             return
         self.minmax.update(x)  # checks finiteness, tracks the exact range
-        exp, off = self._regrid(self.minmax.lo, self.minmax.hi)
-        if self.counts is not None and (
-            not torch.equal(exp, self.exp) or not torch.equal(off, self.off)
-        ):
-            self.counts = self._remap(self.counts, self.exp, self.off, exp, off)
+        amax = torch.maximum(self.minmax.lo.abs(), self.minmax.hi.abs())
+        top = _top(amax)
+        if self.top is not None:
+            top = torch.maximum(top, self.top)
         c = xc.shape[0]
         if self.counts is None:
-            self.counts = torch.zeros(c, self.nbins, dtype=torch.float64, device=xc.device)
+            self.counts = torch.zeros(c, 2 * _N, dtype=torch.float64, device=xc.device)
             self.zeros = torch.zeros(c, dtype=torch.float64, device=xc.device)
-        self.exp, self.off = exp, off
-        # x · 2^-e is exact in float32 (power-of-two scaling), and so is the subtraction below,
-        # except when x · 2^-e falls below the normal range: its floor is then 0 or -1 by sign
-        # alone, but a negative product may round to -0.0 (floor 0), hence the clamp
-        # (in place, int32 indices: the hot loop of calibration)
-        inv_w = torch.ldexp(torch.ones(c, device=xc.device), -exp.to(xc.device)).to(xc.dtype)
-        idx = torch.mul(xc, inv_w[:, None]).floor_()
-        if bool((self.minmax.lo < 0).any()):
-            idx = torch.where(xc < 0, idx.clamp(max=-1), idx)
-        idx.sub_(off.to(xc.dtype)[:, None]).clamp_(0, self.nbins - 1)
+        else:
+            self.counts = self._shift(self.counts, self.top, top)
+        self.top = top
+        # the hot loop of calibration, in place on one int32 copy: x + 0.0 turns -0.0 into +0.0;
+        # the sign bit (>> 31: -1 or 0) mirrors a negative magnitude bin j to -j - 1 (xor)
+        bits = (xc.float() + 0.0).view(torch.int32)
+        flip = bits >> 31
+        base = (top - _N).to(device=xc.device, dtype=torch.int32)[:, None]
+        key = bits.bitwise_and_(0x7FFFFFFF).bitwise_right_shift_(_SHIFT)
+        key.sub_(base).clamp_(0, _N - 1).bitwise_xor_(flip).add_(_N)
         if c == 1:
-            flat = idx.reshape(-1).to(torch.int32)
+            flat = key.reshape(-1)
         else:  # per channel: offset each row's bins (in int64, exact for any size)
-            rows = torch.arange(c, device=xc.device)[:, None] * self.nbins
-            flat = (idx.to(torch.int64) + rows).reshape(-1)
-        self.counts += torch.bincount(flat, minlength=c * self.nbins).reshape(c, -1)
+            rows = torch.arange(c, device=xc.device)[:, None] * (2 * _N)
+            flat = (key.to(torch.int64) + rows).reshape(-1)
+        self.counts += torch.bincount(flat, minlength=c * 2 * _N).reshape(c, -1)
         self.zeros += (xc.shape[1] - torch.count_nonzero(xc, dim=1)).double()
 
     def merge(self, other: HistogramStats) -> None:
@@ -202,44 +231,14 @@ class HistogramStats:
             raise CalibrationError(
                 f"{self.name}: cannot merge {other.nbins} bins into {self.nbins}"
             )
+        self.minmax.merge(other.minmax)
         if self.counts is None:
-            self.minmax.merge(other.minmax)
-            self.counts, self.exp, self.off = other.counts.clone(), other.exp, other.off
+            self.counts, self.top = other.counts.clone(), other.top.clone()
             self.zeros = other.zeros.clone()
             return
-        self.minmax.merge(other.minmax)
-        exp, off = self._regrid(self.minmax.lo, self.minmax.hi)
-        exp = torch.maximum(exp, other.exp)
-        w = torch.ldexp(torch.ones_like(exp, dtype=torch.float64), exp)
-        off = torch.floor(self.minmax.lo.double() / w).to(torch.int64)
-        mine = self._remap(self.counts, self.exp, self.off, exp, off)
-        theirs = self._remap(other.counts.to(mine.device), other.exp, other.off, exp, off)
-        self.counts, self.exp, self.off = mine + theirs, exp, off
+        theirs_top = other.top.to(self.top.device)
+        top = torch.maximum(self.top, theirs_top)
+        mine = self._shift(self.counts, self.top, top)
+        theirs = self._shift(other.counts.to(mine.device), theirs_top, top)
+        self.counts, self.top = mine + theirs, top
         self.zeros = self.zeros + other.zeros.to(self.zeros.device)
-
-    # -- derived views for solvers -----------------------------------------------------------
-    def folded(self, drop_zeros: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Histogram of ``|x|``: ``(counts [C, m], width [C])``, bin ``k`` = ``[k·w, (k+1)·w)``.
-
-        Exact because bins are anchored at 0: global bin ``g < 0`` holds ``|x|`` in
-        ``((-g-1)·w, -g·w]`` and maps to ``-g - 1``. With ``drop_zeros`` the exact zeros are
-        removed from bin 0. Data far from 0 (``min |x| ≫ max x - min x``, a constant tensor)
-        would need up to ``max|x| / w`` bins: there the folded bins are merged ``2^d`` at a time
-        (still exact, the bins being anchored at 0) so that at most ``n`` of them are returned;
-        ``width`` is then ``2^d · w``.
-        """
-        c, n = self.counts.shape
-        glob = self.off[:, None] + torch.arange(n, device=self.counts.device)[None, :]
-        fold = torch.where(glob < 0, -glob - 1, glob)
-        used = torch.where(self.counts > 0, fold, torch.zeros_like(fold))
-        top = used.max(dim=1).values  # [C] last non-empty folded bin
-        d = torch.zeros_like(top)
-        while bool(((top >> d) >= n).any()):  # at most ~64 rounds
-            d = torch.where((top >> d) >= n, d + 1, d)
-        m = int((top >> d).max()) + 1  # trailing empty bins are dropped
-        k = (fold >> d[:, None]).clamp(max=m - 1)  # bins past ``top`` are empty
-        out = torch.zeros(c, m, dtype=torch.float64, device=self.counts.device)
-        out.scatter_add_(1, k, self.counts)
-        if drop_zeros:
-            out[:, 0] = (out[:, 0] - self.zeros).clamp_min(0)
-        return out, torch.ldexp(self.width(), d)

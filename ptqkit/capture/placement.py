@@ -6,7 +6,9 @@ Rules, applied to the traced graph (each op family is an entry of a registry, no
 2. The output of every quantized op (layer, add, cat, mul, matmul) is quantized — *after* the
    clipping activation that follows it (ReLU, ReLU6, Hardtanh, clamp), never between, so the
    grid spends no levels on values the activation removes — except the network's own outputs,
-   which stay float (the last layer's accumulator is dequantized, as TensorRT does).
+   which stay float (the last layer's accumulator is dequantized, as TensorRT does), also when
+   they are reached through value-preserving ops or clipping activations (``permute``, ``view``,
+   ``flatten``, ``relu``, ...): only the consumers that need a grid read the quantized copy.
 3. Every tensor input of a quantized op that is not already on a grid is quantized (model inputs,
    outputs of float ops such as pooling, LayerNorm or a skipped layer). Value-preserving ops
    (max-pool, flatten, reshape, permute, zero padding, dropout, ...) keep their input's grid.
@@ -177,6 +179,15 @@ def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
     def describe(n: fx.Node) -> str:
         return str(n.target) if n.op == "call_module" else n.name
 
+    def to_output(u: fx.Node) -> bool:
+        """``u`` is a network output, or a value-preserving op or clipping activation whose
+        value reaches only network outputs (so what it reads must stay float)."""
+        if u.op == "output":
+            return True
+        if not (is_passthrough(u, gm) or is_activation(u, gm)):
+            return False
+        return bool(u.users) and all(to_output(v) for v in u.users)
+
     for node in list(graph.nodes):  # rule 2: outputs, after a following clipping activation
         if not is_quant_op(node, gm):
             continue
@@ -187,13 +198,16 @@ def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
             u.op == "call_module" and isinstance(_module(gm, u), ActQuant) for u in target.users
         ):
             continue
-        if all(u.op == "output" for u in target.users):
+        float_users = {u for u in target.users if to_output(u)}
+        if len(float_users) == len(target.users):
             continue  # the network's outputs stay float (logits keep their resolution)
         label = f"output of {describe(node)}" + (
             f" after {describe(target)}" if target is not node else ""
         )
         q = add(target, label, "aq")
-        target.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
+        target.replace_all_uses_with(
+            q, delete_user_cb=lambda u, q=q, keep=float_users: u is not q and u not in keep
+        )
 
     def on_grid(n: fx.Node) -> bool:
         while is_passthrough(n, gm) and n.args and isinstance(n.args[0], fx.Node):

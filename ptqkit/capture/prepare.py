@@ -1,65 +1,256 @@
-"""Turn the user's model into a copy ready to calibrate: traced, BatchNorm folded, layers
-wrapped, quantizers placed (all in observe-less "off" mode). The user's model is not touched."""
+"""Turn the user's model into a copy ready to calibrate: captured, BatchNorm folded, layers
+wrapped, quantizers placed (all in observe-less "off" mode). The user's model is not touched.
+
+Capture methods are tried in order (:data:`CAPTURES`): a ``torch.fx`` trace, then the ATen graph
+of ``torch.export`` (non-strict, run on the example batch: :mod:`.export`), both with in-place ops
+functionalised and BatchNorm folded, then per-layer hooks on a deep copy (the model's own
+``forward``, no graph: no folding, quantizers on layer inputs only). With an example batch, each
+candidate is checked against the user's model (:mod:`.verify`) and rejected, with the reason
+recorded, when it computes something else or when the model's forward changes its own state
+(which a recorded graph does not replay).
+"""
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
+from typing import Any
 
-from torch import nn
+import torch
+from torch import fx, nn
 
 from ..config import PTQConfig
+from ..data import iter_batches, model_device, to_device
 from ..errors import ModelError
 from ..info import PTQInfo
 from ..quant.modules import act_quants
-from .placement import place_in_graph, place_on_inputs, wrap_layers
+from .coverage import account
+from .export import export_capture
+from .guards import refuse, unparametrize
+from .inplace import functionalize
+from .placement import place_in_graph, place_on_inputs, skipped, wrap_layers
 from .trace import fold_batchnorms, trace
+from .verify import Reference, check
+from .verify import reference as run_reference
+
+#: a captured copy, or ``None`` and why not
+Captured = tuple[nn.Module | None, str]
 
 
-def prepare(model: nn.Module, config: PTQConfig, info: PTQInfo) -> nn.Module:
-    """A copy of ``model`` with :class:`QuantLayer` and :class:`ActQuant` modules in place."""
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    t0 = time.perf_counter()
+def _graph(
+    gm: fx.GraphModule, config: PTQConfig, info: PTQInfo, name: str
+) -> fx.GraphModule:
+    """The rewrites of a captured graph: in-place ops functionalised, parametrizations removed,
+    BatchNorm folded, layers wrapped, quantizers placed."""
+    functionalize(gm)
+    _unparametrize(gm, info)
+    info.folded_bn = fold_batchnorms(gm) if config.fold_bn else []
+    _wrap(gm, config, info, name)
+    if config.activations is not None:
+        place_in_graph(gm, config.activations)
+    return gm
+
+
+def _fx(model: nn.Module, config: PTQConfig, info: PTQInfo, ref: Reference | None) -> Captured:
     gm, reason = trace(model)
     if gm is None:
         info.trace_error = reason
-        info.warn(
-            f"torch.fx cannot trace {type(model).__name__} ({reason}); falling back to quantizing "
-            "each Conv/Linear and its input in place (no BatchNorm folding, no quantizer after "
-            "adds or activations)"
-        )
-        try:
-            qmodel = copy.deepcopy(model)
-        except Exception as e:
-            raise ModelError(f"cannot copy the model to quantize it: {e}") from e
-    else:
-        info.traced = True
-        qmodel = gm
-        if config.fold_bn:
-            info.folded_bn = fold_batchnorms(gm)
+        return None, f"torch.fx cannot trace {type(model).__name__} ({reason})"
+    return _graph(gm, config, info, type(model).__name__), ""
+
+
+def _export(model: nn.Module, config: PTQConfig, info: PTQInfo, ref: Reference | None) -> Captured:
+    if ref is None:
+        return None, "no example batch to run torch.export with"
+    fixed = [f"argument {i}" for i, a in enumerate(ref.args) if not isinstance(a, torch.Tensor)]
+    fixed += [k for k, v in ref.kwargs.items() if not isinstance(v, torch.Tensor)]
+    if fixed:  # torch.export would bake the first batch's value into the graph
+        return None, f"the batches carry non-tensor inputs ({', '.join(fixed)})"
+    gm, reason = export_capture(model, ref.args, ref.kwargs)
+    if gm is None:
+        return None, f"torch.export cannot export {type(model).__name__} ({reason})"
+    return _graph(gm, config, info, type(model).__name__), ""
+
+
+def _hooks(model: nn.Module, config: PTQConfig, info: PTQInfo, ref: Reference | None) -> Captured:
+    try:
+        qmodel = copy.deepcopy(model)
+    except Exception as e:
+        raise ModelError(f"cannot copy the model to quantize it: {e}") from e
+    _unparametrize(qmodel, info)
+    info.folded_bn = []
+    _wrap(qmodel, config, info, type(model).__name__)
+    if config.activations is not None:
+        place_on_inputs(qmodel, config.activations)
+    return qmodel, ""
+
+
+#: capture methods, in the order they are tried
+CAPTURES: dict[str, Callable[..., Captured]] = {"fx": _fx, "export": _export, "hooks": _hooks}
+#: the captures that replay a recorded graph (not the model's own forward)
+GRAPH_CAPTURES = ("fx", "export")
+#: what each capture loses when it is skipped for the next one
+_LOSS = "no BatchNorm folding, no quantizer after adds or activations"
+
+
+def _unparametrize(qmodel: nn.Module, info: PTQInfo) -> None:
+    removed = unparametrize(qmodel)
+    if removed:
+        info.details["unparametrized"] = removed
+
+
+def _wrap(qmodel: nn.Module, config: PTQConfig, info: PTQInfo, name: str) -> None:
     qmodel.eval()
     for p in qmodel.parameters():
         p.requires_grad_(False)
+    wrapped, skip, used = wrap_layers(qmodel, config.weights, config.skip)
+    info.layers, info.skipped, info.skip_reasons = wrapped, skip, {}
+    if not wrapped:
+        raise ModelError(
+            f"{name} has no quantizable layer (Conv1d/2d/3d, Linear or "
+            "ConvTranspose1d/2d/3d)" + (" left after `skip`" if skip else "")
+        )
+    info.details["skip_patterns_used"] = sorted(used)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    refuse(model)
+
+
+def capture_reference(model: nn.Module, example: Any, info: PTQInfo) -> Reference | None:
+    """The user's model (a deep copy) on the example batch: its output and the state its forward
+    changes; ``None`` without an example. Costs one forward (recorded as stage ``verify``)."""
+    _check_model(model)
+    if example is None:
+        return None
+    # a batch the model rejects is reported by the calibration pass, which names it (and, when
+    # distributed, makes every rank fail together): no check then
+    try:
+        _, (args, kwargs) = next(iter_batches([example]))
+        args, kwargs = to_device(args, kwargs, model_device(model))
+        ref = run_reference(model, args, kwargs)
+    except ModelError:
+        raise
+    except Exception:
+        info.capture_attempts.append("check skipped: the model rejects the first batch")
+        return None
+    info.stages["verify"] = info.stages.get("verify", 0.0) + ref.seconds
+    info.capture_inputs = input_specs(args, kwargs)
+    return ref
+
+
+def _spec(t: torch.Tensor) -> list[Any]:
+    return [list(t.shape), str(t.dtype).removeprefix("torch.")]
+
+
+def input_specs(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Shapes and dtypes of a batch's tensors (``None`` for a non-tensor input): enough to run
+    a capture again on zeros of the same layout, without keeping the user's data."""
+    return {
+        "args": [_spec(a) if isinstance(a, torch.Tensor) else None for a in args],
+        "kwargs": {k: _spec(v) if isinstance(v, torch.Tensor) else None for k, v in kwargs.items()},
+    }
+
+
+def zeros_like_specs(specs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    """Zero tensors laid out as :func:`input_specs` describes; ``None`` when an input was not a
+    tensor or the description is malformed."""
+
+    def make(s: Any) -> torch.Tensor:
+        shape, dtype = s
+        dt = getattr(torch, str(dtype), None)
+        if not isinstance(dt, torch.dtype) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"bad input description {s!r}")
+        return torch.zeros(shape, dtype=dt)
+
+    try:
+        args = tuple(make(s) for s in specs.get("args", []))
+        kwargs = {k: make(s) for k, s in specs.get("kwargs", {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return args, kwargs
+
+
+def prepare(
+    model: nn.Module,
+    config: PTQConfig,
+    info: PTQInfo,
+    ref: Reference | None = None,
+    capture: str | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with :class:`QuantLayer` and :class:`ActQuant` modules in place.
+
+    ``ref`` (from :func:`capture_reference`, optional): check each capture against the model's
+    output on one batch (see the module docstring); without it the first capture that succeeds
+    is used unchecked. ``capture`` (a key of :data:`CAPTURES`): use that method only (to rebuild
+    a saved model's structure)."""
+    _check_model(model)
+    t0 = time.perf_counter()
+    qmodel = None
+    if capture is not None and capture not in CAPTURES:
+        raise ModelError(f"unknown capture {capture!r}; one of {sorted(CAPTURES)}")
+    methods = {capture: CAPTURES[capture]} if capture is not None else CAPTURES
+    for method, run in methods.items():
+        if method in GRAPH_CAPTURES and ref is not None and ref.state_changes:
+            changed = ", ".join(ref.state_changes[:5])
+            info.capture_attempts.append(
+                f"{method}: the model's forward changes its state ({changed}), which a "
+                "recorded graph does not replay"
+            )
+            continue
+        try:
+            candidate, reason = run(model, config, info, ref)
+        except ModelError:
+            raise
+        except Exception as e:  # a rewrite of this capture failed: the next one may work
+            candidate, reason = None, f"failed ({type(e).__name__}: {str(e)[:200]})"
+        if candidate is None:
+            info.capture_attempts.append(f"{method}: {reason}")
+            continue
+        if ref is not None:
+            t1 = time.perf_counter()
+            try:
+                err, where, tol = check(candidate, ref)
+            except Exception as e:  # the copy cannot even run the batch the model runs
+                err, where, tol = float("inf"), f"{type(e).__name__}: {str(e)[:200]}", -1.0
+            info.stages["verify"] = info.stages.get("verify", 0.0) + time.perf_counter() - t1
+            if tol < 0:
+                info.capture_attempts.append(f"{method}: the copy fails on the batch ({where})")
+                continue
+            if err > tol:
+                info.capture_attempts.append(
+                    f"{method}: {where} differs from the model's by a relative error of "
+                    f"{err:.3g} (tolerance {tol:.0e})"
+                )
+                continue
+            info.capture_error = info.capture_checks["capture"] = err
+        info.capture_attempts.append(f"{method}: used")
+        qmodel, info.capture = candidate, method
+        break
+    if qmodel is None:
+        raise ModelError(
+            f"no capture method reproduces {type(model).__name__} on the first calibration batch "
+            f"(with every quantizer off): {'; '.join(info.capture_attempts)}"
+        )
+    info.traced = info.capture in GRAPH_CAPTURES
+    if len(info.capture_attempts) > 1:
+        tried = "; ".join(info.capture_attempts[:-1])
+        loss = f"; {_LOSS}" if info.capture == "hooks" else ""
+        info.warn(f"{type(model).__name__} is captured with {info.capture} ({tried}){loss}")
     if config.weights.per_channel and config.weights.axis != 0:
         info.warn(
             f"weights are quantized per output channel (axis 0); weights.axis="
             f"{config.weights.axis} is ignored"
         )
-    wrapped, skipped, used = wrap_layers(qmodel, config.weights, config.skip)
-    info.layers, info.skipped = wrapped, skipped
-    for p in sorted(set(config.skip) - used):
+    for p in sorted(set(config.skip) - set(info.details.pop("skip_patterns_used", []))):
         info.warn(f"skip pattern {p!r} matches no Conv/Linear layer")
-    if not wrapped:
-        raise ModelError(
-            f"{type(model).__name__} has no quantizable layer (Conv1d/2d/3d or Linear) "
-            + ("left after `skip`" if skipped else "")
-        )
-    if config.activations is not None:
-        if gm is not None:
-            place_in_graph(gm, config.activations)
-        else:
-            place_on_inputs(qmodel, config.activations)
+    patterns = {
+        n: skipped(n, qmodel.get_submodule(n), config.skip) or "" for n in info.skipped
+    }
+    account(qmodel, info, patterns)
     info.quantizers = {n: q.label for n, q in act_quants(qmodel).items()}
     info.stages["prepare"] = time.perf_counter() - t0
     return qmodel

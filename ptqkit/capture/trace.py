@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import fx, nn
 
-from ..quant.modules import WEIGHT_LAYERS, ActQuant, QuantLayer
+from ..quant.modules import TRANSPOSED_LAYERS, WEIGHT_LAYERS, ActQuant, QuantLayer
 
 
 class _Tracer(fx.Tracer):
@@ -56,9 +56,14 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
     )
     beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
     b = layer.bias.detach() if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    # ConvTranspose would keep output channels on axis 1; WEIGHT_LAYERS keep them on axis 0
-    shape = [-1] + [1] * (w.dim() - 1)
-    new_w = w * inv.reshape(shape)
+    if isinstance(layer, TRANSPOSED_LAYERS):
+        # weight [in, out/g, k...]: output channel g·(out/g) + j is [g-th block of rows, j]
+        g = layer.groups
+        blocks = w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+        scale = inv.reshape(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
+        new_w = (blocks * scale).reshape(w.shape)
+    else:
+        new_w = w * inv.reshape([-1] + [1] * (w.dim() - 1))
     new_b = (b - bn.running_mean) * inv + beta
     layer.weight = nn.Parameter(new_w, requires_grad=False)
     layer.bias = nn.Parameter(new_b, requires_grad=False)
@@ -68,6 +73,11 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
     gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
     layer.register_buffer("bn_mean", beta.detach().clone().float(), persistent=False)
     layer.register_buffer("bn_std", gamma.abs().clone().float(), persistent=False)
+
+
+def _out_channels(layer: nn.Module) -> int:
+    w = layer.weight
+    return w.shape[1] * layer.groups if isinstance(layer, TRANSPOSED_LAYERS) else w.shape[0]
 
 
 def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
@@ -88,7 +98,7 @@ def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
         if not isinstance(layer, WEIGHT_LAYERS) or len(prev.users) != 1 or calls[prev.target] != 1:
             continue
         bn = modules[node.target]
-        if bn.running_mean is None or layer.weight.shape[0] != bn.num_features:
+        if bn.running_mean is None or _out_channels(layer) != bn.num_features:
             continue
         fold_bn_into(layer, bn)
         node.replace_all_uses_with(prev)

@@ -15,172 +15,44 @@ fractional part of ``W/s`` (``W̃ = W`` inside the grid) and optimized with Adam
 where ``x`` is the layer's input in the float network, ``x̂`` its input in the partially
 quantized network (earlier layers already rounded, activations quantized: the "asymmetric"
 reconstruction of the paper), and ``f`` the clipping activation that follows the layer (ReLU,
-ReLU6, ...; identity otherwise). The regularizer, off for the first 20 % of the iterations,
-pushes ``h`` to 0 or 1 while ``β`` anneals from 20 to 2; at the end ``h`` is rounded
-(``V ≥ 0`` → up). The scale ``s`` (and ``z``) come from ``config.weight_calibration`` as for
-nearest rounding. ``λ = 0.01``.
+ReLU6, ...; identity otherwise). The regularizer, off for the first ``warmup`` fraction of the
+iterations (20 %), pushes ``h`` to 0 or 1 while ``β`` anneals from ``beta[0]`` to ``beta[1]``
+(20 → 2); at the end ``h`` is rounded (``V ≥ 0`` → up). The scale ``s`` (and ``z``) come from
+``config.weight_calibration`` as for nearest rounding. ``λ = reg = 0.01``. The hyperparameters
+are ``config.adaround_options`` (:class:`ptqkit.config.AdaRoundOptions`); every random draw
+uses a ``torch.Generator`` seeded from ``config.seed`` (the global RNG is neither read nor
+written).
 
-Layers are processed one at a time in execution order. Memory is bounded: for each layer, at most
-:data:`ROWS_PER_BATCH` output positions of each batch are sampled, up to :data:`MAX_ROWS` in all
-(a conv's input patches are gathered by indexing for a standard ``nn.Conv2d``, and otherwise
-extracted by running the layer itself with an identity kernel, so that any padding its
-``forward`` applies is respected); only those rows are kept. Each batch runs
-twice per layer, each time only up to that layer (float target, quantized input).
+Layers are processed one at a time in execution order, on sampled rows
+(:mod:`ptqkit.correct.samples`: at most ``rows_per_batch`` output positions per batch, up to
+``max_rows`` per layer). Forward work is ``O(depth)``: one float pass records every layer's
+target rows, then one pass of the partially quantized network runs the traced graph node by node
+over the cached batches (:func:`ptqkit.walk.propagate`), rounding each layer right before it
+runs, so that the layers after it see its rounded weights. A model that could not be traced
+runs the prefix up to each layer twice per batch instead (``O(depth²)``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from ..config import PTQConfig
+from ..config import AdaRoundOptions, PTQConfig
 from ..info import PTQInfo
 from ..progress import progress
-from ..quant.modules import QuantLayer, float_mode, quant_layers
+from ..quant.modules import QuantLayer, quant_layers
 from ..quant.primitives import _broadcast, qparams, storage_dtype
 from ..quant.weights import weight_range
-from .bias import batches, layer_order, run_until, stop_after
+from ..walk import RERUN, Rerun, can_propagate, layer_order, propagate
+from .samples import collect_prefix, float_targets, input_rows
 
+#: the rectified sigmoid's stretch (Louizos et al. 2018, as in the paper)
 ZETA, GAMMA = 1.1, -0.1
-#: regularizer weight λ
-REG = 0.01
-#: β anneals from BETA_START to BETA_END after the warm-up fraction of the iterations
-BETA_START, BETA_END, WARMUP = 20.0, 2.0, 0.2
-#: Adam on ``V``: learning rate and moment decays
-LR, ADAM_B1, ADAM_B2 = 1e-2, 0.9, 0.999
-#: output positions kept per layer, per batch, and rows per optimization step
-MAX_ROWS, ROWS_PER_BATCH, ROWS_PER_STEP = 8192, 1024, 1024
-#: floats materialized at once when extracting conv patches (bounds memory)
-PATCH_BUDGET = 4_000_000
-
-
-def _identity_kernel(conv: nn.Module) -> torch.Tensor:
-    """Weight of a conv with the same geometry whose output channels are its input patches:
-    output channel ``g·(cpg·K) + j·K + k`` copies input channel ``g·cpg + j`` at kernel tap
-    ``k``."""
-    g = conv.groups
-    cpg = conv.weight.shape[1]
-    k = tuple(conv.weight.shape[2:])
-    n = cpg * math.prod(k)
-    eye = torch.eye(n, dtype=conv.weight.dtype, device=conv.weight.device).reshape(n, cpg, *k)
-    return eye.repeat(g, *([1] * (eye.dim() - 1)))
-
-
-def _gather_patches(conv: nn.Conv2d, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-    """Patches of a standard zero-padded ``nn.Conv2d`` by indexing (``None`` when the layer
-    is not one: a subclass with its own ``forward``, string or non-zero padding)."""
-    if (
-        type(conv).forward is not nn.Conv2d.forward
-        or conv.padding_mode != "zeros"
-        or isinstance(conv.padding, str)
-        or x.dim() != 4
-    ):
-        return None
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = (
-        conv.kernel_size,
-        conv.stride,
-        conv.dilation,
-        conv.padding,
-    )
-    h_out = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    w_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
-    n, r = rows // (h_out * w_out), rows % (h_out * w_out)
-    hi = (r // w_out)[:, None] * sh + torch.arange(kh, device=x.device) * dh  # [P, kh]
-    wi = (r % w_out)[:, None] * sw + torch.arange(kw, device=x.device) * dw  # [P, kw]
-    c = torch.arange(x.shape[1], device=x.device)
-    p = xp[
-        n[:, None, None, None], c[None, :, None, None], hi[:, None, :, None], wi[:, None, None, :]
-    ]
-    return p.reshape(len(rows), conv.groups, -1)
-
-
-def _patches(conv: nn.Module, x: torch.Tensor, rows: torch.Tensor, per_image: int) -> torch.Tensor:
-    """The input patches ``[len(rows), groups, cpg·K]`` of output positions ``rows`` (row
-    ``n·per_image + p`` = image ``n``, position ``p``): gathered directly for a standard
-    ``nn.Conv2d``, otherwise by running ``conv`` itself with an identity kernel (any padding its
-    ``forward`` applies, any dimensionality)."""
-    if isinstance(conv, nn.Conv2d):
-        got = _gather_patches(conv, x, rows)
-        if got is not None:
-            return got
-    kernel = _identity_kernel(conv)
-    width = kernel.shape[0]
-    chunk = max(1, PATCH_BUDGET // max(1, width * per_image))
-    saved_w, saved_b = conv._buffers["weight"], conv.bias
-    out = []
-    try:
-        conv._buffers["weight"] = kernel
-        conv.bias = None
-        for a in range(0, x.shape[0], chunk):
-            sel = rows[(rows >= a * per_image) & (rows < (a + chunk) * per_image)]
-            if sel.numel() == 0:
-                continue
-            z = conv(x[a : a + chunk])
-            z = z.movedim(1, -1).reshape(-1, width)
-            out.append(z[sel - a * per_image])
-    finally:
-        conv._buffers["weight"] = saved_w
-        conv.bias = saved_b
-    return torch.cat(out).reshape(len(rows), conv.groups, -1)
-
-
-def _rows(y: torch.Tensor, linear: bool) -> tuple[torch.Tensor, int]:
-    """``y`` as ``[rows, channels]`` and the number of rows per image."""
-    if linear:
-        flat = y.reshape(-1, y.shape[-1])
-        return flat, flat.shape[0] // max(1, y.shape[0]) if y.dim() > 1 else 1
-    flat = y.movedim(1, -1).reshape(-1, y.shape[1])
-    return flat, flat.shape[0] // y.shape[0]
-
-
-def _collect(
-    qmodel: nn.Module, layer: QuantLayer, data: Iterable[Any], config: PTQConfig, seed: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(x̂ patches [P, g, cpg·K], float target [P, Cout])`` for up to ``MAX_ROWS`` rows."""
-    inner = layer.layer
-    linear = isinstance(inner, nn.Linear)
-    xs, ys, kept = [], [], 0
-    box: dict[str, torch.Tensor] = {}
-    out_hook = lambda m, a, y: box.__setitem__("y", y.detach())  # noqa: E731
-    in_hook = lambda m, a: box.__setitem__("x", a[0].detach())  # noqa: E731
-    gen = torch.Generator().manual_seed(seed)
-    for i, args, kwargs in batches(data, config, qmodel):
-        box.clear()
-        h = layer.register_forward_hook(out_hook)
-        try:
-            with torch.no_grad(), float_mode(qmodel), stop_after(layer):
-                run_until(qmodel, args, kwargs, i)
-        finally:
-            h.remove()
-        if "y" not in box:
-            continue
-        h = inner.register_forward_pre_hook(in_hook)
-        try:
-            with torch.no_grad(), stop_after(layer):
-                run_until(qmodel, args, kwargs, i)
-        finally:
-            h.remove()
-        y, per_image = _rows(box["y"], linear)
-        take = min(y.shape[0], ROWS_PER_BATCH, MAX_ROWS - kept)
-        rows = torch.randperm(y.shape[0], generator=gen)[:take].sort().values.to(y.device)
-        ys.append(y[rows])
-        x = box["x"]
-        with torch.no_grad():
-            if linear:
-                xs.append(x.reshape(-1, x.shape[-1])[rows].unsqueeze(1))
-            else:
-                xs.append(_patches(inner, x, rows, per_image))
-        kept += take
-        if kept >= MAX_ROWS:
-            break
-    if not ys:
-        return None
-    return torch.cat(xs).float(), torch.cat(ys).float()
+#: Adam's moment decays
+ADAM_B1, ADAM_B2 = 0.9, 0.999
 
 
 def _activation(qmodel: nn.Module, name: str) -> Any:
@@ -212,9 +84,13 @@ def round_layer(
     act: Any,
     iters: int,
     seed: int,
+    options: AdaRoundOptions | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Learn the rounding of ``layer``'s float weight on rows ``x`` → ``target``; returns the
-    integer weight and the reconstruction losses (nearest rounding, AdaRound) on those rows."""
+    integer weight and the reconstruction losses (nearest rounding, AdaRound) on those rows.
+    Hyperparameters from ``options`` (default :class:`AdaRoundOptions`)."""
+    opts = AdaRoundOptions() if options is None else options
+    beta_start, beta_end = opts.beta
     spec = layer.spec
     w = layer.weight_fp.float()
     s = _broadcast(scale.to(w.device), w, spec.axis)
@@ -244,23 +120,23 @@ def round_layer(
     m1, m2 = torch.zeros_like(v), torch.zeros_like(v)  # Adam moments (written out: the
     # torch.optim step pulls in torch._dynamo, seconds of import for a few lines of arithmetic)
     gen = torch.Generator().manual_seed(seed)
-    warm = int(WARMUP * iters)
+    warm = int(opts.warmup * iters)
     n = x.shape[0]
     for t in range(iters):
-        idx = torch.randint(0, n, (min(n, ROWS_PER_STEP),), generator=gen).to(x.device)
+        idx = torch.randint(0, n, (min(n, opts.rows_per_step),), generator=gen).to(x.device)
         h = _h(v)
         rec = (forward(soft(h), x[idx]) - goal[idx]).pow(2).sum(1).mean()
         if t >= warm:
             frac = (t - warm) / max(1, iters - warm)
-            beta = BETA_END + (BETA_START - BETA_END) * (1 - frac)
-            loss = rec + REG * (1 - (2 * h - 1).abs().pow(beta)).sum()
+            beta = beta_end + (beta_start - beta_end) * (1 - frac)
+            loss = rec + opts.reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
         else:
             loss = rec
         (grad,) = torch.autograd.grad(loss, v)
         with torch.no_grad():
             m1.mul_(ADAM_B1).add_(grad, alpha=1 - ADAM_B1)
             m2.mul_(ADAM_B2).addcmul_(grad, grad, value=1 - ADAM_B2)
-            step = LR / (1 - ADAM_B1 ** (t + 1))
+            step = opts.lr / (1 - ADAM_B1 ** (t + 1))
             denom = (m2 / (1 - ADAM_B2 ** (t + 1))).sqrt_().add_(1e-8)
             v.addcdiv_(m1, denom, value=-step)
     up = (v.detach() >= 0).float()
@@ -279,39 +155,54 @@ def adaround(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PT
         info.warn("AdaRound: the model has no layer with weights to round; nothing was done")
         info.details["adaround"] = {"layers": {}}
         return qmodel
+    opts = config.adaround_options
     order = layer_order(qmodel, data, config)
+    seeds = {n: config.seed + k for k, n in enumerate(order) if layers[n].weight_fp.numel() > 0}
     report: dict[str, Any] = {}
-    for k, name in enumerate(progress(order, config.progress, "adaround")):
+
+    def learn(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         layer = layers[name]
         lo, hi = weight_range(layer, config.weight_calibration)
         scale, zp = qparams(lo, hi, layer.spec)
-        rows = None
-        if layer.weight_fp.numel() > 0:
-            rows = _collect(qmodel, layer, data, config, config.seed + k)
-        if rows is None:
-            layer.set_weight_range(lo, hi)
-            report[name] = {"skipped": "no calibration data reached it: nearest rounding"}
-            info.warn(f"AdaRound: {name} never ran on the calibration data; rounded to nearest")
-            continue
-        x, y = rows
-        torch.manual_seed(config.seed + k)
+        act = _activation(qmodel, name)
         with torch.enable_grad():
             q, losses = round_layer(
-                layer,
-                scale,
-                zp,
-                x,
-                y,
-                _activation(qmodel, name),
-                config.adaround_iters,
-                config.seed + k,
+                layer, scale, zp, x, y, act, config.adaround_iters, seeds[name], opts
             )
         layer.set_quantized(q, scale, zp)
         report[name] = {**losses, "rows": int(x.shape[0])}
+
+    engine: dict[str, Any] = {"cached_inputs": False}
+    plans, feeds = float_targets(qmodel, data, config, seeds, layers)
+    used = [n for n in order if n in plans and plans[n].picks]
+    if can_propagate(qmodel, used):
+        bar = iter(progress(used, config.progress, "adaround"))
+
+        def visit(name: str, layer: QuantLayer, inputs: Any, outputs: Any) -> Rerun:
+            next(bar, None)
+            learn(name, input_rows(layer, plans[name], inputs), plans[name].target())
+            return RERUN
+
+        with torch.no_grad():
+            walked = propagate(qmodel, feeds, visit, used, opts.memory_budget)
+        engine = {"cached_inputs": True, **walked}
+        next(bar, None)
+    else:
+        del plans, feeds  # the untraced path collects per layer
+        for name in progress(used, config.progress, "adaround"):
+            rows = collect_prefix(qmodel, layers[name], data, config, seeds[name])
+            if rows is not None:
+                learn(name, *rows)
+    for name in order:
+        if name not in report:
+            layers[name].set_weight_range(*weight_range(layers[name], config.weight_calibration))
+            report[name] = {"skipped": "no calibration data reached it: nearest rounding"}
+            info.warn(f"AdaRound: {name} never ran on the calibration data; rounded to nearest")
     info.details["adaround"] = {
-        "layers": report,
+        "layers": {n: report[n] for n in order},
         "iters": config.adaround_iters,
         "weight_calibration": config.weight_calibration,
+        "engine": engine,
     }
     return qmodel
 

@@ -5,11 +5,15 @@ layer's (float) bias removes the systematic part of the error.
 * ``"empirical"``: for each quantized layer in execution order, ``b ← b + E[y] - E[ỹ]`` where
   ``E[y]`` is the per-channel mean of the float network's layer output and ``E[ỹ]`` that of the
   quantized network (quantized weights and activations upstream, earlier corrections applied)
-  over the calibration data (its first :data:`BIAS_SAMPLES` samples: a per-channel mean over
-  that many samples × positions is already precise, and each sample costs one pass per layer).
-  Means are accumulated per channel while streaming: one float pass, then one pass per layer that
-  stops right after that layer, so the cost is about ``(layers / 2 + 1)`` passes over those
-  samples and the memory a few vectors.
+  over the calibration data (its first ``BiasCorrectionOptions.samples`` samples: a
+  per-channel mean over that many samples × positions is already precise). The float means come
+  from one streaming pass. The quantized ones need, at layer ``ℓ``, all samples propagated
+  through the layers before ``ℓ`` *with their corrections*; a traced model is therefore run
+  node by node over all those samples at once (:func:`ptqkit.walk.propagate`, cached layer
+  inputs, spilled to disk past a memory budget): at each layer its mean is taken, its bias
+  corrected, and only then does it run for the layers after it. Two passes in all, ``O(depth)``
+  forward work, and exactly the sequential algorithm. An untraced model falls back to one pass
+  per layer that stops right after it (``O(depth²)``).
 * ``"analytic"`` (data-free): ``b ← b - ε·E[x]`` with ``E[x]`` propagated through the graph from
   the BatchNorm statistics recorded at folding time (a folded layer's output is taken as
   ``N(β, γ²)`` per channel; after a clipping activation ``clamp(·, a, b)`` its mean is the
@@ -17,101 +21,45 @@ layer's (float) bias removes the systematic part of the error.
   ``α = (a - μ)/σ``, ``β' = (b - μ)/σ``; adds sum means, and variances as if independent;
   average pooling and flatten keep the mean). Layers whose input has no such statistics (the
   first layer, inputs after max-pooling, ...) are left as they are and listed.
-
-The helpers :func:`layer_order` and :func:`stop_after` (run the model only up to one layer) are
-shared with AdaRound and the sensitivity analysis.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..config import PTQConfig
-from ..data import batch_size, iter_batches, model_device, run_model, to_device
+from ..config import BiasCorrectionOptions, PTQConfig
+from ..data import Batch, run_model
 from ..errors import DataError, ModelError
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import ActQuant, QuantLayer, float_mode, quant_layers
-
-#: the empirical variant averages over (at most) the first this many calibration samples
-BIAS_SAMPLES = 256
-
-
-# -- running part of the model -------------------------------------------------------------------
-class StopForward(BaseException):  # not an Exception: run_model must not wrap it
-    """Raised by a hook to end a forward pass early (nothing after the hooked layer runs)."""
-
-
-@contextmanager
-def stop_after(module: nn.Module) -> Iterator[None]:
-    """Within the block, a forward pass raises :class:`StopForward` right after ``module`` ran
-    (hooks registered on it earlier still see its output)."""
-
-    def hook(*_: Any) -> None:
-        raise StopForward
-
-    h = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        h.remove()
-
-
-def run_until(model: nn.Module, args: tuple, kwargs: dict, index: int) -> None:
-    """Run one batch, tolerating an early :class:`StopForward`."""
-    with suppress(StopForward):
-        run_model(model, index, args, kwargs)
-
-
-def batches(
-    data: Iterable[Any], config: PTQConfig, model: nn.Module, max_samples: int | None = None
-) -> Iterator[tuple]:
-    """``(index, args, kwargs)`` of the calibration batches, on the model's device; with
-    ``max_samples``, the batches stop once that many samples have been yielded."""
-    device = model_device(model)
-    seen = 0
-    for i, (args, kwargs) in iter_batches(data, config.num_batches):
-        if max_samples is not None and seen >= max_samples:
-            break
-        args, kwargs = to_device(args, kwargs, device)
-        seen += batch_size(args, kwargs)
-        yield i, args, kwargs
-
-
-def layer_order(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> list[str]:
-    """Names of the :class:`QuantLayer` modules in the order they first run (on one batch)."""
-    layers = quant_layers(model)
-    order: list[str] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda *_, n=n: order.append(n) if n not in order else None)
-        for n, m in layers.items()
-    ]
-    try:
-        with torch.no_grad(), float_mode(model):
-            for i, args, kwargs in batches(data, config, model):
-                run_model(model, i, args, kwargs)
-                break
-    finally:
-        for h in hooks:
-            h.remove()
-    return order + [n for n in layers if n not in order]  # never run: last
+from ..walk import batches, can_propagate, layer_order, propagate, run_until, stop_after
 
 
 def channel_sum(y: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, int]:
-    """Per-output-channel sum of ``y`` (axis 1 for convs, last for Linear) and the count."""
-    y = y.detach().double()
+    """Per-output-channel sum of ``y`` (axis 1 for convs, last for Linear, in float64) and the
+    count. A conv's positions are summed per image first, in (at least) float32 with pairwise
+    summation (relative error ~1e-8; 20× faster than converting the whole map to float64)."""
+    y = y.detach()
     if isinstance(layer, nn.Linear):
-        flat = y.reshape(-1, y.shape[-1])
+        flat = y.reshape(-1, y.shape[-1]).double()
         return flat.sum(0), flat.shape[0]
-    flat = y.transpose(0, 1).reshape(y.shape[1], -1)
-    return flat.sum(1), flat.shape[1]
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    per_image = y.flatten(2).sum(2, dtype=acc)  # [N, C]
+    return per_image.double().sum(0), y.shape[0] * y[0, 0].numel()
+
+
+def _shift(y: torch.Tensor, layer: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """``y`` plus ``delta`` per output channel: the layer's output with its bias moved by it."""
+    shape = [1] * y.dim()
+    shape[-1 if isinstance(layer, nn.Linear) else 1] = -1
+    return y + delta.to(y.device, y.dtype).reshape(shape)
 
 
 def _add_to_bias(layer: QuantLayer, delta: torch.Tensor) -> None:
@@ -144,7 +92,11 @@ class _Mean:
 
 
 def _empirical(
-    qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo
+    qmodel: nn.Module,
+    data: Iterable[Any],
+    config: PTQConfig,
+    info: PTQInfo,
+    options: BiasCorrectionOptions,
 ) -> dict[str, Any]:
     if data is None:
         raise DataError(
@@ -157,29 +109,50 @@ def _empirical(
     hooks = [
         layers[n].register_forward_hook(lambda m, a, y, n=n: ref[n].add(y, m.layer)) for n in order
     ]
+    feeds: list[Batch] = []
     try:
         with torch.no_grad(), float_mode(qmodel):
-            for i, args, kwargs in batches(data, config, qmodel, BIAS_SAMPLES):
+            for i, args, kwargs in batches(data, config, qmodel, options.samples):
                 run_model(qmodel, i, args, kwargs)
+                feeds.append((args, kwargs))
     finally:
         for h in hooks:
             h.remove()
+    order = [n for n in order if ref[n].value is not None]
     shifts: dict[str, float] = {}
-    for n in progress(order, config.progress, "bias correction"):
-        if ref[n].value is None:
-            continue
+
+    def correct(name: str, got: _Mean) -> torch.Tensor:
+        delta = ref[name].value - got.value
+        _add_to_bias(layers[name], delta)
+        shifts[name] = float(delta.abs().max())
+        return delta
+
+    if can_propagate(qmodel, order):
+        bar = iter(progress(order, config.progress, "bias correction"))
+
+        def visit(name: str, layer: QuantLayer, inputs: Any, outputs: Any) -> Any:
+            next(bar, None)
+            got = _Mean()
+            for y in outputs():
+                got.add(y, layer.layer)
+            delta = correct(name, got)
+            return lambda y: _shift(y, layer.layer, delta)
+
+        with torch.no_grad():
+            walked = propagate(qmodel, feeds, visit, order, options.memory_budget)
+        next(bar, None)
+        return {"mode": "empirical", "corrected": shifts, "passes": 2, "engine": walked}
+    for n in progress(order, config.progress, "bias correction"):  # untraced: prefix re-runs
         got = _Mean()
         layer = layers[n]
         h = layer.register_forward_hook(lambda m, a, y, got=got: got.add(y, m.layer))
         try:
             with torch.no_grad(), stop_after(layer):
-                for i, args, kwargs in batches(data, config, qmodel, BIAS_SAMPLES):
+                for i, args, kwargs in batches(data, config, qmodel, options.samples):
                     run_until(qmodel, args, kwargs, i)
         finally:
             h.remove()
-        delta = ref[n].value - got.value
-        _add_to_bias(layer, delta)
-        shifts[n] = float(delta.abs().max())
+        correct(n, got)
     return {"mode": "empirical", "corrected": shifts, "passes": len(shifts) + 1}
 
 
@@ -302,18 +275,9 @@ def correct_bias(
     if mode == "analytic":
         details = _analytic(qmodel, info)
     else:
-        details = _empirical(qmodel, data, config, info)
+        details = _empirical(qmodel, data, config, info, config.bias_correction_options)
     info.details["bias_correction"] = details
     return qmodel
 
 
-__all__ = [
-    "StopForward",
-    "batches",
-    "channel_sum",
-    "clipped_normal_mean",
-    "correct_bias",
-    "layer_order",
-    "run_until",
-    "stop_after",
-]
+__all__ = ["channel_sum", "clipped_normal_mean", "correct_bias"]

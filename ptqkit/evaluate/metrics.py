@@ -26,6 +26,16 @@ from torch import nn
 from ..data import batch_size, batch_target, iter_batches, model_device, run_model, to_device
 from ..errors import DataError, PTQWarning
 from ..progress import progress
+from .coverage import Coverage, CoverageMeter, coverage_message
+from .outputs import (
+    OutputSelector,
+    as_rows,
+    discrete_hits,
+    equal_share,
+    is_discrete,
+    select,
+    topk_hits,
+)
 
 #: degradation (points) above which :func:`evaluate` advises remedies (the chapter's 2-3 %)
 MAX_DEGRADATION = 2.0
@@ -50,6 +60,9 @@ class EvalResult:
         size_bytes_quantized: storage of the quantized model (integer weights at their bit
             width, scales, zero points, float biases, activation ranges), or ``None``.
         samples: number of samples evaluated.
+        coverage: ``{activation quantizer: Coverage}``, how the evaluation values fit each
+            calibrated range (see :mod:`ptqkit.evaluate.coverage`); empty for a model without
+            ptqkit quantizers.
         warnings: the advice emitted (also issued as :class:`~ptqkit.PTQWarning`).
     """
 
@@ -63,6 +76,7 @@ class EvalResult:
     size_bytes_quantized: int | None
     samples: int
     warnings: list[str] = field(default_factory=list)
+    coverage: dict[str, Coverage] = field(default_factory=dict)
 
     @property
     def compression(self) -> float | None:
@@ -128,46 +142,6 @@ def size_bytes(model: Any) -> int | None:
 
 
 # -- outputs -------------------------------------------------------------------------------------
-def _scores(out: Any, who: str) -> torch.Tensor:
-    """The tensor of class scores in a model output (a tensor, the first item of a tuple/list,
-    or the ``"logits"`` entry of a dict-like output), as a float CPU tensor."""
-    if isinstance(out, dict) or hasattr(out, "logits"):
-        out = out["logits"] if isinstance(out, dict) and "logits" in out else out.logits
-    elif isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    if not isinstance(out, torch.Tensor) and hasattr(out, "__array__"):
-        out = torch.as_tensor(out)
-    if not isinstance(out, torch.Tensor):
-        raise DataError(f"the {who} model returned a {type(out).__name__}, not a tensor of scores")
-    return out.detach().cpu().float()
-
-
-def _rows(scores: torch.Tensor) -> torch.Tensor:
-    """Scores as ``[rows, classes]``: ``[N, C]`` as is, ``[N, C, ...]`` (one prediction per
-    position) as ``[N·..., C]``, a vector as one column."""
-    if scores.dim() == 0:
-        return scores.reshape(1, 1)
-    if scores.dim() == 1:
-        return scores.unsqueeze(1)
-    if scores.dim() > 2:
-        return scores.movedim(1, -1).reshape(-1, scores.shape[1])
-    return scores
-
-
-def _topk_hits(logits: torch.Tensor, target: Any, k: int) -> float:
-    """Number of rows whose target is among the ``k`` highest scores."""
-    t = torch.as_tensor(target).reshape(-1).to(torch.int64)
-    if t.numel() != logits.shape[0]:
-        raise DataError(
-            f"{t.numel()} labels for {logits.shape[0]} outputs: labels must be class indices, "
-            "one per sample"
-        )
-    if k > logits.shape[1]:
-        raise DataError(f"top{k} needs at least {k} classes; the model outputs {logits.shape[1]}")
-    top = logits.topk(k, dim=1).indices
-    return float((top == t[:, None]).any(dim=1).sum())
-
-
 # -- advice --------------------------------------------------------------------------------------
 def _remedies(config: dict[str, Any]) -> str:
     """The chapter's remedies for a large degradation, minus what the config already does."""
@@ -221,6 +195,7 @@ def evaluate(
     data: Iterable[Any],
     metric: str | Metric = "top1",
     progress_bar: bool = True,
+    output: OutputSelector = None,
 ) -> EvalResult:
     """Compare ``fp32_model`` and ``qmodel`` on ``data`` in one pass.
 
@@ -235,21 +210,33 @@ def evaluate(
         metric: ``"top1"``, ``"top5"`` (percent of samples), ``"agreement"`` (no labels: the
             float model scores 100, the quantized model its top-1 agreement), or a callable
             ``metric(outputs, targets) -> float`` (higher is better; ``outputs`` are the
-            model's scores as a float CPU tensor of the model's output shape, ``targets`` the
+            model's scores as a float CPU tensor of the model's output shape, integer and bool
+            outputs keeping their dtype, ``targets`` the
             second item of the batch or ``None``), averaged over batches weighted by their
             number of samples. Outputs with more than 2 dims (``[N, C, ...]``) count one
             prediction per position for top-k, agreement and KL.
         progress_bar: show a progress bar (on a terminal).
+        output: which tensor of the models' outputs to score: a dict key (or attribute name),
+            a tuple index, or a callable ``output(model_output) -> tensor``. By default a
+            tensor, the ``logits`` entry of a dict, or the only tensor of a tuple/dict; any
+            other output is a :class:`DataError` listing its entries
+            (see :mod:`ptqkit.evaluate.outputs`).
+
+    Integer and bool outputs (e.g. an ``argmax``) are predicted classes, compared by equality:
+    ``agreement`` is the percentage of equal elements (of samples for a ``[N]`` output),
+    ``top1`` the percentage of elements equal to their label; ``top5`` is refused and ``kl`` is
+    ``nan`` (there are no scores).
 
     Returns:
         An :class:`EvalResult`. Warnings (issued as :class:`~ptqkit.PTQWarning` and kept in
         ``result.warnings``): a degradation above 2 points of a built-in metric (a callable's
-        unit is unknown), with the chapter's remedies, and a quantized model calibrated on fewer
-        than 100 samples.
+        unit is unknown), with the chapter's remedies; a quantized model calibrated on fewer
+        than 100 samples; activation quantizers saturated by the evaluation data (the
+        calibration data does not represent it; see :mod:`ptqkit.evaluate.coverage`).
 
     Raises:
         DataError: empty data, a batch a model rejects (named by index), ``top1``/``top5``
-            without labels, or an unknown metric.
+            without labels, an unknown metric, or an output with no obvious tensor to score.
     """
     if isinstance(metric, str):
         if metric not in ("top1", "top5", "agreement"):
@@ -268,8 +255,9 @@ def evaluate(
         _set_training(m, False)
     score_f = score_q = agree = kl = 0.0
     samples = 0
+    meter = CoverageMeter(qmodel)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), meter:
             for i, batch in progress(_with_targets(data), progress_bar, "evaluate"):
                 (args, kwargs), target = batch
                 if name in ("top1", "top5") and target is None:
@@ -278,31 +266,20 @@ def evaluate(
                         "(input, labels) batches, or use metric='agreement' to compare the "
                         "two models without labels"
                     )
-                raw_f = _scores(_call(fp32_model, i, args, kwargs), "float")
-                raw_q = _scores(_call(qmodel, i, args, kwargs), "quantized")
-                if raw_f.shape != raw_q.shape:
+                raw_f = select(_call(fp32_model, i, args, kwargs), output, "float")
+                if isinstance(qmodel, nn.Module):
+                    args, kwargs = to_device(args, kwargs, model_device(qmodel))
+                    meter.set_inputs(args, kwargs)
+                raw_q = select(_call(qmodel, i, args, kwargs), output, "quantized")
+                if raw_f.shape != raw_q.shape or is_discrete(raw_f) != is_discrete(raw_q):
                     raise DataError(
-                        f"batch {i}: the float model returned shape {tuple(raw_f.shape)} but the "
-                        f"quantized model {tuple(raw_q.shape)}"
+                        f"batch {i}: the float model returned {tuple(raw_f.shape)} "
+                        f"{raw_f.dtype} but the quantized model {tuple(raw_q.shape)} {raw_q.dtype}"
                     )
-                out_f, out_q = _rows(raw_f), _rows(raw_q)
                 n = batch_size(args, kwargs)
-                rows = out_f.shape[0]
-                same = out_f.argmax(1) == out_q.argmax(1)
-                agree += float(same.sum()) * n / rows
-                logp, logq = F.log_softmax(out_f, 1), F.log_softmax(out_q, 1)
-                kl_rows = (logp.exp() * (logp - logq)).sum(1).clamp(min=0.0)
-                kl += float(kl_rows.sum()) * n / rows
-                if name == "agreement":
-                    score_f += n
-                    score_q += float(same.sum()) * n / rows
-                elif name in ("top1", "top5"):
-                    k = 1 if name == "top1" else 5
-                    score_f += _topk_hits(out_f, target, k) * n / rows
-                    score_q += _topk_hits(out_q, target, k) * n / rows
-                else:
-                    score_f += float(metric(raw_f, target)) * n
-                    score_q += float(metric(raw_q, target)) * n
+                batch_fn = _discrete_batch if is_discrete(raw_f) else _scores_batch
+                f, q, same, kl_sum = batch_fn(name, metric, raw_f, raw_q, target, n)
+                score_f, score_q, agree, kl = score_f + f, score_q + q, agree + same, kl + kl_sum
                 samples += n
     finally:
         for m, training in modes:
@@ -312,7 +289,11 @@ def evaluate(
     fp32 = scale * score_f / samples
     quantized = scale * score_q / samples
     degradation = fp32 - quantized
+    coverage = meter.results()
     msgs = _advice(degradation if isinstance(metric, str) else None, name, qmodel)
+    msg = coverage_message(coverage)
+    if msg is not None:
+        msgs.append(msg)
     for msg in msgs:
         warnings.warn(msg, PTQWarning, stacklevel=2)
     return EvalResult(
@@ -326,7 +307,46 @@ def evaluate(
         size_bytes_quantized=size_bytes(qmodel),
         samples=samples,
         warnings=msgs,
+        coverage=coverage,
     )
+
+
+def _scores_batch(
+    name: str, metric: Any, raw_f: torch.Tensor, raw_q: torch.Tensor, target: Any, n: int
+) -> tuple[float, float, float, float]:
+    """``(score_f, score_q, agreement, KL)`` sums of one batch of float scores, each row of
+    ``[rows, classes]`` weighing ``n / rows`` samples."""
+    out_f, out_q = as_rows(raw_f), as_rows(raw_q)
+    rows = out_f.shape[0]
+    same = float((out_f.argmax(1) == out_q.argmax(1)).sum()) * n / rows
+    logp, logq = F.log_softmax(out_f, 1), F.log_softmax(out_q, 1)
+    kl = float((logp.exp() * (logp - logq)).sum(1).clamp(min=0.0).sum()) * n / rows
+    if name == "agreement":
+        return float(n), same, same, kl
+    if name in ("top1", "top5"):
+        k = 1 if name == "top1" else 5
+        hits_f, hits_q = topk_hits(out_f, target, k), topk_hits(out_q, target, k)
+        return hits_f * n / rows, hits_q * n / rows, same, kl
+    return float(metric(raw_f, target)) * n, float(metric(raw_q, target)) * n, same, kl
+
+
+def _discrete_batch(
+    name: str, metric: Any, raw_f: torch.Tensor, raw_q: torch.Tensor, target: Any, n: int
+) -> tuple[float, float, float, float]:
+    """The same sums for integer/bool outputs, compared by equality (KL is ``nan``)."""
+    equal, total = equal_share(raw_f, raw_q)
+    same = equal * n / total if total else float(n)
+    if name == "agreement":
+        return float(n), same, same, math.nan
+    if name == "top5":
+        raise DataError(
+            f"top5 needs class scores, but the models return {raw_f.dtype} predictions; use "
+            "metric='top1' or 'agreement', or select a float output with output=..."
+        )
+    if name == "top1":
+        (hits_f, count), (hits_q, _) = discrete_hits(raw_f, target), discrete_hits(raw_q, target)
+        return hits_f * n / count, hits_q * n / count, same, math.nan
+    return float(metric(raw_f, target)) * n, float(metric(raw_q, target)) * n, same, math.nan
 
 
 def _set_training(model: nn.Module, training: bool) -> None:

@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from ..config import PTQConfig
-from ..data import batch_target, model_device, run_model, split_batch, to_device
+from ..data import batch_target, fresh_inputs, model_device, run_model, split_batch, to_device
 from ..errors import DataError
 from ..progress import progress
 from ..quant.modules import ActQuant, QuantLayer, act_quants, float_mode, quant_layers
@@ -196,8 +196,8 @@ class Evaluator:
             cached = self._ref.get(i)
             if cached is None or cached[0] != fp:
                 with torch.no_grad(), float_mode(self.model):
-                    out = _first_tensor(run_model(self.model, i, args, kwargs)).detach()
-                self._ref[i] = (fp, out)
+                    out = _first_tensor(run_model(self.model, i, *fresh_inputs(args, kwargs)))
+                self._ref[i] = (fp, out.detach().clone())  # kept: no later in-place op reaches it
             yield i, (args, kwargs), self._ref[i][1], batch_target(batch)
 
     def measure(self, floats: Iterable[str] = (), only: Iterable[str] | None = None) -> Score:
@@ -207,7 +207,7 @@ class Evaluator:
         sig = noise = 0.0
         with torch.no_grad(), precision(self.model, floats, only):
             for i, (args, kwargs), ref, target in self._batches():
-                out = _first_tensor(run_model(self.model, i, args, kwargs)).detach()
+                out = _first_tensor(run_model(self.model, i, *fresh_inputs(args, kwargs))).detach()
                 sig += float(ref.double().pow(2).sum())
                 noise += float((ref.double() - out.double()).pow(2).sum())
                 if self.metric_name != "sqnr_db":
@@ -245,7 +245,7 @@ def layer_sqnr(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> dict
     def hook(name: str):
         def fn(m: nn.Module, a: Any, y: torch.Tensor) -> None:
             if mode["float"]:
-                store[name] = y.detach()
+                store[name] = y.detach().clone()  # the model may modify y in place later
             elif name in store:
                 ref = store.pop(name).double()
                 sums[name][0] += float(ref.pow(2).sum())
@@ -271,12 +271,12 @@ def layer_sqnr(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> dict
                     store.clear()
                     mode["float"] = True
                     with float_mode(model):
-                        run_model(model, i, part, kwargs)
+                        run_model(model, i, *fresh_inputs(part, kwargs))
                     if chunk is None and single:
                         per = sum(t.numel() * t.element_size() for t in store.values())
                         chunk = max(1, SQNR_BUDGET // max(1, per))
                     mode["float"] = False
-                    run_model(model, i, part, kwargs)
+                    run_model(model, i, *fresh_inputs(part, kwargs))
                     a += step
                     step = n if not single else chunk
     finally:
@@ -368,7 +368,8 @@ def sensitivity(
         qmodel = model
     else:
         qmodel = quantize(model, data, config.replace(max_degradation=None, min_sqnr_db=None))
-    from ..correct.bias import layer_order
+    from ..data import FreshBatches
+    from ..walk import layer_order
 
     ev = Evaluator(qmodel, data, config)
     full = ev.measure()
@@ -376,7 +377,8 @@ def sensitivity(
     units = layer_quantizers(qmodel)
     layers = quant_layers(qmodel)
     rows = []
-    for n in progress(layer_order(qmodel, data, config), config.progress, "sensitivity"):
+    order = layer_order(qmodel, FreshBatches(data), config)  # the model may modify its input
+    for n in progress(order, config.progress, "sensitivity"):
         alone = ev.measure(only=[n])
         left = ev.measure(floats=[n])
         rows.append(

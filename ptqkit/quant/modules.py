@@ -15,6 +15,7 @@ int8 weight initializers and the same scales and zero points as the simulation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,8 +27,27 @@ from ..config import QuantSpec
 from ..errors import CalibrationError
 from .primitives import dequantize, fake_quant, qparams, quantize
 
+#: Transposed convolutions: weight ``[in, out/groups, k...]``, output channels on axis 1.
+TRANSPOSED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 #: Layer types whose weights ptqkit quantizes (subclasses included).
-WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    *TRANSPOSED_LAYERS,
+)
+
+
+def weight_axis(layer: nn.Module) -> int:
+    """The output-channel axis of ``layer``'s weight: 1 for a transposed conv, else 0. For a
+    grouped transposed conv, axis 1 holds ``out/groups`` channels: scale ``j`` serves the output
+    channels ``j, j + out/groups, ...`` (one per group), which ONNX ``DequantizeLinear`` can say."""
+    return 1 if isinstance(layer, TRANSPOSED_LAYERS) else 0
 
 
 class _DequantizeLinear(torch.autograd.Function):
@@ -111,10 +131,17 @@ class QuantLayer(nn.Module):
         super().__init__()
         if not isinstance(layer, WEIGHT_LAYERS):
             raise TypeError(f"QuantLayer wraps {WEIGHT_LAYERS}, got {type(layer).__name__}")
+        if spec.per_channel and spec.axis != weight_axis(layer):
+            spec = dataclasses.replace(spec, axis=weight_axis(layer))
         self.name = name
         self.spec = spec
         self.layer = layer
         self.input_quant: ActQuant | None = None
+        if "weight" not in layer._parameters:
+            raise TypeError(
+                f"{name or type(layer).__name__}: its weight is not a plain Parameter "
+                f"({type(getattr(layer, 'weight', None)).__name__}); remove parametrizations first"
+            )
         w = layer.weight.detach()
         nch = w.shape[spec.axis] if spec.per_channel else 1
         shape = (nch,) if spec.per_channel else ()

@@ -11,8 +11,9 @@ from .modules import QuantLayer, quant_layers
 
 
 def weight_range(layer: QuantLayer, method: str):
-    """Range of the layer's float weight by ``method`` (minmax | mse), per channel on axis 0."""
-    cal = make_calibrator(method, axis=0 if layer.spec.per_channel else None)
+    """Range of the layer's float weight by ``method`` (minmax | mse), per channel on the layer's
+    output-channel axis (``layer.spec.axis``: 0, or 1 for a transposed conv)."""
+    cal = make_calibrator(method, axis=layer.spec.axis if layer.spec.per_channel else None)
     cal.observe(layer.weight_fp)
     return cal.compute_range(layer.spec)
 

@@ -89,6 +89,7 @@ class Report:
     advice: list[Advice] = field(default_factory=list)
     clipped: dict[str, float] = field(default_factory=dict)
     heldout_clipped: dict[str, float] = field(default_factory=dict)
+    coverage: dict[str, Any] = field(default_factory=dict)  # EvalResult.coverage
     path: Path | None = None
 
 
@@ -405,6 +406,7 @@ def collect(
     rep.config = dict(info.config) if info is not None else {}
     rep.warnings = list(info.warnings) if info is not None else []
     rep.summary = list(extra) + summary_rows(qmodel, result, latency)
+    rep.coverage = dict(getattr(result, "coverage", None) or {})
     if data is not None:
         hists, rep.histogram_samples = activation_histograms(qmodel, data, batches)
         rep.histograms_total = len(hists)
@@ -620,6 +622,7 @@ def render(rep: Report) -> str:
     """The report as one HTML document."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     from .. import __version__
+    from .coverage import section_coverage
 
     notes = "".join(f"<p>{html.escape(n)}</p>" for n in rep.notes)
     warn = ""
@@ -643,6 +646,8 @@ def render(rep: Report) -> str:
         _section_comparison(rep),
         "<h2>Per-layer sensitivity</h2>",
         _section_sensitivity(rep),
+        "<h2>Calibration coverage of the evaluation data</h2>",
+        section_coverage(rep.coverage),
         "<h2>Activation histograms and calibrator ranges</h2>",
         _section_histograms(rep),
         "<h2>Weight ranges per channel</h2>",

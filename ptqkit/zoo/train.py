@@ -237,13 +237,15 @@ def pretrained(name: str) -> nn.Module:
     path = cache_path(name)
     if path.is_file():
         try:
-            model = MODELS[name]()
+            with torch.random.fork_rng(devices=[]):  # init draws from the global RNG: restored
+                model = MODELS[name]()
             model.load_state_dict(load_file(str(path)), strict=True)
             logger.info("loaded %s from %s", name, path)
             return model.eval()
         except Exception as e:  # truncated/corrupt file or mismatched keys: train again
             logger.warning("cannot load cached %s (%s: %s); retraining", path, type(e).__name__, e)
-    model, meta = _train(name)
+    with torch.random.fork_rng(devices=[]):  # training seeds the global RNG: the caller's is kept
+        model, meta = _train(name)
     _save_atomic(model.state_dict(), meta, path)
     logger.info("cached %s weights at %s", name, path)
     return model

@@ -1,6 +1,7 @@
 """Exactness of the mergeable histogram statistics (:class:`ptqkit.calibrate.HistogramStats`):
 the state after a stream is a function of the multiset of values only (batch split, order,
-merge tree), bounded in size, and equal to the histogram computed directly from the data."""
+merge tree), bounded in size, and equal to the histogram computed directly from the data (the
+log-scale bins of the float32 bit patterns, computed here independently in numpy)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ptqkit.calibrate import HistogramStats, MinMaxStats
-from ptqkit.calibrate.stats import as_channels
+from ptqkit.calibrate.stats import BINADES, MANTISSA_BITS, as_channels
 from ptqkit.errors import CalibrationError
 
 FAST = settings(max_examples=30, deadline=None, derandomize=True)
@@ -20,8 +21,7 @@ FAST = settings(max_examples=30, deadline=None, derandomize=True)
 def _state(h: HistogramStats) -> dict[str, torch.Tensor]:
     return {
         "counts": h.counts,
-        "exp": h.exp,
-        "off": h.off,
+        "top": h.top,
         "zeros": h.zeros,
         "lo": h.lo,
         "hi": h.hi,
@@ -138,13 +138,16 @@ def test_constant_tensor(value):
     assert int((h.counts > 0).sum()) == 1
     edges = h.edges()[0]
     j = int(torch.nonzero(h.counts[0])[0])
-    assert float(edges[j]) <= value < float(edges[j + 1])
+    if value >= 0:
+        assert float(edges[j]) <= value < float(edges[j + 1])
+    else:
+        assert float(edges[j]) < value <= float(edges[j + 1])
     assert float(h.zeros[0]) == (300 if value == 0 else 0)
-    folded, w = h.folded()
-    assert folded.shape[1] <= h.nbins  # bounded, however far from 0 the constant is
+    folded, fedges = h.folded()
+    assert folded.shape[1] == _N  # bounded, however far from 0 the constant is
     assert float(folded.sum()) == 300
     k = int(torch.nonzero(folded[0])[0])
-    assert float(k * w[0]) <= abs(value) <= float((k + 1) * w[0])
+    assert float(fedges[0, k]) <= abs(value) < float(fedges[0, k + 1])
 
 
 def test_all_zero_then_non_zero_data():
@@ -166,31 +169,48 @@ def test_growth_by_many_orders_of_magnitude():
     assert_same_state(h, _stream([torch.cat(batches)], bins=512))
     assert_same_state(h, _stream(batches[::-1], bins=512))
     assert float(h.counts.sum()) == 200 * len(batches)
-    used = torch.nonzero(h.counts[0]).flatten()
-    assert int(used.max() - used.min()) < h.nbins
     _check_direct_histogram(h, torch.cat(batches).reshape(1, -1))
 
 
 def test_tiny_negative_values_next_to_a_huge_range_stay_negative():
-    """``x · 2^-e`` underflows to -0.0 for x = -1e-38 at a bin width of 2^27: the value must
-    still land in the bin below 0, as it does when it is binned at a finer width first."""
-    x = torch.tensor([-1e-38, -1e-30, 3e-39, 0.0, 1e10, -1e10])
+    """Tiny negative values (below the window, subnormal) stay on the negative side, and -0.0
+    counts as +0.0 (a zero), whatever the batch split."""
+    x = torch.tensor([-1e-38, -1e-30, 3e-39, 0.0, -0.0, 1e10, -1e10])
     one = _stream([x])
-    assert float(one.exp[0]) > 20
     _check_direct_histogram(one, x.reshape(1, -1))
+    assert float(one.zeros[0]) == 2 and float(one.counts[0, :_N].sum()) == 3
     assert_same_state(one, _stream([x[:4], x[4:]]))
-    assert_same_state(one, _stream([x[i : i + 1] for i in range(6)]))
+    assert_same_state(one, _stream([x[i : i + 1] for i in range(7)]))
+
+
+_N = BINADES * 2**MANTISSA_BITS  # magnitude bins per sign
+
+
+def _direct_index(x: np.ndarray) -> np.ndarray:
+    """Signed-order bin index of each float32 value, from its bit pattern (numpy): the window
+    of ``BINADES`` binades below the binade of ``max |x|``, the smaller magnitudes in bin 0."""
+    a = np.abs(x.astype(np.float32))
+    keys = (a.view(np.uint32) >> (23 - MANTISSA_BITS)).astype(np.int64)
+    top_binade = int(a.max().view(np.uint32) >> 23) + 1
+    top = min(max(top_binade << MANTISSA_BITS, _N), 255 << MANTISSA_BITS)
+    j = np.clip(keys - (top - _N), 0, _N - 1)
+    return np.where(x < 0, _N - 1 - j, _N + j)
 
 
 def _check_direct_histogram(h: HistogramStats, rows: torch.Tensor) -> None:
-    """``counts`` is the histogram of the data at the final grid, computed directly in float64."""
-    w = h.width().numpy()
+    """``counts`` is the histogram of the data computed directly from the bit patterns, and
+    every value lies inside the edges of its bin (``[v_k, v_k+1)``, mirrored for x < 0)."""
     for c in range(rows.shape[0]):
-        x = rows[c].double().numpy()
-        idx = np.floor(x / w[c]).astype(np.int64) - int(h.off[c])  # x / 2^e is exact
-        assert idx.min() >= 0 and idx.max() < h.nbins
-        direct = np.bincount(idx, minlength=h.nbins)
+        x = rows[c].float().numpy()
+        idx = _direct_index(x)
+        direct = np.bincount(idx, minlength=2 * _N)
         np.testing.assert_array_equal(h.counts[c].numpy(), direct)
+        e = h.edges()[c].numpy()
+        xd = x.astype(np.float64)
+        pos, neg = xd >= 0, xd < 0
+        inner = (idx != _N) & (idx != _N - 1)  # bins 0 also hold every smaller magnitude
+        assert np.all(e[idx][pos] <= xd[pos]) and np.all(xd[pos] < e[idx + 1][pos])
+        assert np.all(e[idx + 1][neg] >= xd[neg]) and np.all(xd[neg & inner] > e[idx][neg & inner])
 
 
 @FAST
@@ -199,12 +219,7 @@ def test_counts_equal_the_direct_histogram_at_the_final_width(x, cuts):
     h = _stream(_split(x, cuts))
     _check_direct_histogram(h, x.reshape(1, -1))
     assert float(h.zeros[0]) == float((x == 0).sum())
-    # the data fills between half and all of the bins (or one bin for a constant)
-    used = torch.nonzero(h.counts[0]).flatten()
-    span = int(used.max() - used.min()) + 1
-    assert span <= h.nbins
-    if float(x.max()) > float(x.min()):
-        assert span >= h.nbins // 2 - 1
+    assert h.counts.shape == (1, 2 * _N)
 
 
 # -- per-channel ----------------------------------------------------------------------------------
@@ -219,11 +234,11 @@ def test_per_channel_equals_per_tensor_on_each_channel(axis):
     batches = [x[..., :20], x[..., 20:]] if axis != -1 else [x[:2], x[2:]]
     h = _stream(batches, bins=128, axis=axis)
     n_ch = x.shape[axis]
-    assert h.counts.shape == (n_ch, 128)
-    assert h.exp.shape == h.off.shape == h.zeros.shape == h.lo.shape == (n_ch,)
+    assert h.counts.shape == (n_ch, 2 * _N)
+    assert h.top.shape == h.zeros.shape == h.lo.shape == (n_ch,)
     for c in range(n_ch):
         ref = _stream([x.select(axis, c)], bins=128)
-        for k in ("counts", "exp", "off", "zeros", "lo", "hi"):
+        for k in ("counts", "top", "zeros", "lo", "hi"):
             assert torch.equal(_state(h)[k][c], _state(ref)[k][0]), (c, k)
     _check_direct_histogram(h, as_channels(x, axis))
 
@@ -288,22 +303,19 @@ def test_state_size_does_not_grow_with_the_number_of_batches(axis):
 # -- folded histogram of |x| ----------------------------------------------------------------------
 
 
-def _direct_folded(x: np.ndarray, w: float, m: int) -> np.ndarray:
-    """Histogram of ``|x|`` at width ``w``; bin ``k`` holds ``x ≥ 0`` in ``[k·w, (k+1)·w)`` and
-    ``x < 0`` with ``|x|`` in ``(k·w, (k+1)·w]`` (the bins are the signed bins, mirrored)."""
-    pos = np.floor(x[x >= 0] / w).astype(np.int64)
-    neg = (np.ceil(-x[x < 0] / w) - 1).astype(np.int64)
-    return np.bincount(np.concatenate([pos, neg]), minlength=m)
+def _direct_folded(x: np.ndarray) -> np.ndarray:
+    """Histogram of ``|x|`` on the magnitude bins (the signed bins, mirrored)."""
+    idx = _direct_index(x)
+    return np.bincount(np.where(idx >= _N, idx - _N, _N - 1 - idx), minlength=_N)
 
 
 @FAST
 @given(x=datasets(), cuts=st.lists(st.integers(0, 3000), max_size=5))
 def test_folded_equals_the_direct_histogram_of_abs_x(x, cuts):
     h = _stream(_split(x, cuts))
-    folded, w = h.folded()
-    assert folded.shape[1] <= h.nbins
-    direct = _direct_folded(x.double().numpy(), float(w[0]), folded.shape[1])
-    assert direct.shape[0] == folded.shape[1]  # no empty trailing bins
+    folded, fedges = h.folded()
+    assert folded.shape[1] == _N and fedges.shape[1] == _N + 1
+    direct = _direct_folded(x.numpy())
     np.testing.assert_array_equal(folded[0].numpy(), direct)
     dz, _ = h.folded(drop_zeros=True)
     direct[0] -= int((x == 0).sum())
@@ -321,9 +333,33 @@ def test_folded_per_channel_with_different_widths():
         ]
     )
     h = _stream([x[:, :300], x[:, 300:]], bins=512, axis=0)
-    folded, w = h.folded()
-    assert folded.shape == (4, folded.shape[1]) and folded.shape[1] <= 512
+    folded, fedges = h.folded()
+    assert folded.shape == (4, _N)
     for c in range(4):
-        direct = _direct_folded(x[c].double().numpy(), float(w[c]), folded.shape[1])
-        np.testing.assert_array_equal(folded[c].numpy(), direct)
-    assert float(w[1]) > float(h.width()[1])  # merged: 1e4 / w_fine would need ~4e6 bins
+        np.testing.assert_array_equal(folded[c].numpy(), _direct_folded(x[c].numpy()))
+    # each channel has its own window: the top edge is the binade above its own max |x|
+    for c in range(4):
+        amax = float(x[c].abs().max())
+        top = float(fedges[c, -1])
+        assert (amax < top <= 2 * amax) if amax > 2.0**-100 else top > 0
+
+
+# -- outliers -------------------------------------------------------------------------------------
+
+
+def test_an_outlier_does_not_change_the_bins_of_the_other_values():
+    """Resolution independent of the largest value: with one 1e6 among N(0, 1) data, every
+    ordinary value keeps its bin (same edges, same count) as without it."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40_960, generator=g)
+    clean = _stream(torch.split(x, 4096))
+    dirty = _stream(torch.split(torch.cat([x[:20_000], torch.tensor([1e6]), x[20_000:]]), 4096))
+    fc, ec = clean.folded()
+    fd, ed = dirty.folded()
+    assert float(fd.sum()) == 40_961
+    # above 1e6 · 2^-32 (2.3e-4) the bins are the same (edges and counts) with and without it
+    lc = ec[0, :-1] >= 1e-3
+    ld = (ed[0, :-1] >= 1e-3) & (ed[0, :-1] < ec[0, -1])
+    assert torch.equal(ec[0, :-1][lc], ed[0, :-1][ld])
+    assert torch.equal(fc[0][lc], fd[0][ld])
+    assert float(fc[0][lc].sum()) > 40_900  # nearly every ordinary value is compared

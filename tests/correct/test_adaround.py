@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import ptqkit
+from ptqkit.config import AdaRoundOptions
 from ptqkit.correct import adaround as ar
+from ptqkit.correct import patches as patches_mod
 from ptqkit.info import PTQInfo
 from ptqkit.quant.modules import QuantLayer
 from ptqkit.quant.primitives import qparams
@@ -56,10 +58,11 @@ def test_w3_digits_adaround_beats_nearest(digits_cnn, calib_batches, test_batche
     assert "adaround" in learned.ptq_info.stages
 
 
-def test_row_budget_bounds_memory(digits_cnn, calib_batches, monkeypatch):
-    monkeypatch.setattr(ar, "MAX_ROWS", 300)
-    monkeypatch.setattr(ar, "ROWS_PER_BATCH", 128)
-    cfg = ptqkit.PTQConfig(weights=W3, adaround=True, adaround_iters=20, progress=False)
+def test_row_budget_bounds_memory(digits_cnn, calib_batches):
+    opts = AdaRoundOptions(max_rows=300, rows_per_batch=128)
+    cfg = ptqkit.PTQConfig(
+        weights=W3, adaround=True, adaround_iters=20, progress=False, adaround_options=opts
+    )
     q = ptqkit.quantize(digits_cnn, calib_batches, cfg)
     rows = [r["rows"] for r in q.ptq_info.details["adaround"]["layers"].values()]
     assert max(rows) <= 300
@@ -112,9 +115,9 @@ def test_gathered_patches_equal_identity_kernel_patches(conv, monkeypatch):
     y = layer.layer(x)
     per = y.shape[2] * y.shape[3]
     rows = torch.randperm(3 * per)[:40].sort().values
-    gathered = ar._patches(layer.layer, x, rows, per)
-    monkeypatch.setattr(ar, "_gather_patches", lambda *a: None)
-    generic = ar._patches(layer.layer, x, rows, per)
+    gathered = patches_mod.patches(layer.layer, x, rows, per)
+    monkeypatch.setattr(patches_mod, "gather_patches", lambda *a: None)
+    generic = patches_mod.patches(layer.layer, x, rows, per)
     assert torch.equal(gathered, generic)
     # and they reproduce the conv: patches · weight = output at those rows
     g = conv.groups

@@ -77,14 +77,16 @@ def test_callable_metric_is_averaged_by_samples(digits_cnn, quantized_digits, di
     assert res.quantized == pytest.approx(want_q, rel=1e-5)
 
 
-def test_callable_metric_gets_none_targets_without_labels(digits_cnn, quantized_digits):
+def test_callable_metric_gets_none_targets_without_labels(
+    digits_cnn, quantized_digits, digits_data
+):
     seen = []
 
     def mean_logit(outputs, targets):
         seen.append(targets)
         return outputs.mean().item()
 
-    x = torch.randn(130, 1, 8, 8)
+    x = digits_data[2][:130]  # held-out digits: random noise would saturate the quantizers
     _quiet_evaluate(digits_cnn, quantized_digits, [x], metric=mean_logit)
     assert seen == [None, None]
 
@@ -149,8 +151,11 @@ def test_large_degradation_warns_with_remedies(digits_cnn, calib_batches, test_b
     with pytest.warns(PTQWarning, match="costs .* points of top1") as rec:
         res = ptqkit.evaluate(digits_cnn, q, test_batches)
     assert res.degradation > 2
-    (msg,) = res.warnings
+    msg = res.warnings[0]
     assert str(rec[0].message) == msg
+    # 2-bit weights shift the inner activations out of their ranges, not the data: the
+    # coverage advice (if any) must not blame the calibration data
+    assert not any("does not represent" in w for w in res.warnings)
     for tip in ("per-channel", "cle=True", "another calibrator than 'minmax'", "aware training"):
         assert tip in msg
 

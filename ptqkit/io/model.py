@@ -1,0 +1,174 @@
+""":func:`save` and :func:`load`: a quantized model to one file and back (see :mod:`ptqkit.io`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PTQConfig
+from ..errors import ConfigError, LoadError, ModelError, PTQError, SaveError
+from ..info import PTQInfo
+from ..quant.modules import act_quants, quant_layers
+from . import container, replay, restore
+
+
+def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write ``qmodel`` (returned by :func:`ptqkit.quantize`) to ``path`` as one safetensors file.
+
+    The write is atomic: the file is written under a temporary name in the same folder, then
+    renamed over ``path``, so a crash never leaves a half-written file under ``path``.
+
+    Raises:
+        ModelError: ``qmodel`` is not a model returned by :func:`ptqkit.quantize`.
+        SaveError: ``path`` is a folder or its folder does not exist.
+    """
+    config = getattr(qmodel, "ptq_config", None)
+    if not isinstance(qmodel, nn.Module) or not isinstance(config, PTQConfig):
+        raise ModelError(
+            f"save expects a model returned by ptqkit.quantize, got {type(qmodel).__name__}"
+        )
+    layers = quant_layers(qmodel)
+    quants = act_quants(qmodel)
+    tensors = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
+    tensors.update(restore.float_reference(layers))
+    info = getattr(qmodel, "ptq_info", None)
+    doc = {
+        "format": container.FORMAT,
+        "format_version": container.FORMAT_VERSION,
+        "ptqkit_version": container._version(),
+        "torch_version": torch.__version__,
+        "model_class": type(qmodel).__name__,
+        "config": config.to_dict(),
+        "layers": {
+            n: {"spec": m.spec.to_dict(), "quantized": m.quantized} for n, m in layers.items()
+        },
+        "quantizers": {
+            n: {
+                "label": q.label,
+                "spec": q.spec.to_dict(),
+                "mode": q.mode,
+                "calibrated": q.calibrated,
+            }
+            for n, q in quants.items()
+        },
+        # without the wall-clock time of each stage: the same model, data and config must give
+        # the same bytes
+        "info": {**info.to_dict(), "stages": {}} if isinstance(info, PTQInfo) else {},
+        "modules": replay.structural_modules(qmodel),
+        "graph": replay.encode_graph(qmodel),
+    }
+    path = Path(path)
+    if path.is_dir():
+        raise SaveError(f"{path} is a folder; give the path of the file to write")
+    if not (path.parent if str(path.parent) else Path(".")).is_dir():
+        raise SaveError(f"{path}: folder {path.parent} does not exist")
+    container.write(path, tensors, doc)
+
+
+def _field(doc: dict[str, Any], key: str, path: Path) -> Any:
+    if not isinstance(doc.get(key), dict):
+        raise LoadError(f"{path}: the ptqkit metadata has no valid {key!r} entry")
+    return doc[key]
+
+
+def _mismatch(path: Path, what: str, file_names: set[str], model_names: set[str]) -> LoadError:
+    missing = sorted(file_names - model_names)[:5]
+    extra = sorted(model_names - file_names)[:5]
+    return LoadError(
+        f"{path}: the model does not match the file: {what} in the file but not in the model: "
+        f"{missing or 'none'}; in the model but not in the file: {extra or 'none'}. Pass the "
+        "same float architecture that was quantized"
+    )
+
+
+def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
+    """Load a quantized model saved by :func:`save`, onto the float architecture ``model``.
+
+    ``model`` is an instance of the float network that was quantized (its weights do not matter:
+    the file's integers, scales, biases and float reference replace them; ``model`` itself is not
+    modified). ptqkit's prepare step rebuilds the quantized structure from it — the file stores
+    data, never code, and a graph cannot be rebuilt from disk without executing code.
+
+    Returns:
+        A quantized model giving bit-identical outputs to the one saved (in float mode too),
+        with ``ptq_config`` and ``ptq_info`` restored.
+
+    Raises:
+        LoadError: the file is missing, truncated, corrupt, edited, of another format version or
+            not a ptqkit file; a quantization parameter is invalid (a scale not finite and > 0, a
+            zero point outside its grid, a shape the architecture does not have); or ``model``'s
+            structure does not match it. The message names the entry or what differs.
+    """
+    from ..capture import prepare
+    from ..capture.prepare import CAPTURES, zeros_like_specs
+    from ..capture.verify import reference as run_reference
+    from ..pipeline import attach
+
+    path = Path(path)
+    tensors, doc = container.read(path)
+    try:
+        config = PTQConfig.from_dict(_field(doc, "config", path))
+    except ConfigError as e:
+        raise LoadError(f"{path}: invalid config in the file: {e}") from None
+    layer_meta: dict[str, dict[str, Any]] = _field(doc, "layers", path)
+    quant_meta: dict[str, dict[str, Any]] = _field(doc, "quantizers", path)
+    saved_info: dict[str, Any] = _field(doc, "info", path)
+
+    info = PTQInfo(config=config.to_dict())
+    capture = saved_info.get("capture") or None
+    if capture is not None and capture not in CAPTURES:
+        raise LoadError(f"{path}: unknown capture {capture!r} in the file")
+    ref = None
+    if capture == "export":  # torch.export runs the model: on zeros laid out as the example was
+        example = zeros_like_specs(saved_info.get("capture_inputs") or {})
+        if example is None:
+            raise LoadError(f"{path}: the file has no input description to re-run torch.export")
+        ref = run_reference(model, *example)
+    try:
+        with warnings.catch_warnings():  # the quantize run already warned about these
+            warnings.simplefilter("ignore")
+            qmodel = prepare(model, config.replace(progress=False), info, ref, capture=capture)
+    except PTQError as e:
+        raise LoadError(f"{path}: cannot rebuild the quantized structure on this model: {e}") from e
+    layers = quant_layers(qmodel)
+    if set(layers) != set(layer_meta):
+        raise _mismatch(path, "quantized layers", set(layer_meta), set(layers))
+    replay.replay_structure(path, qmodel, doc, tensors)
+    layers, quants = quant_layers(qmodel), act_quants(qmodel)
+    if set(quants) != set(quant_meta):
+        raise _mismatch(path, "activation quantizers", set(quant_meta), set(quants))
+
+    extra = {k: v for k, v in tensors.items() if k.startswith(restore.PREFIXES)}
+    state = {k: v for k, v in tensors.items() if k not in extra}
+    restore.install_biases(path, layers, extra)
+    expected = set(qmodel.state_dict())
+    if set(state) != expected:
+        raise _mismatch(path, "tensors", set(state), expected)
+    try:
+        restore.restore_layers(path, layers, layer_meta, state, extra)
+        restore.take_biases(path, layers, state)
+        restore.restore_quantizers(path, quants, quant_meta, state)
+    except (ConfigError, KeyError, TypeError, ValueError, IndexError) as e:
+        if isinstance(e, LoadError):
+            raise
+        raise LoadError(f"{path}: invalid layer or quantizer metadata: {e}") from None
+    if extra:
+        raise _mismatch(path, "float-reference tensors", set(extra), set())
+    try:  # the rest (float biases, parameters of float modules) by the usual checked copy
+        qmodel.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise LoadError(f"{path}: the model does not match the file: {msg[:500]}") from None
+    restore.check_structural(path, qmodel)
+
+    known = {f.name for f in dataclasses.fields(PTQInfo)}
+    restored = PTQInfo(**{k: v for k, v in saved_info.items() if k in known})
+    restored.config = config.to_dict()
+    attach(qmodel, restored, config)
+    return qmodel

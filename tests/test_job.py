@@ -1,0 +1,67 @@
+"""``ptqkit.run_job``: the whole workflow as one library call, the same files and summary as the
+CLI, nothing printed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ptqkit
+from ptqkit.export import OrtModule, parity
+from ptqkit.job import run_job
+
+CFG = ptqkit.PTQConfig(progress=False)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+
+    def step(self, what: str):
+        self.steps.append(what)
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def log(self, message: str) -> None:
+        self.steps.append(message)
+
+
+def test_run_job_writes_everything_and_prints_nothing(
+    digits_cnn, calib_batches, test_batches, tmp_path, capsys
+):
+    rec = _Recorder()
+    job = run_job(
+        digits_cnn, calib_batches, test_batches, CFG, out_dir=tmp_path / "out", log=rec
+    )
+    assert capsys.readouterr().out == ""
+    assert any(s.startswith("quantizing") for s in rec.steps)
+    files = job.files
+    for key in ("quantized_model", "onnx_int8", "onnx_fp32", "report", "summary"):
+        assert key in files and (tmp_path / "out" / files[key].split("/")[-1]).exists(), key
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["evaluation"]["metric"] == "top1"
+    assert summary["evaluation"]["agreement"] == pytest.approx(job.result.agreement)
+    assert job.result.agreement >= 95.0 and abs(job.result.degradation) <= 2.0
+    assert "top-1 agreement" in job.table() and "latency ONNX Runtime" in job.table()
+    # the saved model is the quantized model, and the int8 ONNX computes what it computes
+    loaded = ptqkit.load(files["quantized_model"], digits_cnn)
+    x = test_batches[0][0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), job.qmodel(x))
+    res = parity(job.qmodel, OrtModule(files["onnx_int8"], threads=1), test_batches)
+    assert res.top1_agreement >= 97.0 and res.max_steps <= 2.0, res
+
+
+def test_run_job_without_a_folder_evaluates_on_calibration_data(digits_cnn, calib_batches):
+    job = run_job(digits_cnn, calib_batches, None, CFG, export=False, latency=False)
+    assert job.files == {} and job.summary["evaluated_on_calibration_data"] is True
+    assert job.result.metric == "agreement" and job.result.samples == 256
+    assert job.latency_ms == {} and job.onnx == {}
+
+
+def test_run_job_is_public():
+    assert ptqkit.run_job is run_job
+    assert ptqkit.JobResult.__name__ == "JobResult"
