@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptqkit
 from ptqkit import CALIBRATORS, PTQConfig
 from ptqkit.calibrate import session as calib_session
-from ptqkit.evaluate.metrics import size_bytes
+from ptqkit.analysis.metrics import size_bytes
 from ptqkit.quant import sqnr_db
 from ptqkit.quant.modules import act_quants, float_mode, quant_layers
 from ptqkit.zoo import train as zoo_train

@@ -25,15 +25,20 @@ from .errors import (
     PTQWarning,
     SaveError,
 )
+from .info import PTQInfo
 from .pipeline import quantize
 
 __version__ = "0.1.0"
 
 # public names whose modules are imported on first use (keeps `import ptqkit` light)
 _LAZY = {
-    "evaluate": "ptqkit.evaluate.metrics",
-    "EvalResult": "ptqkit.evaluate.metrics",
-    "sensitivity": "ptqkit.evaluate.sensitivity",
+    "evaluate": "ptqkit.analysis.metrics",
+    "EvalResult": "ptqkit.analysis.metrics",
+    "sensitivity": "ptqkit.analysis.sensitivity",
+    "SensitivityReport": "ptqkit.analysis.sensitivity",
+    "Report": "ptqkit.report.html",
+    "Advice": "ptqkit.advice",
+    "Comparison": "ptqkit.compare",
     "save": "ptqkit.io",
     "load": "ptqkit.io",
     "export_onnx": "ptqkit.export.onnx",
@@ -51,7 +56,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CALIBRATORS",
+    "Advice",
     "CalibrationError",
+    "Comparison",
     "ConfigError",
     "DataError",
     "EvalResult",
@@ -61,9 +68,12 @@ __all__ = [
     "ModelError",
     "PTQConfig",
     "PTQError",
+    "PTQInfo",
     "PTQWarning",
     "QuantSpec",
+    "Report",
     "SaveError",
+    "SensitivityReport",
     "__version__",
     "evaluate",
     "export_onnx",

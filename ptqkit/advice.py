@@ -202,10 +202,10 @@ def _representative(f: Facts) -> str | None:
 
 @rule(
     "calibration_coverage",
-    "The calibrated ranges must hold the real inputs (ptqkit.evaluate.coverage)",
+    "The calibrated ranges must hold the real inputs (ptqkit.analysis.coverage)",
 )
 def _coverage(f: Facts) -> str | None:
-    from .evaluate.coverage import coverage_message
+    from .analysis.coverage import coverage_message
 
     return coverage_message(f.coverage)
 

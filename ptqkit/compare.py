@@ -166,7 +166,7 @@ def run_method(
     model: nn.Module, data: Iterable[Any], eval_data: Iterable[Any], method: Method, metric: str
 ) -> tuple[Row, nn.Module | None]:
     """Quantize and evaluate one method; a failure is recorded in the row, not raised."""
-    from .evaluate.metrics import evaluate
+    from .analysis.metrics import evaluate
     from .pipeline import quantize
 
     c = method.config

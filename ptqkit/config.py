@@ -174,7 +174,7 @@ class PTQConfig:
         seed: seed for every random choice (AdaRound init, sampling).
         range_margin: headroom m >= 0 added to every calibrated activation range,
             ``m·(hi - lo)`` on each side (a side at 0 stays), after calibration; a remedy when
-            the real inputs exceed the calibration data (see :mod:`ptqkit.evaluate.coverage`).
+            the real inputs exceed the calibration data (see :mod:`ptqkit.analysis.coverage`).
     """
 
     weights: QuantSpec = field(default_factory=_default_weights)
@@ -200,8 +200,6 @@ class PTQConfig:
 
     def __post_init__(self) -> None:
         _positive_number(self.range_margin, "PTQConfig.range_margin", zero=True)
-        from .calibrate import CALIBRATORS  # late import: the registry imports config
-
         if isinstance(self.weights, dict):
             object.__setattr__(self, "weights", QuantSpec.from_dict(self.weights))
         if isinstance(self.activations, dict):
@@ -221,12 +219,10 @@ class PTQConfig:
             raise ConfigError(
                 f"PTQConfig.activations must be a QuantSpec or None, got {self.activations!r}"
             )
-        if not isinstance(self.calibration, str) or (
-            self.calibration != "auto" and self.calibration not in CALIBRATORS
-        ):
+        if not isinstance(self.calibration, str) or not self.calibration:
+            # the name is checked against the registry where it is used (ptqkit.quantize)
             raise ConfigError(
-                f"unknown calibration {self.calibration!r}; "
-                f"choose one of {sorted([*CALIBRATORS, 'auto'])}"
+                f"PTQConfig.calibration must name a calibrator, got {self.calibration!r}"
             )
         if self.weight_calibration not in ("minmax", "mse"):
             raise ConfigError(

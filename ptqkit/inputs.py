@@ -588,6 +588,7 @@ def _check_table(d: dict[str, Any], cls: type, where: str, path: Path) -> None:
 def load_config(path: str | None) -> Any:
     """``--config``: a TOML file whose keys are :class:`PTQConfig` fields (``[weights]`` and
     ``[activations]`` tables for the specs; ``activations = false`` for weights only)."""
+    from .calibrate import check_calibration
     from .config import PTQConfig
     from .errors import ConfigError
 
@@ -608,6 +609,8 @@ def load_config(path: str | None) -> Any:
         d["activations"] = None
     _check_table(d, PTQConfig, "", p)
     try:
-        return PTQConfig.from_dict(d)
+        config = PTQConfig.from_dict(d)
+        check_calibration(config.calibration)
     except ConfigError as e:
         raise UsageError(f"--config {p}: {one_line(e)}") from None
+    return config

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .calibrate import check_calibration
 from .calibrate.session import calibrate
 from .capture import prepare
 from .capture.guards import refuse_stages
@@ -53,6 +54,7 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
     config = PTQConfig() if config is None else config
     if not isinstance(config, PTQConfig):
         raise ConfigError(f"config must be a PTQConfig, got {type(config).__name__}")
+    check_calibration(config.calibration)
     if config.adaround and torch.is_inference_mode_enabled():
         raise ConfigError(
             "adaround=True optimizes the rounding with autograd, which torch.inference_mode() "
@@ -89,7 +91,7 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
 
         _timed(info, "auto", choose_ranges, qmodel, data, calibrators, config, info)
     if config.range_margin > 0:
-        from .evaluate.coverage import widen_ranges
+        from .analysis.coverage import widen_ranges
 
         widen_ranges(qmodel, config.range_margin, info)
     if config.adaround:
@@ -104,7 +106,7 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
 
         _timed(info, "bias_correction", correct_bias, qmodel, data, config, info)
     if config.max_degradation is not None or config.min_sqnr_db is not None:
-        from .evaluate.fallback import fallback
+        from .analysis.fallback import fallback
 
         _timed(info, "fallback", fallback, qmodel, data, config, info)
     attach(qmodel, info, config)

@@ -6,9 +6,11 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ptqkit
 from ptqkit import CALIBRATORS, PTQConfig, QuantSpec
 from ptqkit.errors import ConfigError, PTQError
 
@@ -127,10 +129,19 @@ def test_ptqconfig_accepts_every_registered_calibrator(name):
     assert PTQConfig(calibration=name).calibration == name
 
 
-@pytest.mark.parametrize("name", ["entropy", "KL", "", "min_max", 3, None])
-def test_ptqconfig_rejects_unknown_calibrator(name):
+@pytest.mark.parametrize("name", ["", 3, None])
+def test_ptqconfig_rejects_a_calibration_that_is_no_name(name):
     with pytest.raises(ConfigError, match="calibration"):
         PTQConfig(calibration=name)
+
+
+@pytest.mark.parametrize("name", ["entropy", "KL", "min_max"])
+def test_an_unregistered_calibration_is_refused_where_it_is_used(name):
+    from ptqkit.calibrate import check_calibration
+
+    cfg = PTQConfig(calibration=name)  # may be registered later
+    with pytest.raises(ConfigError, match=f"unknown calibration '{name}'"):
+        check_calibration(cfg.calibration)
 
 
 @pytest.mark.parametrize(
@@ -202,9 +213,32 @@ def test_ptqconfig_is_frozen_and_replace_revalidates():
     assert c.replace(calibration="kl").calibration == "kl"
     assert c.calibration == "minmax"
     with pytest.raises(ConfigError):
-        c.replace(calibration="nope")
+        c.replace(calibration="")
     with pytest.raises(ConfigError):
         c.replace(num_batches=0)
+
+
+def test_a_calibrator_name_is_checked_where_it_is_used(digits_cnn, calib_batches):
+    """A config may name a calibrator registered later (a plugin, a config read from a file);
+    ``quantize`` checks the name before any work, and the registry is read-only."""
+    from ptqkit.calibrate import calibrators, register_calibrator
+
+    cfg = PTQConfig(calibration="later_test", progress=False)
+    with pytest.raises(ConfigError, match="unknown calibration 'later_test'"):
+        ptqkit.quantize(digits_cnn, calib_batches, cfg)
+    register_calibrator("later_test", calibrators.MinMaxCalibrator)
+    try:
+        q = ptqkit.quantize(digits_cnn, calib_batches, cfg)
+        ref = ptqkit.quantize(digits_cnn, calib_batches, cfg.replace(calibration="minmax"))
+        x = calib_batches[0]
+        with torch.no_grad():
+            assert torch.equal(q(x), ref(x))
+    finally:
+        calibrators._REGISTRY.pop("later_test")
+    with pytest.raises(TypeError):
+        CALIBRATORS["mine"] = calibrators.MinMaxCalibrator  # type: ignore[index]
+    with pytest.raises(ConfigError, match="other than 'auto'"):
+        register_calibrator("auto", calibrators.MinMaxCalibrator)
 
 
 def test_ptqconfig_from_dict_rejects_unknown_keys():

@@ -10,6 +10,7 @@ from .calibrators import (
     MinMaxCalibrator,
     MSECalibrator,
     PercentileCalibrator,
+    check_calibration,
     make_calibrator,
     register_calibrator,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "MinMaxCalibrator",
     "MinMaxStats",
     "PercentileCalibrator",
+    "check_calibration",
     "make_calibrator",
     "register_calibrator",
 ]

@@ -25,7 +25,8 @@ calibrator keeps ``fallback = {"from", "to", "clipped_energy", "channels"}`` for
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -48,28 +49,50 @@ class Calibrator(Protocol):
     def compute_range(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-CALIBRATORS: dict[str, Callable[..., Calibrator]] = {}
+_REGISTRY: dict[str, Callable[..., Calibrator]] = {}
+#: the registered calibrators by name, read-only: add one with :func:`register_calibrator`
+CALIBRATORS: Mapping[str, Callable[..., Calibrator]] = MappingProxyType(_REGISTRY)
+#: what ``PTQConfig.calibration`` may name besides a registered calibrator
+PER_LAYER_CHOICE = "auto"
 
 
 def register_calibrator(name: str, factory: Callable[..., Calibrator] | None = None) -> Any:
     """Register ``factory`` (callable with no arguments for its defaults) under ``name``.
-    Usable as a decorator: ``@register_calibrator("mine")``."""
+    Usable as a decorator: ``@register_calibrator("mine")``. The one way to add a calibrator:
+    :data:`CALIBRATORS` is a read-only view."""
 
     def add(f: Callable[..., Calibrator]) -> Callable[..., Calibrator]:
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"a calibrator name must be a non-empty string, got {name!r}")
-        CALIBRATORS[name] = f
+        if not isinstance(name, str) or not name or name == PER_LAYER_CHOICE:
+            raise ConfigError(
+                f"a calibrator name must be a non-empty string other than "
+                f"{PER_LAYER_CHOICE!r}, got {name!r}"
+            )
+        if not callable(f):
+            raise ConfigError(f"calibrator {name!r}: the factory must be callable, got {f!r}")
+        _REGISTRY[name] = f
         return f
 
     return add(factory) if factory is not None else add
 
 
+def check_calibration(name: str) -> None:
+    """``ConfigError`` unless ``name`` is a registered calibrator or ``"auto"``: a config is
+    checked against the registry where it is used (``quantize``, the CLI), not when it is built,
+    so that a config naming a user calibrator can be built before that calibrator is
+    registered (and read back from a file)."""
+    if name != PER_LAYER_CHOICE and name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown calibration {name!r}; choose one of {sorted([*_REGISTRY, PER_LAYER_CHOICE])}"
+            " (or register it first with ptqkit.register_calibrator)"
+        )
+
+
 def make_calibrator(name: str, **options: Any) -> Calibrator:
     """Build the registered calibrator ``name`` with ``options``; a clear error otherwise."""
-    if name not in CALIBRATORS:
-        raise ConfigError(f"unknown calibrator {name!r}; registered: {sorted(CALIBRATORS)}")
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown calibrator {name!r}; registered: {sorted(_REGISTRY)}")
     try:
-        return CALIBRATORS[name](**options)
+        return _REGISTRY[name](**options)
     except TypeError as e:
         raise ConfigError(f"bad options for calibrator {name!r}: {e}") from None
 
@@ -307,4 +330,11 @@ for _cls in (
 ):
     register_calibrator(_cls.name, _cls)
 
-__all__ = ["CALIBRATORS", "Calibrator", "as_channels", "make_calibrator", "register_calibrator"]
+__all__ = [
+    "CALIBRATORS",
+    "Calibrator",
+    "as_channels",
+    "check_calibration",
+    "make_calibrator",
+    "register_calibrator",
+]

@@ -1,11 +1,11 @@
 """The report's "Calibration coverage" section: how the evaluation values fit each calibrated
-activation range (measured by :func:`ptqkit.evaluate`, see :mod:`ptqkit.evaluate.coverage`)."""
+activation range (measured by :func:`ptqkit.evaluate`, see :mod:`ptqkit.analysis.coverage`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..evaluate.coverage import SATURATION_ENERGY, SATURATION_SHARE, Coverage
+from ..analysis.coverage import SATURATION_ENERGY, SATURATION_SHARE, Coverage
 
 
 def section_coverage(coverage: dict[str, Any], shown: int = 30) -> str:

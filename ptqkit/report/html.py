@@ -13,7 +13,7 @@ What is measured (each on a few batches of the data, ``batches``):
 * per-channel weight ranges of every layer, before and after cross-layer equalization when CLE
   ran and the float model is given;
 * per-layer SQNR of each layer's output, quantized network vs float network
-  (:func:`ptqkit.evaluate.sensitivity.layer_sqnr`), unless a sensitivity report is passed;
+  (:func:`ptqkit.analysis.sensitivity.layer_sqnr`), unless a sensitivity report is passed;
 * the fraction of held-out values outside each calibrated range (when ``eval_data`` is given).
 """
 
@@ -390,7 +390,7 @@ def collect(
         data: calibration batches (histograms, clipping); without data those sections are empty.
         eval_data: held-out batches (per-layer SQNR, held-out clipping); default ``data``.
         result: the :class:`~ptqkit.EvalResult` of the quantized model.
-        sensitivity: a :class:`~ptqkit.evaluate.sensitivity.SensitivityReport`, or a
+        sensitivity: a :class:`~ptqkit.analysis.sensitivity.SensitivityReport`, or a
             ``{layer: SQNR dB}`` dict; measured (SQNR only) when ``None`` and data is given.
         comparison: a :class:`~ptqkit.compare.Comparison`.
         latency: ``{what: milliseconds}``.
@@ -423,7 +423,7 @@ def collect(
         rep.sensitivity = sensitivity
         rep.sqnr = {r.name: r.sqnr_db for r in sensitivity.layers}
     elif data is not None or eval_data is not None:
-        from ..evaluate.sensitivity import layer_sqnr
+        from ..analysis.sensitivity import layer_sqnr
 
         config = getattr(qmodel, "ptq_config", None) or PTQConfig()
         src = eval_data if eval_data is not None else data

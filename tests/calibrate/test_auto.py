@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 import ptqkit
-from ptqkit.calibrate import CALIBRATORS, register_calibrator
+from ptqkit.calibrate import CALIBRATORS, calibrators, register_calibrator
 from ptqkit.calibrate.auto import AUTO_BATCHES, candidate_ranges
 from ptqkit.calibrate.calibrators import MSECalibrator
 from ptqkit.quant.modules import act_quants
@@ -66,13 +66,13 @@ def test_user_registered_histogram_calibrator_takes_part(digits_cnn, calib_batch
         assert all("tight_test" in e for e in errs.values())
         assert "tight_test" not in q.ptq_info.chosen.values()
     finally:
-        CALIBRATORS.pop("tight_test")
+        calibrators._REGISTRY.pop("tight_test")
 
 
 def test_per_channel_activations_scored_on_tensor(digits_cnn, calib_batches, monkeypatch):
     """Per-channel activation grids do not commute with flatten: scored on the tensor."""
     for slow in ("kl", "auto_percentile"):  # per-channel KL loops over channels: keep it short
-        monkeypatch.delitem(CALIBRATORS, slow)
+        monkeypatch.delitem(calibrators._REGISTRY, slow)
     spec = ptqkit.QuantSpec(bits=8, symmetric=False, per_channel=True, axis=1)
     cfg = ptqkit.PTQConfig(activations=spec, calibration="auto", progress=False)
     q = ptqkit.quantize(digits_cnn, calib_batches, cfg)

@@ -11,7 +11,7 @@ from torch import nn
 
 import ptqkit
 from ptqkit.advice import advise, gather
-from ptqkit.evaluate.coverage import SATURATION_SHARE, CoverageMeter
+from ptqkit.analysis.coverage import SATURATION_SHARE, CoverageMeter
 from ptqkit.quant.modules import act_quants
 
 CFG = ptqkit.PTQConfig(progress=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ptqkit
-from ptqkit.evaluate.sensitivity import layer_quantizers, layer_sqnr, precision
+from ptqkit.analysis.sensitivity import layer_quantizers, layer_sqnr, precision
 from ptqkit.quant.modules import act_quants, quant_layers
 
 LOW = ptqkit.PTQConfig(
@@ -76,7 +76,7 @@ def test_precision_states(digits_cnn, calib_batches):
 
 
 def test_layer_sqnr_is_streamed_in_slices(digits_cnn, calib_batches, monkeypatch):
-    import ptqkit.evaluate.sensitivity as sens
+    import ptqkit.analysis.sensitivity as sens
 
     q = ptqkit.quantize(digits_cnn, calib_batches, LOW)
     whole = layer_sqnr(q, calib_batches, LOW)

@@ -13,7 +13,7 @@ from torch import nn
 
 import ptqkit
 from ptqkit import DataError, EvalResult, PTQConfig, PTQWarning, QuantSpec
-from ptqkit.evaluate.metrics import size_bytes
+from ptqkit.analysis.metrics import size_bytes
 from ptqkit.quant.modules import act_quants, quant_layers
 
 CFG = PTQConfig(progress=False)

@@ -61,7 +61,7 @@ class EvalResult:
             width, scales, zero points, float biases, activation ranges), or ``None``.
         samples: number of samples evaluated.
         coverage: ``{activation quantizer: Coverage}``, how the evaluation values fit each
-            calibrated range (see :mod:`ptqkit.evaluate.coverage`); empty for a model without
+            calibrated range (see :mod:`ptqkit.analysis.coverage`); empty for a model without
             ptqkit quantizers.
         warnings: the advice emitted (also issued as :class:`~ptqkit.PTQWarning`).
     """
@@ -220,7 +220,7 @@ def evaluate(
             a tuple index, or a callable ``output(model_output) -> tensor``. By default a
             tensor, the ``logits`` entry of a dict, or the only tensor of a tuple/dict; any
             other output is a :class:`DataError` listing its entries
-            (see :mod:`ptqkit.evaluate.outputs`).
+            (see :mod:`ptqkit.analysis.outputs`).
 
     Integer and bool outputs (e.g. an ``argmax``) are predicted classes, compared by equality:
     ``agreement`` is the percentage of equal elements (of samples for a ``[N]`` output),
@@ -232,7 +232,7 @@ def evaluate(
         ``result.warnings``): a degradation above 2 points of a built-in metric (a callable's
         unit is unknown), with the chapter's remedies; a quantized model calibrated on fewer
         than 100 samples; activation quantizers saturated by the evaluation data (the
-        calibration data does not represent it; see :mod:`ptqkit.evaluate.coverage`).
+        calibration data does not represent it; see :mod:`ptqkit.analysis.coverage`).
 
     Raises:
         DataError: empty data, a batch a model rejects (named by index), ``top1``/``top5``

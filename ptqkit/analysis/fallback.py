@@ -8,7 +8,7 @@ Targets (both may be set; both must then hold), measured on the data given to
   otherwise (then ``100 - agreement ≤ max_degradation``; a warning says so);
 * ``min_sqnr_db``: SQNR of the network's output against the float network ``≥ min_sqnr_db``.
 
-A layer "kept in float" is a unit of :func:`~ptqkit.evaluate.sensitivity.layer_quantizers`: its
+A layer "kept in float" is a unit of :func:`~ptqkit.analysis.sensitivity.layer_quantizers`: its
 float weight (``QuantLayer.use_float()``), its output quantizer and an input quantizer that feeds
 only it are switched off (listed in ``info.disabled``).
 
