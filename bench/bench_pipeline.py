@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ptqkit
 from ptqkit import CALIBRATORS, PTQConfig
-from ptqkit.calibrate import session as calib_session
 from ptqkit.analysis.metrics import size_bytes
+from ptqkit.calibrate import session as calib_session
 from ptqkit.quant import sqnr_db
 from ptqkit.quant.modules import act_quants, float_mode, quant_layers
 from ptqkit.zoo import train as zoo_train
