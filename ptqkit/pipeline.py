@@ -1,15 +1,16 @@
-"""``ptqkit.quantize``: the stages of post-training quantization, in order.
+"""``ptqkit.quantize``: the stages of post-training quantization, in order (:data:`STAGES`).
 
-    capture ─► equalize (CLE, SmoothQuant) ─► calibrate (one streaming pass) ─► choose ranges
-            ─► quantize weights (nearest or AdaRound) ─► bias correction ─► fallback (target)
+    capture (fx → torch.export → hooks, checked) ─► CLE ─► SmoothQuant ─► calibrate (one
+    streaming pass) ─► auto ranges ─► range margin ─► weights (nearest or AdaRound) ─► bias
+    correction ─► fallback (target)
 
-Each stage is a plain function that can also be called alone; optional stages are imported only
-when the config asks for them.
+Every stage has the shape of :class:`ptqkit.stage.Stage` and reads and writes the typed
+:class:`ptqkit.stage.Context`; optional stages import their module only when enabled. Adding a
+stage is writing its function and adding one line to :data:`STAGES`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,23 +18,117 @@ import torch
 from torch import fx, nn
 
 from .calibrate import check_calibration
-from .calibrate.session import calibrate
-from .capture import prepare
-from .capture.guards import refuse_stages
-from .capture.prepare import capture_reference
-from .capture.verify import first_batch, verify_stage
 from .config import PTQConfig
 from .errors import ConfigError, DataError
 from .info import PTQInfo
-from .quant.modules import set_act_mode
-from .quant.weights import quantize_weights
+from .stage import Context, Stage, iterating_again, run_stages
 
 
-def _timed(info: PTQInfo, stage: str, fn: Any, *args: Any) -> Any:
-    t0 = time.perf_counter()
-    out = fn(*args)
-    info.stages[stage] = info.stages.get(stage, 0.0) + time.perf_counter() - t0
-    return out
+# -- the stages, each ``run(ctx)`` -----------------------------------------------------------------
+def _capture(ctx: Context) -> None:
+    from .capture import prepare
+    from .capture.guards import refuse_stages
+    from .capture.prepare import capture_reference
+    from .capture.verify import first_batch
+
+    example, ctx.data = first_batch(ctx.data)  # a one-shot iterator gets its first batch back
+    ctx.ref = capture_reference(ctx.model, example, ctx.info)
+    ctx.qmodel = prepare(ctx.model, ctx.config, ctx.info, ctx.ref)
+    refuse_stages(ctx.qmodel, ctx.config)
+
+
+def _cle(ctx: Context) -> None:
+    from .capture.verify import verify_stage
+    from .equalize.cle import equalize
+
+    equalize(ctx.qmodel, ctx.info)
+    verify_stage(ctx.qmodel, ctx.ref, "CLE", ctx.info)
+
+
+def _smoothquant(ctx: Context) -> None:
+    from .capture.verify import verify_stage
+    from .equalize.smoothquant import smooth
+
+    smooth(ctx.qmodel, ctx.data, ctx.config, ctx.info)
+    verify_stage(ctx.qmodel, ctx.ref, "SmoothQuant", ctx.info)
+
+
+def _calibrate(ctx: Context) -> None:
+    from .calibrate.session import calibrate
+
+    ctx.calibrators = calibrate(ctx.qmodel, ctx.data, ctx.config, ctx.info)
+
+
+def _auto(ctx: Context) -> None:
+    from .calibrate.auto import choose_ranges
+
+    if ctx.calibrators:
+        choose_ranges(ctx.qmodel, ctx.data, ctx.calibrators, ctx.config, ctx.info)
+
+
+def _range_margin(ctx: Context) -> None:
+    from .analysis.coverage import widen_ranges
+
+    widen_ranges(ctx.qmodel, ctx.config.range_margin, ctx.info)
+
+
+def _quantized_activations(ctx: Context) -> None:
+    from .quant.modules import set_act_mode
+
+    set_act_mode(ctx.qmodel, "quant")
+
+
+def _weights(ctx: Context) -> None:
+    from .quant.weights import quantize_weights
+
+    quantize_weights(ctx.qmodel, ctx.config, ctx.info)
+    _quantized_activations(ctx)
+
+
+def _adaround(ctx: Context) -> None:
+    from .correct.adaround import adaround
+
+    adaround(ctx.qmodel, ctx.data, ctx.config, ctx.info)
+    _quantized_activations(ctx)
+
+
+def _bias_correction(ctx: Context) -> None:
+    from .correct.bias import correct_bias
+
+    correct_bias(ctx.qmodel, ctx.data, ctx.config, ctx.info)
+
+
+def _fallback(ctx: Context) -> None:
+    from .analysis.fallback import fallback
+
+    fallback(ctx.qmodel, ctx.data, ctx.config, ctx.info)
+
+
+def _always(c: PTQConfig) -> bool:
+    return True
+
+
+def _empirical(c: PTQConfig) -> bool:
+    return c.bias_correction == "empirical"
+
+
+def _has_target(c: PTQConfig) -> bool:
+    return c.max_degradation is not None or c.min_sqnr_db is not None
+
+
+#: the pipeline, in order
+STAGES: tuple[Stage, ...] = (
+    Stage("capture", _capture),
+    Stage("cle", _cle, lambda c: c.cle),
+    Stage("smoothquant", _smoothquant, lambda c: c.smoothquant is not None, _always),
+    Stage("calibrate", _calibrate),
+    Stage("auto", _auto, lambda c: c.calibration == "auto", _always),
+    Stage("range_margin", _range_margin, lambda c: c.range_margin > 0),
+    Stage("weights", _weights, lambda c: not c.adaround),
+    Stage("adaround", _adaround, lambda c: c.adaround, _always),
+    Stage("bias_correction", _bias_correction, lambda c: bool(c.bias_correction), _empirical),
+    Stage("fallback", _fallback, _has_target, _always),
+)
 
 
 def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = None) -> nn.Module:
@@ -64,66 +159,16 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
     if torch.is_inference_mode_enabled():  # the quantized model must hold normal tensors: an
         with torch.inference_mode(False):  # inference tensor refuses later in-place updates
             return quantize(model, data, config)
-    again = _stages_iterating_again(config)
+    again = iterating_again(STAGES, config)
     if again and _is_one_shot(data):
         raise DataError(
             f"{', '.join(again)} iterate the data more than once, but it is a one-shot "
             f"{type(data).__name__}; pass a list of batches or a DataLoader"
         )
-    info = PTQInfo(config=config.to_dict())
-    example, data = first_batch(data)  # a one-shot iterator gets its first batch put back
-    ref = capture_reference(model, example, info)
-    qmodel = prepare(model, config, info, ref)
-    refuse_stages(qmodel, config)
-    if config.cle:
-        from .equalize.cle import equalize
-
-        _timed(info, "cle", equalize, qmodel, info)
-        verify_stage(qmodel, ref, "CLE", info)
-    if config.smoothquant is not None:
-        from .equalize.smoothquant import smooth
-
-        _timed(info, "smoothquant", smooth, qmodel, data, config, info)
-        verify_stage(qmodel, ref, "SmoothQuant", info)
-    calibrators = calibrate(qmodel, data, config, info)
-    if config.calibration == "auto" and calibrators:
-        from .calibrate.auto import choose_ranges
-
-        _timed(info, "auto", choose_ranges, qmodel, data, calibrators, config, info)
-    if config.range_margin > 0:
-        from .analysis.coverage import widen_ranges
-
-        widen_ranges(qmodel, config.range_margin, info)
-    if config.adaround:
-        from .correct.adaround import adaround
-
-        _timed(info, "adaround", adaround, qmodel, data, config, info)
-    else:
-        _timed(info, "weights", quantize_weights, qmodel, config, info)
-    set_act_mode(qmodel, "quant")
-    if config.bias_correction:
-        from .correct.bias import correct_bias
-
-        _timed(info, "bias_correction", correct_bias, qmodel, data, config, info)
-    if config.max_degradation is not None or config.min_sqnr_db is not None:
-        from .analysis.fallback import fallback
-
-        _timed(info, "fallback", fallback, qmodel, data, config, info)
-    attach(qmodel, info, config)
-    return qmodel
-
-
-def _stages_iterating_again(config: PTQConfig) -> list[str]:
-    """The stages of ``config`` that run over the data after the calibration pass."""
-    stages = {
-        "calibration='auto'": config.calibration == "auto",
-        "smoothquant": config.smoothquant is not None,
-        "adaround": config.adaround,
-        "empirical bias correction": config.bias_correction == "empirical",
-        "the accuracy fallback": config.max_degradation is not None
-        or config.min_sqnr_db is not None,
-    }
-    return [name for name, on in stages.items() if on]
+    ctx = Context(model=model, data=data, config=config, info=PTQInfo(config=config.to_dict()))
+    run_stages(STAGES, ctx)
+    attach(ctx.qmodel, ctx.info, config)
+    return ctx.qmodel
 
 
 def _is_one_shot(data: Any) -> bool:

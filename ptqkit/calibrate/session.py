@@ -4,7 +4,6 @@ flows through the (float) model once; memory does not grow with the number of ba
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -64,7 +63,6 @@ def calibrate(
         q.calibrator = make_calibrator(name, axis=axis, **options)
     tracker = outliers.BatchMaxTracker({n: q.calibrator for n, q in quants.items()})
     set_act_mode(model, "observe")
-    t0 = time.perf_counter()
     try:
         if distributed.is_distributed():  # each rank observes its shard, then all merge
             observe_tracked = functools.partial(observe, on_batch=tracker)
@@ -83,7 +81,7 @@ def calibrate(
         q.set_range(*cal.compute_range(spec))
         calibrators[qname] = cal
     outliers.record(calibrators, {n: q.label or n for n, q in quants.items()}, info, tracker)
-    info.stages["calibrate"] = time.perf_counter() - t0
+
     if info.calibration_samples < 100:
         info.warn(
             f"only {info.calibration_samples} calibration samples were seen; use at least "

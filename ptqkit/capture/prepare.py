@@ -188,7 +188,6 @@ def prepare(
     is used unchecked. ``capture`` (a key of :data:`CAPTURES`): use that method only (to rebuild
     a saved model's structure)."""
     _check_model(model)
-    t0 = time.perf_counter()
     qmodel = None
     if capture is not None and capture not in CAPTURES:
         raise ModelError(f"unknown capture {capture!r}; one of {sorted(CAPTURES)}")
@@ -252,5 +251,5 @@ def prepare(
     }
     account(qmodel, info, patterns)
     info.quantizers = {n: q.label for n, q in act_quants(qmodel).items()}
-    info.stages["prepare"] = time.perf_counter() - t0
+
     return qmodel
