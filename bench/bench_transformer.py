@@ -146,7 +146,13 @@ def _rank(rank: int, port: int, n_calib: int, out_dir: str) -> None:
     t2 = time.perf_counter()
     ranges = {n: a.range.clone() for n, a in act_quants(q).items()}
     torch.save(
-        {"ranges": ranges, "quantize_s": t2 - t1, "start_s": t1 - t0, "info": q.ptq_info.details},
+        {
+            "ranges": ranges,
+            "quantize_s": t2 - t1,
+            "start_s": t1 - t0,
+            "info": q.ptq_info.details,
+            "stages": q.ptq_info.stages,
+        },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
     dist.destroy_process_group()
@@ -180,7 +186,7 @@ def distributed(model, n_calib: int) -> dict:
         "two_process_wall_s": wall,
         "two_process_quantize_s": [r["quantize_s"] for r in ranks],
         "two_process_startup_s": [r["start_s"] for r in ranks],
-        "merge_s": [r["info"]["distributed"]["merge_s"] for r in ranks],
+        "merge_s": [r["stages"]["distributed_merge"] for r in ranks],
     }
     print("\n## Calibration across 2 processes (gloo, loopback)\n")
     print(

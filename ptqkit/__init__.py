@@ -45,6 +45,7 @@ _LAZY = {
     "write_report": "ptqkit.report.html",
     "run_job": "ptqkit.job",
     "JobResult": "ptqkit.job",
+    "tune": "ptqkit.recipe",
 }
 
 
@@ -83,5 +84,6 @@ __all__ = [
     "run_job",
     "save",
     "sensitivity",
+    "tune",
     "write_report",
 ]

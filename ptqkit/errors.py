@@ -15,6 +15,11 @@ class CalibrationError(PTQError, RuntimeError):
     """Calibration could not produce a range (no data, non-finite values, ...)."""
 
 
+class DistributedError(CalibrationError):
+    """Under ``torch.distributed``: another rank failed in a data-driven stage, or the ranks
+    went out of step or ended with different models (every rank raises, none waits)."""
+
+
 class DataError(PTQError, ValueError):
     """The calibration / evaluation data cannot be used (empty, wrong shape, wrong type)."""
 
@@ -37,3 +42,10 @@ class SaveError(PTQError, OSError):
 
 class PTQWarning(UserWarning):
     """Something the user should know: a fallback was taken, a best practice was not followed."""
+
+
+def one_line(e: BaseException, limit: int = 500) -> str:
+    """``e``'s message on one line (at most ``limit`` characters), or its type's name: how an
+    error is shown where a traceback is too much (the command line, a summary)."""
+    msg = " ".join(str(e).split())
+    return msg[:limit] if msg else type(e).__name__

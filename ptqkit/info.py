@@ -6,7 +6,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import PTQWarning
+from .errors import ModelError, PTQWarning
 
 
 @dataclass
@@ -40,6 +40,8 @@ class PTQInfo:
     outliers: dict[str, dict[str, Any]] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     details: dict[str, Any] = field(default_factory=dict)  # per-stage results (CLE, fallback, ...)
+    # ptqkit.tune: which recipe was chosen and how, in one line (the trials: details["recipe"])
+    recipe: str = ""
     warnings: list[str] = field(default_factory=list)
 
     def warn(self, message: str) -> None:
@@ -49,3 +51,14 @@ class PTQInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def info_of(qmodel: object) -> PTQInfo:
+    """``qmodel.ptq_info``, typed; :class:`ModelError` when ``qmodel`` has none (it is not a
+    model :func:`ptqkit.quantize` returned)."""
+    info = getattr(qmodel, "ptq_info", None)
+    if not isinstance(info, PTQInfo):
+        raise ModelError(
+            f"{type(qmodel).__name__} has no ptq_info: not a model ptqkit.quantize returned"
+        )
+    return info

@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import PTQConfig
 from .data import split_batch
-from .errors import PTQWarning, SaveError
+from .errors import PTQWarning, SaveError, one_line
 
 
 class JobLog(Protocol):
@@ -59,20 +59,27 @@ class JobResult:
     sensitivity: Any = None
     report: Any = None
     summary: dict[str, Any] = field(default_factory=dict)
+    #: samples in the batch the latencies were measured on
+    latency_batch: int = 1
 
     def table(self) -> str:
         """The short FP32 vs INT8 table (metric, agreement and KL, size, latencies)."""
-        return result_table(self.result, self.latency_ms)
+        return result_table(self.result, self.latency_ms, self.latency_batch)
 
 
-def example_input(batches: Iterable[Any]) -> tuple | None:
-    """One sample of the first batch as positional inputs (``None`` for keyword inputs)."""
+def example_input(batches: Iterable[Any], n: int = 1) -> tuple | None:
+    """The first ``n`` samples of the first batch as positional inputs (``None`` for keyword
+    inputs)."""
     for batch in batches:
         args, kwargs = split_batch(batch)
         if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
             return None
-        return tuple(a[:1] for a in args)
+        return tuple(a[:n] for a in args)
     return None
+
+
+def _batch_of(example: tuple | None) -> int:
+    return len(example[0]) if example else 1
 
 
 def latency_ms(fn: Callable[..., Any], example: tuple, repeat: int = 10) -> float:
@@ -88,11 +95,6 @@ def latency_ms(fn: Callable[..., Any], example: tuple, repeat: int = 10) -> floa
     return min(times)
 
 
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return msg[:500] if msg else type(e).__name__
-
-
 def export_and_time(
     log: JobLog,
     model: nn.Module,
@@ -102,16 +104,17 @@ def export_and_time(
     export: bool = True,
     latency: bool = True,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Latencies (ms, batch 1) of the float and simulated models and, when exported, of the ONNX
-    Runtime float and int8 models; plus what the export wrote. An export failure is recorded
-    (``onnx["error"]``) and warned about, not raised: the model is quantized and saved already."""
+    """Latencies (ms, on ``example``'s batch) of the float and simulated models and, when
+    exported, of the ONNX Runtime float and int8 models; plus what the export wrote. An export
+    failure is recorded (``onnx["error"]``) and warned about, not raised: the model is quantized
+    and saved already."""
     lat: dict[str, float] = {}
     onnx: dict[str, Any] = {}
     if example is None:
         onnx["skipped"] = "the model takes keyword inputs; ONNX export needs positional tensors"
         return lat, onnx
     if latency:
-        with log.step("timing FP32 and simulated INT8 (PyTorch, batch 1)"):
+        with log.step(f"timing FP32 and simulated INT8 (PyTorch, batch {_batch_of(example)})"):
             lat["FP32 PyTorch"] = latency_ms(model, example)
             lat["INT8 simulated PyTorch"] = latency_ms(qmodel, example)
     if not export or out is None:
@@ -127,13 +130,13 @@ def export_and_time(
         rep = kernel_report(int8)
         onnx["int_kernels"], onnx["float_kernels"] = rep.int_kernels, rep.float_kernels
         if latency:
-            with log.step("timing ONNX Runtime float and int8 (batch 1)"):
+            with log.step(f"timing ONNX Runtime float and int8 (batch {_batch_of(example)})"):
                 threads = torch.get_num_threads()  # the same as PyTorch's, for a fair comparison
                 lat["FP32 ONNX Runtime"] = latency_ms(OrtModule(fp32, threads), example)
                 lat["INT8 ONNX Runtime"] = latency_ms(OrtModule(int8, threads), example)
     except Exception as e:  # the model is still quantized and saved: report, do not fail
-        onnx["error"] = _one_line(e)
-        warnings.warn(f"ONNX export failed: {_one_line(e)}", PTQWarning, stacklevel=2)
+        onnx["error"] = one_line(e)
+        warnings.warn(f"ONNX export failed: {one_line(e)}", PTQWarning, stacklevel=2)
     return lat, onnx
 
 
@@ -143,8 +146,9 @@ def _size(n: int | None) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
-def result_table(res: Any, lat: dict[str, float]) -> str:
-    """The short FP32 vs INT8 table of an :class:`~ptqkit.EvalResult` and latencies."""
+def result_table(res: Any, lat: dict[str, float], batch: int = 1) -> str:
+    """The short FP32 vs INT8 table of an :class:`~ptqkit.EvalResult` and latencies (measured on
+    batches of ``batch`` samples)."""
     unit = "%" if res.metric in ("top1", "top5", "agreement") else ""
     rows = [
         ("", "FP32", "INT8", ""),
@@ -174,7 +178,7 @@ def result_table(res: Any, lat: dict[str, float]) -> str:
             rows.append((label, f"{f:.2f} ms", f"{q:.2f} ms", text))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
-    lines.append(f"({res.samples} evaluation samples; latency: best of 10 runs, batch 1)")
+    lines.append(f"({res.samples} evaluation samples; latency: best of 10 runs, batch {batch})")
     return "\n".join(lines)
 
 
@@ -229,6 +233,8 @@ def run_job(
     sensitivity: bool = False,
     export: bool = True,
     latency: bool = True,
+    example: tuple | None = None,
+    layer_sqnr: bool = True,
     qmodel: nn.Module | None = None,
     title: str = "ptqkit report",
     notes: Sequence[str] = (),
@@ -244,12 +250,18 @@ def run_job(
     optionally compare every method and measure per-layer sensitivity, then, with ``out_dir``,
     save ``model.ptq.safetensors``, export ``model.int8.onnx`` and ``model.fp32.onnx``, time
     them in ONNX Runtime, and write ``summary.json``; with ``report_path`` (default
-    ``out_dir/report.html``) the HTML report. Returns a :class:`JobResult`."""
+    ``out_dir/report.html``) the HTML report. Returns a :class:`JobResult`.
+
+    ``example`` is the positional input of the export and the latencies (default: the first
+    sample of the first calibration batch; a program exported with a static batch size needs a
+    whole batch). ``layer_sqnr=False`` leaves the per-layer SQNR out of the report (it runs
+    sub-batches, which such a program refuses); with ``sensitivity`` it is measured anyway."""
     import ptqkit
 
     from .compare import compare as compare_methods
     from .compare import detect_metric
-    from .report.html import collect, write_report
+    from .report.html import write_report
+    from .report.measure import collect
 
     log = log or _Silent()
     config = PTQConfig() if config is None else config
@@ -290,7 +302,8 @@ def run_job(
         with log.step("saving the quantized model"):
             ptqkit.save(qmodel, out / "model.ptq.safetensors")
         job.files["quantized_model"] = str(out / "model.ptq.safetensors")
-    example = example_input(calib_data)
+    example = example_input(calib_data) if example is None else example
+    job.latency_batch = _batch_of(example)
     job.latency_ms, job.onnx = export_and_time(
         log, model, qmodel, example, out, export=export, latency=latency
     )
@@ -301,7 +314,7 @@ def run_job(
             data=calib_data,
             eval_data=None if on_calib else evald,
             result=res,
-            sensitivity=job.sensitivity,
+            sensitivity=job.sensitivity if job.sensitivity is not None or layer_sqnr else {},
             comparison=job.comparison,
             latency=job.latency_ms,
             title=title,

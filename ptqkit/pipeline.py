@@ -167,6 +167,10 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
         )
     ctx = Context(model=model, data=data, config=config, info=PTQInfo(config=config.to_dict()))
     run_stages(STAGES, ctx)
+    from .calibrate import distributed
+
+    if distributed.is_distributed():  # the same model and record on every rank, or an error
+        distributed.finish(ctx.qmodel, ctx.info)
     attach(ctx.qmodel, ctx.info, config)
     return ctx.qmodel
 
@@ -182,7 +186,8 @@ def _is_one_shot(data: Any) -> bool:
 def attach(qmodel: nn.Module, info: PTQInfo, config: PTQConfig) -> None:
     """Set ``qmodel.ptq_info`` and ``qmodel.ptq_config``. A ``GraphModule`` also lists them as
     attributes to preserve: its ``copy.deepcopy`` rebuilds it from the graph and would drop them."""
-    qmodel.ptq_info, qmodel.ptq_config = info, config
+    # nn.Module keeps any attribute; torch's stubs type Module.__setattr__'s value Tensor | Module
+    qmodel.ptq_info, qmodel.ptq_config = info, config  # type: ignore[assignment]
     if isinstance(qmodel, fx.GraphModule):
         kept = qmodel.meta.setdefault("_user_preserved_attributes", {})
         kept.update(ptq_info=info, ptq_config=config)

@@ -23,13 +23,14 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import fx, nn
 
 from .config import PTQConfig
 from .data import Batch, batch_size, iter_batches, model_device, run_model, to_device
+from .errors import ModelError
 from .quant.modules import QuantLayer, float_mode, quant_layers
 
 #: in-memory budget of the propagation engine's cached values (bytes) before spilling to disk
@@ -82,7 +83,7 @@ def layer_order(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> lis
     read off the graph, without running it, when every layer is a node of a traced graph)."""
     layers = quant_layers(model)
     if can_propagate(model):
-        graph = model.graph.nodes  # type: ignore[union-attr]
+        graph = model.graph.nodes
         called = [str(n.target) for n in graph if n.op == "call_module" and n.target in layers]
         return list(dict.fromkeys(called))
     order: list[str] = []
@@ -102,7 +103,9 @@ def layer_order(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> lis
 
 
 # -- the cached-layer-input engine ----------------------------------------------------------------
-def can_propagate(model: nn.Module, layers: Iterable[str] | None = None) -> bool:
+def can_propagate(
+    model: nn.Module, layers: Iterable[str] | None = None
+) -> TypeGuard[fx.GraphModule]:
     """Whether :func:`propagate` can run ``model``: a ``GraphModule`` with the plain code
     generator (its placeholders are its ``forward`` arguments, no ``*args``/``**kwargs``) in
     which each of ``layers`` is called as a node of the graph (not hidden inside a leaf)."""
@@ -258,12 +261,14 @@ def propagate(
             if node.op == "call_module" and node.target in wanted and node.target not in seen:
                 seen.append(str(node.target))
                 layer = gm.get_submodule(str(node.target))
+                if not isinstance(layer, QuantLayer):
+                    raise ModelError(f"propagate: {node.target} is not a QuantLayer")
 
                 def outputs(node: fx.Node = node) -> Iterator[Any]:
                     return (store.get(node, b) for b in range(len(feeds)))
 
                 change = visit(str(node.target), layer, inputs, outputs)
-                if change is RERUN:
+                if isinstance(change, Rerun):  # RERUN
                     store.free(node)
                     store.put(node, (run(node.target, a, k) for a, k in inputs()))
                 elif change is not None:

@@ -62,6 +62,20 @@ def test_run_job_without_a_folder_evaluates_on_calibration_data(digits_cnn, cali
     assert job.latency_ms == {} and job.onnx == {}
 
 
+def test_run_job_times_the_example_it_is_given(digits_cnn, calib_batches):
+    """A program exported with a static batch needs a whole batch as the example, and no
+    sub-batch per-layer SQNR in the report."""
+    from ptqkit.job import example_input
+
+    example = example_input(calib_batches, 4)
+    assert example is not None and example[0].shape[0] == 4
+    job = run_job(digits_cnn, calib_batches, None, CFG, export=False, example=example,
+                  layer_sqnr=False)
+    assert job.latency_batch == 4 and "batch 4)" in job.table()
+    assert set(job.latency_ms) == {"FP32 PyTorch", "INT8 simulated PyTorch"}
+    assert job.report.sqnr == {} and job.result.agreement >= 95.0
+
+
 def test_run_job_is_public():
     assert ptqkit.run_job is run_job
     assert ptqkit.JobResult.__name__ == "JobResult"

@@ -78,9 +78,10 @@ class _Tally:
         self.sq: torch.Tensor | float = 0.0
         self.max: torch.Tensor | float = 0.0
         self.step_sq = 0.0
-        self._grid: dict[tuple, tuple] = {}  # (device, dims) -> (lo - s/2, hi + s/2, width)
+        # (device, dims) -> (lo - s/2, hi + s/2, width, mean step²)
+        self._grid: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
 
-    def grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """The clipping bounds and the range width, computed once per device and rank (the
         quantizer's scale does not change during an evaluation)."""
         key = (x.device, x.dim())

@@ -8,7 +8,7 @@ Targets (both may be set; both must then hold), measured on the data given to
   otherwise (then ``100 - agreement ≤ max_degradation``; a warning says so);
 * ``min_sqnr_db``: SQNR of the network's output against the float network ``≥ min_sqnr_db``.
 
-A layer "kept in float" is a unit of :func:`~ptqkit.analysis.sensitivity.layer_quantizers`: its
+A layer "kept in float" is a unit of :func:`~ptqkit.analysis.units.layer_quantizers`: its
 float weight (``QuantLayer.use_float()``), its output quantizer and an input quantizer that feeds
 only it are switched off (listed in ``info.disabled``).
 
@@ -32,7 +32,9 @@ from ..config import PTQConfig
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import act_quants, quant_layers
-from .sensitivity import Evaluator, Score, layer_quantizers
+from ..sync import active, guard
+from .sensitivity import Evaluator, Score
+from .units import layer_quantizers
 
 
 def _describe(s: Score, metric: str) -> dict[str, float]:
@@ -44,9 +46,25 @@ def _describe(s: Score, metric: str) -> dict[str, float]:
 
 def fallback(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo) -> nn.Module:
     """Keep layers of ``qmodel`` in float until ``config``'s target holds (see the module
-    docstring); records ``info.details["fallback"]``. Returns ``qmodel``."""
+    docstring); records ``info.details["fallback"]``. Returns ``qmodel``.
+
+    Under ``torch.distributed`` every score is computed over the shards of all ranks
+    (:class:`~ptqkit.analysis.ranks.RanksEvaluator`), so every rank keeps the same layers in
+    float."""
+    with guard("fallback"):
+        return _fallback(qmodel, data, config, info)
+
+
+def _fallback(
+    qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo
+) -> nn.Module:
     layers = quant_layers(qmodel)
-    ev = Evaluator(qmodel, data, config)
+    if active():
+        from .ranks import RanksEvaluator
+
+        ev: Evaluator = RanksEvaluator(qmodel, data, config)
+    else:
+        ev = Evaluator(qmodel, data, config)
     metric = ev.metric_name
     max_deg, min_sqnr = config.max_degradation, config.min_sqnr_db
     if max_deg is not None and metric == "sqnr_db":

@@ -90,10 +90,11 @@ class EvalResult:
 
     def __str__(self) -> str:
         size = ""
-        if self.compression is not None:
+        fp32_bytes, q_bytes = self.size_bytes_fp32, self.size_bytes_quantized
+        if fp32_bytes and q_bytes:  # what `compression` needs
             size = (
-                f", size {self.size_bytes_fp32 / 1024:.1f} KiB -> "
-                f"{self.size_bytes_quantized / 1024:.1f} KiB ({self.compression:.2f}x)"
+                f", size {fp32_bytes / 1024:.1f} KiB -> "
+                f"{q_bytes / 1024:.1f} KiB ({fp32_bytes / q_bytes:.2f}x)"
             )
         return (
             f"{self.metric}: fp32 {self.fp32:.2f}, quantized {self.quantized:.2f} "

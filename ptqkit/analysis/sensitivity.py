@@ -1,10 +1,10 @@
 """Layer-wise sensitivity: where the quantization error of a network comes from.
 
 A *unit* is one :class:`~ptqkit.quant.modules.QuantLayer` with the activation quantizers that go
-with it (:func:`layer_quantizers`): the quantizer of its output (after its activation) and a
-quantizer of its input that feeds nothing else (the model input before the first conv, the
-flattened features before the classifier). For each unit, :func:`sensitivity` measures on the
-given data:
+with it (:func:`~ptqkit.analysis.units.layer_quantizers`): the quantizer of its output (after
+its activation) and a quantizer of its input that feeds nothing else (the model input before the
+first conv, the flattened features before the classifier). For each unit, :func:`sensitivity`
+measures on the given data:
 
 * ``sqnr_db``: SQNR of the layer's output in the fully quantized network against the float
   network, ``10·log10(Σ y² / Σ (y - ŷ)²)`` (errors of all upstream units included);
@@ -24,102 +24,21 @@ runs the float and quantized networks on small slices of each batch in turn).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..config import PTQConfig
 from ..data import batch_target, fresh_inputs, model_device, run_model, split_batch, to_device
 from ..errors import DataError
 from ..progress import progress
-from ..quant.modules import ActQuant, QuantLayer, act_quants, float_mode, quant_layers
+from ..quant.modules import QuantLayer, float_mode, quant_layers
+from .units import layer_quantizers, precision
 
 #: bytes of layer outputs kept at once by the per-layer SQNR pass
 SQNR_BUDGET = 256 * 2**20
-
-
-# -- units -------------------------------------------------------------------------------------
-def layer_quantizers(model: nn.Module) -> dict[str, list[str]]:
-    """For each :class:`QuantLayer`, the activation quantizers that stay float with it."""
-    layers = quant_layers(model)
-    if not isinstance(model, fx.GraphModule):
-        return {
-            n: ([f"{n}.input_quant"] if m.input_quant is not None else [])
-            for n, m in layers.items()
-        }
-    from ..capture.placement import is_passthrough
-    from ..equalize.cle import _activation_bounds
-
-    def is_activation(n: fx.Node, gm: fx.GraphModule) -> bool:  # CLE's clamps included
-        return _activation_bounds(n, gm) is not None
-
-    def is_aq(n: fx.Node) -> bool:
-        return n.op == "call_module" and isinstance(model.get_submodule(n.target), ActQuant)
-
-    def consumers(n: fx.Node) -> list[fx.Node]:
-        out = []
-        for u in n.users:
-            if is_passthrough(u, model):
-                out += consumers(u)
-            else:
-                out.append(u)
-        return out
-
-    units: dict[str, list[str]] = {n: [] for n in layers}
-    for node in model.graph.nodes:
-        if node.op != "call_module" or node.target not in units:
-            continue
-        cur = node
-        while len(cur.users) == 1 and is_activation(next(iter(cur.users)), model):
-            cur = next(iter(cur.users))
-        units[node.target] += [u.target for u in cur.users if is_aq(u)]
-        a = node.args[0] if node.args else None
-        while isinstance(a, fx.Node) and is_passthrough(a, model) and a.args:
-            a = a.args[0]
-        exclusive = isinstance(a, fx.Node) and is_aq(a)
-        if exclusive and all(
-            c.op == "call_module" and c.target == node.target for c in consumers(a)
-        ):
-            units[node.target].append(a.target)
-    return units
-
-
-@contextmanager
-def precision(
-    model: nn.Module, floats: Iterable[str] = (), only: Iterable[str] | None = None
-) -> Iterator[None]:
-    """Temporarily keep the units ``floats`` in float (or, with ``only``, every unit but those);
-    quantizers that belong to no unit stay on unless ``only`` is given. Restored on exit."""
-    layers, quants = quant_layers(model), act_quants(model)
-    units = layer_quantizers(model)
-    off = set(floats) if only is None else set(layers) - set(only)
-    qoff = {q for n in off for q in units.get(n, [])}
-    if only is not None:
-        keep = {q for n in only for q in units.get(n, [])}
-        qoff |= set(quants) - keep
-    saved_l = {
-        n: (m.quantized, m.layer._buffers["weight"], m.layer._parameters.get("bias"))
-        for n, m in layers.items()
-    }
-    saved_q = {n: q.mode for n, q in quants.items()}
-    try:
-        for n in off:
-            layers[n].use_float()
-        for q in qoff:
-            if q in quants:
-                quants[q].mode = "off"
-        yield
-    finally:
-        for n, (was, w, b) in saved_l.items():
-            layers[n].layer._buffers["weight"] = w
-            if "bias" in layers[n].layer._parameters:
-                layers[n].layer._parameters["bias"] = b
-            layers[n].quantized = was
-        for n, mode in saved_q.items():
-            quants[n].mode = mode
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -404,8 +323,6 @@ __all__ = [
     "LayerSensitivity",
     "Score",
     "SensitivityReport",
-    "layer_quantizers",
     "layer_sqnr",
-    "precision",
     "sensitivity",
 ]

@@ -16,6 +16,11 @@ with ``L`` in float. A quantizer that feeds no layer (an add, a concat, the netw
 a per-channel activation spec, is scored on the tensor itself, ``‖Q_r(t) - t‖² / ‖t‖²``. The range
 with the smallest error is set; the choice is recorded in ``info.chosen`` and the errors in
 ``info.details["auto"]``.
+
+Under ``torch.distributed`` each rank scores the candidates on the first :data:`AUTO_BATCHES`
+batches of its own shard, and the error sums are added over the ranks in rank order
+(:func:`ptqkit.sync.add_up`): every rank picks the same ranges, those one process would pick
+scoring the concatenation of these batches.
 """
 
 from __future__ import annotations
@@ -32,12 +37,34 @@ from ..errors import CalibrationError, ConfigError
 from ..info import PTQInfo
 from ..quant.modules import ActQuant, QuantLayer, act_quants, float_mode, quant_layers
 from ..quant.primitives import fake_quant, qparams
+from ..sync import add_up, empty_shard, guard
+from ..typed import submodule, target_name
 from ..walk import batches
 from .calibrators import CALIBRATORS, make_calibrator
 from .stats import HistogramStats, MinMaxStats
 
 #: calibration batches the candidate ranges are scored on
 AUTO_BATCHES = 4
+
+
+def read_from(cal: Any, hist: HistogramStats, *, exact: bool = False) -> bool:
+    """Make the fresh calibrator ``cal`` solve its range from ``hist`` instead of observing on
+    its own: a histogram calibrator reads ``hist``, a min/max one ``hist.minmax`` (which the
+    histogram tracks). With ``exact``, only when ``cal``'s own observer would have been the same
+    (same bins and channel axis). Returns whether ``cal`` now reads ``hist``; a calibrator that
+    needs more than the histogram (``ema``: the batch sequence) does not."""
+    st = getattr(cal, "stats", None)
+    if isinstance(st, HistogramStats):
+        if exact and (st.nbins != hist.nbins or st.axis != hist.axis):
+            return False
+        cal.stats = hist
+    elif isinstance(st, MinMaxStats):
+        if exact and st.axis != hist.axis:
+            return False
+        cal.stats = hist.minmax
+    else:
+        return False
+    return True
 
 
 def candidate_ranges(cal: Any, spec: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -49,12 +76,7 @@ def candidate_ranges(cal: Any, spec: Any) -> dict[str, tuple[torch.Tensor, torch
             c = make_calibrator(name, axis=cal.axis)
         except ConfigError:
             continue
-        st = getattr(c, "stats", None)
-        if isinstance(st, HistogramStats):
-            c.stats = h
-        elif isinstance(st, MinMaxStats):
-            c.stats = h.minmax
-        else:
+        if not read_from(c, h):
             continue
         try:
             out[name] = c.compute_range(spec)
@@ -71,7 +93,7 @@ def _feeders(model: nn.Module) -> dict[str, str]:
         return {n: f"{n}.input_quant" for n, m in quant_layers(model).items() if m.input_quant}
     feeds = {}
     for node in model.graph.nodes:
-        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), QuantLayer):
+        if node.op != "call_module" or not isinstance(submodule(model, node), QuantLayer):
             continue
         a = node.args[0] if node.args else None
         while isinstance(a, fx.Node) and is_passthrough(a, model) and a.args:
@@ -79,9 +101,9 @@ def _feeders(model: nn.Module) -> dict[str, str]:
         if (
             isinstance(a, fx.Node)
             and a.op == "call_module"
-            and isinstance(model.get_submodule(a.target), ActQuant)
+            and isinstance(submodule(model, a), ActQuant)
         ):
-            feeds[node.target] = a.target
+            feeds[target_name(node)] = target_name(a)
     return feeds
 
 
@@ -95,6 +117,8 @@ def choose_ranges(
     """Set each calibrated quantizer's range to the best candidate (see the module docstring);
     returns ``{quantizer: chosen calibrator}``."""
     spec = config.activations
+    if spec is None:  # no activation quantizer: nothing to choose
+        return {}
     quants = act_quants(qmodel)
     cands: dict[str, dict[str, tuple]] = {}
     for qname, cal in calibrators.items():
@@ -131,8 +155,8 @@ def choose_ranges(
             )
     seen = 0
     try:
-        with torch.no_grad(), float_mode(qmodel):
-            for i, args, kwargs in batches(data, config, qmodel):
+        with guard("calibration='auto'"), torch.no_grad(), float_mode(qmodel):
+            for i, args, kwargs in [] if empty_shard(data) else batches(data, config, qmodel):
                 if seen >= AUTO_BATCHES:
                     break
                 run_model(qmodel, i, args, kwargs)
@@ -140,6 +164,11 @@ def choose_ranges(
     finally:
         for h in hooks:
             h.remove()
+    # under torch.distributed: the error sums (and batches) over all ranks, in rank order
+    flat = {f"{qn}\t{c}": e for qn, es in err.items() for c, e in es.items()}
+    totals = add_up("calibration='auto': errors", {**flat, "\tseen": seen})
+    err = {qn: {c: totals[f"{qn}\t{c}"] for c in es} for qn, es in err.items()}
+    seen = int(totals["\tseen"])
     chosen = {}
     for qn, cs in cands.items():
         if not cs:
@@ -156,4 +185,4 @@ def choose_ranges(
     return chosen
 
 
-__all__ = ["AUTO_BATCHES", "candidate_ranges", "choose_ranges"]
+__all__ = ["AUTO_BATCHES", "candidate_ranges", "choose_ranges", "read_from"]

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .stats import HistogramStats
+
 #: ``max |x| / Q`` above which a channel has outliers (``Q`` as in the module docstring)
 OUTLIER_RATIO = 100.0
 #: share of the non-zero values above the bulk quantile ``Q`` (its percentile: 99.9)
@@ -109,14 +111,16 @@ class HistView:
         return out, self.medges
 
 
-def view(h: object) -> HistView:
+def view(h: HistogramStats | HistView) -> HistView:
     """The :class:`HistView` of a :class:`~ptqkit.calibrate.stats.HistogramStats` (no copy)."""
     if isinstance(h, HistView):
         return h
-    return HistView(h.counts, h.magnitude_edges(), h.zeros, h.lo.double(), h.hi.double(), h.nbins)
+    counts, _, zeros = h.state()
+    lo, hi = h.minmax.bounds()
+    return HistView(counts, h.magnitude_edges(), zeros, lo.double(), hi.double(), h.nbins)
 
 
-def bulk(h: object) -> HistView:
+def bulk(h: HistogramStats | HistView) -> HistView:
     """The histogram without its outliers (see the module docstring): the magnitude bins whose
     lower edge exceeds ``100 · Q`` are emptied and the range shrinks to the kept bins."""
     v = view(h)
@@ -147,7 +151,9 @@ def resample(counts: np.ndarray, edges: np.ndarray, new_edges: np.ndarray) -> np
     return np.diff(np.interp(new_edges, edges, cum)).clip(min=0.0)
 
 
-def clipped_energy(h: object, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def clipped_energy(
+    h: HistogramStats | HistView, lo: torch.Tensor, hi: torch.Tensor
+) -> torch.Tensor:
     """``Σ c_j (x_j - clamp(x_j, lo, hi))² / Σ c_j x_j²`` over the **body** ``|x_j| ≤ Q``
     (``Q`` of the module docstring, bins at their centers, exact zeros left out): the share of
     the energy of the 99.9 % body of the data that clipping to ``[lo, hi]`` turns into error.

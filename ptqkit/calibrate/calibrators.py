@@ -97,6 +97,13 @@ def make_calibrator(name: str, **options: Any) -> Calibrator:
         raise ConfigError(f"bad options for calibrator {name!r}: {e}") from None
 
 
+class _Observed(Protocol):
+    """Anything that says what it observed: ``lo`` is ``None`` before the first data."""
+
+    @property
+    def lo(self) -> torch.Tensor | None: ...
+
+
 class _Base:
     name = "base"
 
@@ -105,7 +112,7 @@ class _Base:
             raise ConfigError(f"{self.name}: axis must be None or an int, got {axis!r}")
         self.axis = axis
 
-    def _check(self, stats: MinMaxStats | HistogramStats, spec: QuantSpec) -> None:
+    def _check(self, stats: _Observed, spec: QuantSpec) -> None:
         if stats.lo is None:
             raise CalibrationError(
                 f"{self.name}: compute_range called before any data was observed"
@@ -162,24 +169,25 @@ class EMACalibrator(_Base):
         self.batches = 0
         self.first: tuple[torch.Tensor, torch.Tensor] | None = None
         self.m: tuple[torch.Tensor, torch.Tensor] | None = None  # current (lo, hi) averages
-        self.lo = None  # for _check
+        self.lo: torch.Tensor | None = None  # for _check
 
     def observe(self, x: torch.Tensor) -> None:
         b = MinMaxStats(self.axis, self.name)
         b.update(x)
-        if b.lo is None:
+        if b.lo is None or b.hi is None:
             return
         v = (b.lo.double(), b.hi.double())
         if self.m is None:
             self.first, self.m = v, v
         else:
             beta = self.momentum
-            self.m = tuple(beta * m + (1 - beta) * vi for m, vi in zip(self.m, v))
+            lo, hi = (beta * m + (1 - beta) * vi for m, vi in zip(self.m, v))
+            self.m = (lo, hi)
         self.batches += 1
         self.lo = self.m[0]
 
     def merge(self, other: EMACalibrator) -> None:
-        if other.m is None:
+        if other.m is None or other.first is None:  # both set by the first batch
             return
         if self.m is None:
             self.first, self.m, self.batches, self.lo = (
@@ -192,15 +200,17 @@ class EMACalibrator(_Base):
         beta, n = self.momentum, other.batches
         decay = beta**n
         # other's average started at its first value instead of continuing ours
-        self.m = tuple(
+        lo, hi = (
             decay * mine + theirs - beta ** (n - 1) * f + (1 - beta) * beta ** (n - 1) * f
             for mine, theirs, f in zip(self.m, other.m, other.first)
         )
+        self.m = (lo, hi)
         self.batches += n
         self.lo = self.m[0]
 
     def compute_range(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(self, spec)
+        assert self.m is not None  # _check: some data was observed
         return self._out(*self.m)
 
 

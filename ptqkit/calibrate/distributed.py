@@ -17,8 +17,18 @@ calibration data; when a default process group with more than one rank is initia
    and histograms merge exactly (ranges identical to one process over all the data); ``ema`` is
    order-dependent and equals one process that saw rank 0's shard, then rank 1's, ...
 
-The states are exchanged with pickle (``torch.save``/``torch.load``): the peers are the ranks of
-the same job, the same trust boundary as the process group itself. Collectives wait at most the
+The later data-driven stages keep the ranks in step with :mod:`ptqkit.sync` (sums over the ranks
+for ``auto``, bias correction and the fallback's scores; AdaRound's rounding learned on rank 0
+from every rank's rows and sent to all). At the end of :func:`ptqkit.quantize`, :func:`finish`
+checks that every rank holds the same model (a :class:`~ptqkit.errors.DistributedError`
+otherwise) and makes ``ptq_info`` the same on every rank, so that :func:`ptqkit.save` writes
+byte-identical files; ``info.details["distributed"]`` holds only what is the same on every rank
+(world size, backend, batches and samples per rank), the merge time is the stage time
+``info.stages["distributed_merge"]``.
+
+The states are exchanged as plain tensors and numbers (``torch.save``, read back with
+``torch.load(weights_only=True)``): the peers are the ranks of the same job, the same trust
+boundary as the process group itself. Collectives wait at most the
 process group's timeout (``init_process_group(timeout=...)``); a rank that dies or never reaches
 calibration ends in that timeout's error, not a hang.
 """
@@ -31,7 +41,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -42,6 +52,7 @@ from ..data import model_device
 from ..errors import CalibrationError, DataError
 from ..info import PTQInfo
 from ..quant.modules import act_quants, quant_layers
+from ..sync import all_gather_bytes
 
 #: relative tolerance of the weight checksum comparison (ranks on different device types sum in
 #: different orders)
@@ -183,21 +194,6 @@ def agree(
     return table[:, 9:11].to(torch.int64)
 
 
-def all_gather_bytes(payload: bytes) -> list[bytes]:
-    """Every rank's ``payload``, in rank order."""
-    dev, world = _comm_device(), dist.get_world_size()
-    local = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(dev)
-    size = torch.tensor([local.numel()], dtype=torch.int64, device=dev)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    n = max(int(s) for s in sizes)
-    padded = torch.zeros(n, dtype=torch.uint8, device=dev)
-    padded[: local.numel()] = local
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    return [o[: int(s)].cpu().numpy().tobytes() for o, s in zip(out, sizes)]
-
-
 def all_reduce_max(tensors: list[torch.Tensor]) -> None:
     """Element-wise maximum over ranks of each tensor, in place (one collective for all)."""
     if not tensors:
@@ -250,7 +246,7 @@ def _from_plain(d: Any, device: torch.device) -> Any:
     cls = _allowed_classes().get(d.get("__obj__", ""))
     if cls is None:
         raise CalibrationError(f"a peer sent an unknown statistic type {d.get('__obj__')!r}")
-    obj = cls.__new__(cls)
+    obj = cast(Any, cls).__new__(cls)  # the instance without __init__: its state follows
     obj.__dict__.update({k: _from_plain(v, device) for k, v in d["state"].items()})
     return obj
 
@@ -277,27 +273,127 @@ def merge_calibrators(model: nn.Module) -> None:
         q.calibrator = merged
 
 
+def _global_batches(tracker: Any, batches_per_rank: list[int]) -> None:
+    """Make ``tracker`` (a :class:`~ptqkit.calibrate.outliers.BatchMaxTracker`) say, for every
+    quantizer, which batch holds the maximum over all ranks, numbering the batches of all ranks
+    one after another in rank order (rank 1's first batch follows rank 0's last): the same on
+    every rank, and the index one process would report over the shards concatenated."""
+    from ..sync import exchange
+
+    mine = {n: (float(m), int(i)) for n, (m, i) in tracker.best.items()}
+    rows = exchange("calibrate: outlier batches", mine)
+    offsets = list(itertools.accumulate([0, *batches_per_rank]))
+    for name in dict.fromkeys(n for row in rows for n in row):
+        found = [(row[name][0], r, row[name][1]) for r, row in enumerate(rows) if name in row]
+        top = max(m for m, _, _ in found)
+        _, r, i = next(f for f in found if f[0] == top)  # the lowest rank holding it
+        tracker.best[name] = (torch.tensor(top), torch.tensor(offsets[r] + i))
+
+
 def observe_and_merge(
     observe: Callable[..., int],
     model: nn.Module,
     data: Iterable[Any],
     config: PTQConfig,
     info: PTQInfo,
+    tracker: Any = None,
 ) -> None:
     """``observe(model, shard, config, info)`` on this rank, then :func:`agree` and
-    :func:`merge_calibrators`; ``info`` gets the totals over all ranks."""
+    :func:`merge_calibrators`; ``info`` gets the totals over all ranks. ``tracker`` (the
+    :class:`~ptqkit.calibrate.outliers.BatchMaxTracker` ``observe`` reports batches to) is
+    made to number the batches over all ranks."""
     error = run_on_shard(lambda d: observe(model, d, config, info), data)
     local = (info.calibration_batches, info.calibration_samples) if error is None else (0, 0)
     t0 = time.perf_counter()
     counts = agree(model, "calibrate", config, error, local)
     merge_calibrators(model)
+    if tracker is not None:
+        _global_batches(tracker, counts[:, 0].tolist())
     info.calibration_batches, info.calibration_samples = (int(v) for v in counts.sum(dim=0))
+    # the same on every rank (the saved files must be identical): this rank's own counts are
+    # batches_per_rank[rank]; the merge time is a stage time
     info.details["distributed"] = {
         "world_size": dist.get_world_size(),
-        "rank": dist.get_rank(),
         "backend": str(dist.get_backend()),
-        "local_batches": local[0],
-        "local_samples": local[1],
         "batches_per_rank": counts[:, 0].tolist(),
-        "merge_s": time.perf_counter() - t0,
+        "samples_per_rank": counts[:, 1].tolist(),
     }
+    info.stages["distributed_merge"] = time.perf_counter() - t0
+
+
+# -- the end of quantize: one model on every rank --------------------------------------------------
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (names, dtypes, shapes, bytes), of which layers
+    hold quantized weights and of the activation quantizers' modes."""
+    h = hashlib.sha256()
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    flags = {n: m.quantized for n, m in quant_layers(model).items()}
+    modes = {n: q.mode for n, q in act_quants(model).items()}
+    h.update(json.dumps([flags, modes], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _combine(field: str, values: list[Any]) -> tuple[Any, bool]:
+    """One value of a record field that differs between ranks, the same on every rank, and
+    whether it is rank 0's (``True``) rather than a combination of all."""
+    if field == "capture_error":
+        return max(values), False
+    if field == "capture_checks":
+        keys = list(dict.fromkeys(k for v in values for k in v))
+        return {k: max(v[k] for v in values if k in v) for k in keys}, False
+    if field == "warnings":
+        return list(dict.fromkeys(w for v in values for w in v)), False
+    return values[0], True
+
+
+def finish(qmodel: nn.Module, info: PTQInfo) -> None:
+    """Check that every rank ended with the same quantized model and make ``info`` the same on
+    every rank (so that :func:`ptqkit.save` writes the same bytes on all of them).
+
+    The model: a :class:`~ptqkit.errors.DistributedError` on every rank, naming the ranks, if
+    their :func:`model_digest` differ. The record (``ptq_info`` without stage times): the
+    data-driven stages already record totals over the ranks; what a rank measured on its own
+    first batch differs: ``capture_error`` and ``capture_checks`` become the largest over the
+    ranks, ``warnings`` the union (in rank order); any other field or ``details`` entry that
+    still differs is taken from rank 0 and listed in ``details["distributed"]["rank_local"]``.
+    """
+    from ..errors import DistributedError
+    from ..sync import exchange, guard
+
+    with guard("the end of quantize"):
+        mine = {k: v for k, v in info.to_dict().items() if k != "stages"}
+        details = mine.pop("details")
+        text = {k: json.dumps(v, sort_keys=True, default=str) for k, v in mine.items()}
+        dtext = {k: json.dumps(v, sort_keys=True, default=str) for k, v in details.items()}
+        digest = model_digest(qmodel)
+    rows = exchange("the end of quantize", [digest, text, dtext])
+    digests = [r[0] for r in rows]
+    bad = [r for r, d in enumerate(digests) if d != digests[0]]
+    if bad:
+        raise DistributedError(
+            f"rank(s) {bad} ended with a different quantized model than rank 0 (a stage that "
+            "does not synchronize across ranks?); their saved files would differ"
+        )
+    rank_local = []
+    for field in text:
+        vals = [r[1][field] for r in rows]
+        if any(v != vals[0] for v in vals):
+            value, local = _combine(field, [json.loads(v) for v in vals])
+            setattr(info, field, value)
+            if local:
+                rank_local.append(field)
+    keys = list(dict.fromkeys(k for r in rows for k in r[2]))
+    for key in keys:
+        vals = [r[2].get(key) for r in rows]
+        if any(v != vals[0] for v in vals):
+            if vals[0] is None:
+                info.details.pop(key, None)
+            else:
+                info.details[key] = json.loads(vals[0])
+            rank_local.append(f"details.{key}")
+    record = info.details.setdefault("distributed", {"world_size": dist.get_world_size()})
+    record["rank_local"] = rank_local

@@ -8,10 +8,10 @@ each histogram with :func:`ptqkit.calibrate.bulk.outlier_ratio` (``max |x| / Q >
 
     {label: {"quantizer", "max", "percentile" (99.9), "q" (Q), "ratio", "batch"}}
 
-(``batch`` is the index of the calibration batch that holds the maximum; ``None`` when the
-statistics were merged from several ranks and the maximum came from another one). It also
-records the ranges the KL guard replaced (``info.details["range_fallback"]``), and emits one
-:class:`ptqkit.errors.PTQWarning` for all the outliers.
+(``batch`` is the index of the calibration batch that holds the maximum; under
+``torch.distributed``, the batches of all ranks are numbered one after another in rank
+order). It also records the ranges the KL guard replaced (``info.details["range_fallback"]``),
+and emits one :class:`ptqkit.errors.PTQWarning` for all the outliers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..info import PTQInfo
-from .bulk import BULK_PERCENTILE, OUTLIER_RATIO, outlier_ratio
+from .bulk import BULK_PERCENTILE, OUTLIER_RATIO, outlier_ratio, view
 from .stats import HistogramStats
 
 
@@ -31,7 +31,8 @@ def _hist(cal: Any) -> HistogramStats | None:
 
 
 def _amax(h: HistogramStats) -> torch.Tensor:
-    return torch.maximum(h.lo.abs().amax(), h.hi.abs().amax())
+    lo, hi = h.minmax.bounds()
+    return torch.maximum(lo.abs().amax(), hi.abs().amax())
 
 
 class BatchMaxTracker:
@@ -79,12 +80,13 @@ def record(
         h = _hist(cal)
         if h is None or h.counts is None:
             continue
-        ratio, q = outlier_ratio(h)
+        ratio, q = outlier_ratio(view(h))
         c = int(torch.argmax(ratio))
         r = float(ratio[c])
         if r <= OUTLIER_RATIO:
             continue
-        amax = float(max(abs(float(h.lo[c])), abs(float(h.hi[c]))))
+        lo, hi = h.minmax.bounds()
+        amax = float(max(abs(float(lo[c])), abs(float(hi[c]))))
         batch = tracker.batch_of_max(qname, h) if tracker is not None else None
         info.outliers[label] = {
             "quantizer": qname,

@@ -66,7 +66,7 @@ def calibrate(
     try:
         if distributed.is_distributed():  # each rank observes its shard, then all merge
             observe_tracked = functools.partial(observe, on_batch=tracker)
-            distributed.observe_and_merge(observe_tracked, model, data, config, info)
+            distributed.observe_and_merge(observe_tracked, model, data, config, info, tracker)
         else:
             observe(model, data, config, info, on_batch=tracker)
     finally:

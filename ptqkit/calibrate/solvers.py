@@ -27,7 +27,8 @@ Range = tuple[torch.Tensor, torch.Tensor]
 
 def minmax_range(stats: MinMaxStats) -> Range:
     """``(min x, max x)``."""
-    return stats.lo.double(), stats.hi.double()
+    lo, hi = stats.bounds()
+    return lo.double(), hi.double()
 
 
 def _levels(spec: QuantSpec) -> int:
@@ -64,7 +65,7 @@ def expected_error(
     return clip.sum(1) + (cz * dead * x * x).sum(1) + n_round * s.pow(2) / 12
 
 
-def _without_zeros(h: HistogramStats | HistView) -> torch.Tensor:
+def _without_zeros(h: HistView) -> torch.Tensor:
     """``counts`` with the exact zeros taken out of the bin ``[0, v_1)`` that holds them."""
     cz = h.counts.clone()
     cz.scatter_add_(1, h.zero_bin()[:, None].to(cz.device), -h.zeros[:, None])
@@ -74,7 +75,7 @@ def _without_zeros(h: HistogramStats | HistView) -> torch.Tensor:
 _quantile = quantile
 
 
-def percentile_range(h: HistogramStats, spec: QuantSpec, percentile: float) -> Range:
+def percentile_range(h: HistogramStats | HistView, spec: QuantSpec, percentile: float) -> Range:
     """Percentile range. Asymmetric: ``(Q(1 - p), Q(p))`` of ``x``; symmetric: ``±Q(p)`` of
     ``|x|``, over the bulk (outliers set aside); ``Q`` interpolates linearly inside a bin; the
     result never exceeds the observed ``[min, max]``."""
@@ -92,7 +93,7 @@ def percentile_range(h: HistogramStats, spec: QuantSpec, percentile: float) -> R
     return torch.minimum(lo, hi), torch.maximum(lo, hi)
 
 
-def _one_sided_mask(h: HistogramStats | HistView, spec: QuantSpec) -> torch.Tensor:
+def _one_sided_mask(h: HistView, spec: QuantSpec) -> torch.Tensor:
     """``[C]`` bool: the channel's data is one-sided (``x ≥ 0`` or ``x ≤ 0``), on an unsigned
     grid."""
     one = (h.lo >= 0) | (h.hi <= 0)
@@ -129,7 +130,7 @@ def _one_sided(
 
 
 def _threshold_to_range(
-    h: HistogramStats | HistView, t: torch.Tensor, one_sided: torch.Tensor | bool
+    h: HistView, t: torch.Tensor, one_sided: torch.Tensor | bool
 ) -> Range:
     """``[0, T]`` (or ``[-T, 0]``) where ``one_sided``, else ``[lo, hi] ∩ [-T, T]``, kept
     non-empty when all the data lies beyond ``T`` on one side."""

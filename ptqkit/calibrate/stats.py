@@ -85,7 +85,7 @@ class MinMaxStats:
         self._combine(lo.float(), hi.float(), xc.shape[1])
 
     def _combine(self, lo: torch.Tensor, hi: torch.Tensor, count: int) -> None:
-        if self.lo is None:
+        if self.lo is None or self.hi is None:
             self.lo, self.hi = lo.clone(), hi.clone()
         else:
             if lo.shape != self.lo.shape:
@@ -98,8 +98,14 @@ class MinMaxStats:
         self.count += count
 
     def merge(self, other: MinMaxStats) -> None:
-        if other.lo is not None:
+        if other.lo is not None and other.hi is not None:
             self._combine(other.lo, other.hi, other.count)
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, hi)``; raises :class:`CalibrationError` before any data was seen."""
+        if self.lo is None or self.hi is None:
+            raise CalibrationError(f"{self.name}: no data observed")
+        return self.lo, self.hi
 
 
 #: mantissa bits kept in a bin key: relative bin width 2^-7 = 0.78 %
@@ -144,6 +150,12 @@ class HistogramStats:
         self.zeros: torch.Tensor | None = None  # [C] float64, exact zeros seen
 
     # -- views ------------------------------------------------------------------------------
+    def state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(counts, top, zeros)``; raises :class:`CalibrationError` before any data was seen."""
+        if self.counts is None or self.top is None or self.zeros is None:
+            raise CalibrationError(f"{self.name}: no data observed")
+        return self.counts, self.top, self.zeros
+
     @property
     def lo(self) -> torch.Tensor | None:
         return self.minmax.lo
@@ -154,8 +166,9 @@ class HistogramStats:
 
     def magnitude_edges(self) -> torch.Tensor:
         """``[C, n + 1]`` edges of the magnitude bins: ``0, v_{top-n+1}, ..., v_top``."""
-        j = torch.arange(1, _N + 1, device=self.top.device)
-        v = key_value(self.top[:, None] - _N + j[None, :])
+        top = self.state()[1]
+        j = torch.arange(1, _N + 1, device=top.device)
+        v = key_value(top[:, None] - _N + j[None, :])
         return torch.cat([torch.zeros_like(v[:, :1]), v], dim=1)
 
     def edges(self) -> torch.Tensor:
@@ -165,16 +178,17 @@ class HistogramStats:
 
     def zero_bin(self) -> torch.Tensor:
         """``[C]`` index (in ``counts``) of the bin that holds the exact zeros."""
-        return _N + (-(self.top - _N)).clamp(0, _N - 1)
+        return _N + (-(self.state()[1] - _N)).clamp(0, _N - 1)
 
     def folded(self, drop_zeros: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Histogram of ``|x|``: ``(counts [C, n], edges [C, n + 1])``, exact (the negative
         bins are the mirrored positive ones). ``drop_zeros`` removes the exact zeros."""
-        out = self.counts[:, _N:] + self.counts[:, :_N].flip(1)
+        counts, _, zeros = self.state()
+        out = counts[:, _N:] + counts[:, :_N].flip(1)
         if drop_zeros:
             j0 = (self.zero_bin() - _N)[:, None]
             out = out.clone()
-            out.scatter_add_(1, j0, -self.zeros[:, None])
+            out.scatter_add_(1, j0, -zeros[:, None])
             out.clamp_(min=0)
         return out, self.magnitude_edges()
 
@@ -198,16 +212,15 @@ class HistogramStats:
         if xc.shape[1] == 0:
             return
         self.minmax.update(x)  # checks finiteness, tracks the exact range
-        amax = torch.maximum(self.minmax.lo.abs(), self.minmax.hi.abs())
-        top = _top(amax)
-        if self.top is not None:
-            top = torch.maximum(top, self.top)
+        lo, hi = self.minmax.bounds()
+        top = _top(torch.maximum(lo.abs(), hi.abs()))
         c = xc.shape[0]
-        if self.counts is None:
-            self.counts = torch.zeros(c, 2 * _N, dtype=torch.float64, device=xc.device)
-            self.zeros = torch.zeros(c, dtype=torch.float64, device=xc.device)
+        if self.counts is None or self.top is None or self.zeros is None:
+            counts = torch.zeros(c, 2 * _N, dtype=torch.float64, device=xc.device)
+            zeros = torch.zeros(c, dtype=torch.float64, device=xc.device)
         else:
-            self.counts = self._shift(self.counts, self.top, top)
+            top = torch.maximum(top, self.top)
+            counts, zeros = self._shift(self.counts, self.top, top), self.zeros
         self.top = top
         # the hot loop of calibration, in place on one int32 copy: x + 0.0 turns -0.0 into +0.0;
         # the sign bit (>> 31: -1 or 0) mirrors a negative magnitude bin j to -j - 1 (xor)
@@ -221,8 +234,9 @@ class HistogramStats:
         else:  # per channel: offset each row's bins (in int64, exact for any size)
             rows = torch.arange(c, device=xc.device)[:, None] * (2 * _N)
             flat = (key.to(torch.int64) + rows).reshape(-1)
-        self.counts += torch.bincount(flat, minlength=c * 2 * _N).reshape(c, -1)
-        self.zeros += (xc.shape[1] - torch.count_nonzero(xc, dim=1)).double()
+        counts += torch.bincount(flat, minlength=c * 2 * _N).reshape(c, -1)
+        zeros += (xc.shape[1] - torch.count_nonzero(xc, dim=1)).double()
+        self.counts, self.zeros = counts, zeros
 
     def merge(self, other: HistogramStats) -> None:
         if other.counts is None:
@@ -232,13 +246,14 @@ class HistogramStats:
                 f"{self.name}: cannot merge {other.nbins} bins into {self.nbins}"
             )
         self.minmax.merge(other.minmax)
+        o_counts, o_top, o_zeros = other.state()
         if self.counts is None:
-            self.counts, self.top = other.counts.clone(), other.top.clone()
-            self.zeros = other.zeros.clone()
+            self.counts, self.top, self.zeros = o_counts.clone(), o_top.clone(), o_zeros.clone()
             return
-        theirs_top = other.top.to(self.top.device)
-        top = torch.maximum(self.top, theirs_top)
-        mine = self._shift(self.counts, self.top, top)
-        theirs = self._shift(other.counts.to(mine.device), theirs_top, top)
+        counts, my_top, zeros = self.state()
+        theirs_top = o_top.to(my_top.device)
+        top = torch.maximum(my_top, theirs_top)
+        mine = self._shift(counts, my_top, top)
+        theirs = self._shift(o_counts.to(mine.device), theirs_top, top)
         self.counts, self.top = mine + theirs, top
-        self.zeros = self.zeros + other.zeros.to(self.zeros.device)
+        self.zeros = zeros + o_zeros.to(zeros.device)

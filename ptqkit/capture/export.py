@@ -5,13 +5,12 @@ calls into code fx cannot symbolically run, ...
 ``torch.export.export(model, args, kwargs, strict=False)`` runs the model once on the example
 batch and records the ATen ops it executed, specialised to that call's Python values (the
 branches taken, ``flag=False``) with every tensor dimension left dynamic (``Dim.AUTO``: batch
-size, sequence length) unless the model's code pins it. The
-ATen graph (``ExportedProgram.module()``) is then lifted back to ``nn`` modules and ``torch``
-functions by :func:`ptqkit.inputs.lift_aten` — the same code path the CLI uses for ``.pt2``
-files — plus the few clipping activations it does not map (:data:`EXTRA_FUNCTIONS`), so that
-BatchNorm folding and the placement rules (quantizers after ReLU/ReLU6/clamp, on adds, cats
-and matmuls) apply as for a ``torch.fx`` trace. A graph that keeps ATen ops neither mapping
-covers (``layer_norm``, ``softmax``, ``gelu``, ``embedding``: transformers) is not used: the
+size, sequence length) unless the model's code pins it. The ATen graph
+(``ExportedProgram.module()``) is then lifted back to ``nn`` modules and ``torch`` functions by
+:func:`.aten.lift_aten` (the same code path the CLI uses for ``.pt2`` files), so that BatchNorm
+folding and the placement rules (quantizers after ReLU/ReLU6/clamp, on adds, cats and matmuls)
+apply as for a ``torch.fx`` trace. A graph that keeps ATen ops the lifting does not map
+(``layer_norm``, ``softmax``, ``gelu``, ``embedding``: transformers) is not used: the
 placement rules, SmoothQuant and the reports do not know them, and the hook capture serves such
 models better. The equivalence check of :mod:`.verify` then confirms that the lifted graph
 computes what the model computes.
@@ -24,16 +23,9 @@ import inspect
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-#: ATen clipping activations ``lift_aten`` leaves as ATen calls, and their ``torch`` function
-EXTRA_FUNCTIONS = {
-    torch.ops.aten.relu6.default: F.relu6,
-    torch.ops.aten.clamp_min.default: torch.clamp_min,
-    torch.ops.aten.clip.default: torch.clip,
-}
-
+from .aten import lift_aten
 
 #: shape bookkeeping of a graph with dynamic dimensions: no computation to place quantizers on
 SHAPE_OPS = {
@@ -62,8 +54,6 @@ def export_capture(
     model: nn.Module, args: tuple, kwargs: dict
 ) -> tuple[fx.GraphModule | None, str]:
     """``(graph module, "")`` or ``(None, reason)``; ``model`` is copied, never run itself."""
-    from ..inputs import lift_aten
-
     try:
         root = copy.deepcopy(model).eval()
         try:
@@ -79,14 +69,11 @@ def export_capture(
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in EXTRA_FUNCTIONS:
-            node.target = EXTRA_FUNCTIONS[node.target]
-        elif isinstance(node.target, torch._ops.OpOverload) and node.target not in SHAPE_OPS:
+        if isinstance(node.target, torch._ops.OpOverload) and node.target not in SHAPE_OPS:
             left.add(str(node.target.overloadpacket.__name__))
     if left:
         return None, (
             f"its ATen graph keeps ops ptqkit does not map back ({', '.join(sorted(left)[:5])}): "
             "placement, SmoothQuant and the report would not recognise them"
         )
-    gm.recompile()
     return gm, ""

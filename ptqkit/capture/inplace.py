@@ -22,13 +22,18 @@ methods with no out-of-place twin (``copy_``, ``zero_``, ``fill_``).
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.node import Target
+
+from ..typed import submodule
 
 #: in-place functions → their out-of-place twin
-INPLACE_FUNCTIONS = {
+INPLACE_FUNCTIONS: dict[Target, Callable[..., Any]] = {
     torch.relu_: torch.relu,
     F.relu_: F.relu,
     torch.sigmoid_: torch.sigmoid,
@@ -63,11 +68,11 @@ def _is_view(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_function":
         return node.target in VIEW_FUNCTIONS
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), VIEW_MODULES)
+        return isinstance(submodule(gm, node), VIEW_MODULES)
     return node.op == "get_attr"
 
 
-def _twin(node: fx.Node, gm: fx.GraphModule) -> tuple[str, object, dict] | None:
+def _twin(node: fx.Node, gm: fx.GraphModule) -> tuple[str, Target, dict] | None:
     """``(op, out-of-place target, kwargs)`` of an in-place node, else ``None``."""
     if node.op == "call_method" and isinstance(node.target, str):
         name = node.target
@@ -82,7 +87,7 @@ def _twin(node: fx.Node, gm: fx.GraphModule) -> tuple[str, object, dict] | None:
             return "call_function", node.target, {**node.kwargs, "inplace": False}
         return None
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
+        m = submodule(gm, node)
         if isinstance(m, INPLACE_FLAG_MODULES) and getattr(m, "inplace", False):
             return "call_module", node.target, dict(node.kwargs)
     return None
@@ -105,7 +110,9 @@ def functionalize(gm: fx.GraphModule) -> list[str]:
             continue  # another tensor shares the memory: leave the mutation as it is
         op, target, kwargs = twin
         if op == "call_module":
-            gm.get_submodule(target).inplace = False
+            m = submodule(gm, node)
+            assert isinstance(m, INPLACE_FLAG_MODULES)  # what _twin rewrites
+            m.inplace = False
             new = node
         else:
             with graph.inserting_after(node):

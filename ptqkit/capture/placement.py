@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from ..config import QuantSpec
 from ..quant.modules import WEIGHT_LAYERS, ActQuant, QuantLayer
+from ..typed import submodule
 
 # -- op registries -------------------------------------------------------------------------------
 #: ops whose output is quantized and whose tensor inputs must be on a grid
@@ -87,7 +88,7 @@ PASS_METHODS = {
 
 
 def _module(gm: nn.Module, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
+    return submodule(gm, node) if node.op == "call_module" else None
 
 
 def _in(node: fx.Node, gm: nn.Module, mods: tuple, funcs: set, methods: set) -> bool:
@@ -118,7 +119,10 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """The activation inputs of a quantized op (``cat`` takes a list)."""
     args: Iterable = node.args
     if node.target in (torch.cat, torch.concat):
-        args = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        seq = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        if not isinstance(seq, (list, tuple)):  # e.g. cat(chunk(x)): one node, not a list
+            raise TypeError(f"{node.name}: torch.cat of a {type(seq).__name__}, not of a list")
+        args = seq
     elif node.op == "call_module":
         args = node.args[:1]
     return [a for a in args if isinstance(a, fx.Node) and a.op != "get_attr"]
@@ -145,7 +149,9 @@ def wrap_layers(
 
     Returns ``(wrapped names, skipped names, patterns that matched)``.
     """
-    wrapped, skip, used = [], [], set()
+    wrapped: list[str] = []
+    skip: list[str] = []
+    used: set[str] = set()
     for name, m in list(root.named_modules()):
         if not isinstance(m, WEIGHT_LAYERS) or not name or isinstance(m, QuantLayer):
             continue

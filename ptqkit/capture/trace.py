@@ -13,7 +13,9 @@ import copy
 import torch
 from torch import fx, nn
 
+from ..errors import ModelError
 from ..quant.modules import TRANSPOSED_LAYERS, WEIGHT_LAYERS, ActQuant, QuantLayer
+from ..typed import target_name
 
 
 class _Tracer(fx.Tracer):
@@ -48,14 +50,22 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
     The BatchNorm's view of the output distribution, mean ``β`` and std ``|γ|`` per channel, is
     kept on the layer as the non-persistent buffers ``bn_mean`` and ``bn_std``.
     """
+    if not isinstance(layer, WEIGHT_LAYERS) or not isinstance(bn, _BATCHNORMS):
+        raise ModelError(
+            f"cannot fold {type(bn).__name__} into {type(layer).__name__}: "
+            "expected a BatchNorm after a Conv/Linear"
+        )
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        raise ModelError(f"cannot fold {type(bn).__name__}: it keeps no running statistics")
     w = layer.weight.detach()
     inv = (
-        bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        bn.weight.detach() / torch.sqrt(var + bn.eps)
         if bn.affine
-        else (1.0 / torch.sqrt(bn.running_var + bn.eps))
+        else (1.0 / torch.sqrt(var + bn.eps))
     )
-    beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
-    b = layer.bias.detach() if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    beta = bn.bias.detach() if bn.affine else torch.zeros_like(mean)
+    b = layer.bias.detach() if layer.bias is not None else torch.zeros_like(mean)
     if isinstance(layer, TRANSPOSED_LAYERS):
         # weight [in, out/g, k...]: output channel g·(out/g) + j is [g-th block of rows, j]
         g = layer.groups
@@ -64,18 +74,20 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
         new_w = (blocks * scale).reshape(w.shape)
     else:
         new_w = w * inv.reshape([-1] + [1] * (w.dim() - 1))
-    new_b = (b - bn.running_mean) * inv + beta
+    new_b = (b - mean) * inv + beta
     layer.weight = nn.Parameter(new_w, requires_grad=False)
     layer.bias = nn.Parameter(new_b, requires_grad=False)
     # what the BatchNorm said about the layer's output (per channel: mean β, std |γ|), kept for
     # the data-free stages that need it once the BatchNorm is gone (CLE bias absorption,
     # analytic bias correction); not saved with the model
-    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
+    gamma = bn.weight.detach() if bn.affine else torch.ones_like(mean)
     layer.register_buffer("bn_mean", beta.detach().clone().float(), persistent=False)
     layer.register_buffer("bn_std", gamma.abs().clone().float(), persistent=False)
 
 
 def _out_channels(layer: nn.Module) -> int:
+    if not isinstance(layer, WEIGHT_LAYERS):
+        raise ModelError(f"{type(layer).__name__} has no output channels ptqkit knows")
     w = layer.weight
     return w.shape[1] * layer.groups if isinstance(layer, TRANSPOSED_LAYERS) else w.shape[0]
 
@@ -86,7 +98,8 @@ def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+            name = target_name(node)
+            calls[name] = calls.get(name, 0) + 1
     folded = []
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCHNORMS):
@@ -94,8 +107,9 @@ def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
         prev = node.args[0] if node.args else None
         if not (isinstance(prev, fx.Node) and prev.op == "call_module"):
             continue
-        layer = modules.get(prev.target)
-        if not isinstance(layer, WEIGHT_LAYERS) or len(prev.users) != 1 or calls[prev.target] != 1:
+        prev_name = target_name(prev)
+        layer = modules.get(prev_name)
+        if not isinstance(layer, WEIGHT_LAYERS) or len(prev.users) != 1 or calls[prev_name] != 1:
             continue
         bn = modules[node.target]
         if bn.running_mean is None or _out_channels(layer) != bn.num_features:

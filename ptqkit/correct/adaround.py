@@ -41,13 +41,16 @@ import torch
 from torch import fx, nn
 
 from ..config import AdaRoundOptions, PTQConfig
+from ..data import Batch
+from ..graph import activation_bounds
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import QuantLayer, quant_layers
-from ..quant.primitives import _broadcast, qparams, storage_dtype
+from ..quant.primitives import broadcast_along, qparams, storage_dtype
 from ..quant.weights import weight_range
+from ..sync import active, add_up, empty_shard, exchange, from_data, from_first, guard
 from ..walk import RERUN, Rerun, can_propagate, layer_order, propagate
-from .samples import collect_prefix, float_targets, input_rows
+from .samples import Rows, collect_prefix, float_targets, input_rows
 
 #: the rectified sigmoid's stretch (Louizos et al. 2018, as in the paper)
 ZETA, GAMMA = 1.1, -0.1
@@ -59,11 +62,9 @@ def _activation(qmodel: nn.Module, name: str) -> Any:
     """The clipping activation right after layer ``name`` as a function on ``[rows, C]``."""
     if not isinstance(qmodel, fx.GraphModule):
         return None
-    from ..equalize.cle import _activation_bounds
-
     for node in qmodel.graph.nodes:
         if node.op == "call_module" and node.target == name and len(node.users) == 1:
-            bounds = _activation_bounds(next(iter(node.users)), qmodel)
+            bounds = activation_bounds(next(iter(node.users)), qmodel)
             if bounds is None:
                 return None
             lo, hi = (torch.as_tensor(v, dtype=torch.float32) for v in bounds)
@@ -93,8 +94,8 @@ def round_layer(
     beta_start, beta_end = opts.beta
     spec = layer.spec
     w = layer.weight_fp.float()
-    s = _broadcast(scale.to(w.device), w, spec.axis)
-    z = _broadcast(zp.to(w.device).float(), w, spec.axis)
+    s = broadcast_along(scale.to(w.device), w, spec.axis)
+    z = broadcast_along(zp.to(w.device).float(), w, spec.axis)
     floor = torch.floor(w / s)
     rest = (w / s - floor).clamp(0, 1)
     p = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
@@ -149,50 +150,84 @@ def adaround(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PT
     """Quantize the weights of every :class:`QuantLayer` of ``qmodel`` with AdaRound (see the
     module docstring), layer by layer on ``data``; records ``info.details["adaround"]``
     (reconstruction loss with nearest rounding and with AdaRound, per layer, on the sampled rows).
+
+    Under ``torch.distributed``, each rank samples rows from its own shard; for each layer, the
+    rows of all ranks (in rank order) go to rank 0, which learns the rounding and sends it to
+    every rank before the next layer runs: every rank ends with the same integer weights.
     """
+    with guard("adaround"):
+        return _adaround(qmodel, data, config, info)
+
+
+def _adaround(
+    qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo
+) -> nn.Module:
     layers = quant_layers(qmodel)
     if not layers:
         info.warn("AdaRound: the model has no layer with weights to round; nothing was done")
         info.details["adaround"] = {"layers": {}}
         return qmodel
     opts = config.adaround_options
-    order = layer_order(qmodel, data, config)
+    empty = empty_shard(data)  # this rank has no data (torch.distributed): it only follows
+    traced = can_propagate(qmodel)  # the order is read off the graph, not the data
+    order = list(layers) if empty and not traced else layer_order(qmodel, data, config)
+    if active() and not can_propagate(qmodel):  # untraced: the order of a rank that ran
+        order = from_data("adaround: layer order", order, not empty)
     seeds = {n: config.seed + k for k, n in enumerate(order) if layers[n].weight_fp.numel() > 0}
     report: dict[str, Any] = {}
 
-    def learn(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    def learn(name: str, rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         layer = layers[name]
-        lo, hi = weight_range(layer, config.weight_calibration)
-        scale, zp = qparams(lo, hi, layer.spec)
-        act = _activation(qmodel, name)
-        with torch.enable_grad():
-            q, losses = round_layer(
-                layer, scale, zp, x, y, act, config.adaround_iters, seeds[name], opts
-            )
-        layer.set_quantized(q, scale, zp)
-        report[name] = {**losses, "rows": int(x.shape[0])}
+        dev = layer.weight_fp.device
+        everyone = exchange(f"adaround: {name} rows", rows) if active() else [rows]
+        shared = [r for r in everyone if r is not None]
+        if not shared:  # no rank has rows: nearest rounding, below
+            return
+
+        def solve() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+            x, y = (torch.cat([r[k].to(dev) for r in shared]) for k in (0, 1))
+            lo, hi = weight_range(layer, config.weight_calibration)
+            scale, zp = qparams(lo, hi, layer.spec)
+            act = _activation(qmodel, name)
+            with torch.enable_grad():
+                q, losses = round_layer(
+                    layer, scale, zp, x, y, act, config.adaround_iters, seeds[name], opts
+                )
+            return q, scale, zp, {**losses, "rows": int(x.shape[0])}
+
+        q, scale, zp, record = from_first(f"adaround: {name}", solve)
+        layer.set_quantized(q.to(dev), scale.to(dev), zp.to(dev))
+        report[name] = record
 
     engine: dict[str, Any] = {"cached_inputs": False}
-    plans, feeds = float_targets(qmodel, data, config, seeds, layers)
-    used = [n for n in order if n in plans and plans[n].picks]
+    plans: dict[str, Rows]
+    feeds: list[Batch]
+    if empty:
+        plans, feeds = {n: Rows(s) for n, s in seeds.items()}, []
+    else:
+        plans, feeds = float_targets(qmodel, data, config, seeds, layers)
+    picked = add_up("adaround: layers with rows", {n: int(bool(p.picks)) for n, p in plans.items()})
+    used = [n for n in order if picked.get(n)]  # on any rank
     if can_propagate(qmodel, used):
         bar = iter(progress(used, config.progress, "adaround"))
 
         def visit(name: str, layer: QuantLayer, inputs: Any, outputs: Any) -> Rerun:
             next(bar, None)
-            learn(name, input_rows(layer, plans[name], inputs), plans[name].target())
+            plan = plans[name]
+            learn(name, (input_rows(layer, plan, inputs), plan.target()) if plan.picks else None)
             return RERUN
 
         with torch.no_grad():
             walked = propagate(qmodel, feeds, visit, used, opts.memory_budget)
-        engine = {"cached_inputs": True, **walked}
+        counts = {k: walked[k] for k in ("batches", "spilled")}
+        engine = {"cached_inputs": True, **walked, **add_up("adaround: engine", counts)}
         next(bar, None)
     else:
         del plans, feeds  # the untraced path collects per layer
         for name in progress(used, config.progress, "adaround"):
-            rows = collect_prefix(qmodel, layers[name], data, config, seeds[name])
-            if rows is not None:
-                learn(name, *rows)
+            layer = layers[name]
+            rows = None if empty else collect_prefix(qmodel, layer, data, config, seeds[name])
+            learn(name, rows)
     for name in order:
         if name not in report:
             layers[name].set_weight_range(*weight_range(layers[name], config.weight_calibration))

@@ -13,7 +13,11 @@ layer's (float) bias removes the systematic part of the error.
   inputs, spilled to disk past a memory budget): at each layer its mean is taken, its bias
   corrected, and only then does it run for the layers after it. Two passes in all, ``O(depth)``
   forward work, and exactly the sequential algorithm. An untraced model falls back to one pass
-  per layer that stops right after it (``O(depth²)``).
+  per layer that stops right after it (``O(depth²)``). Under ``torch.distributed`` each rank
+  takes its own shard's first ``samples`` samples, and every sum and count is added over the
+  ranks (:func:`ptqkit.sync.add_up`, in rank order) before a mean is taken: each layer gets the
+  same correction on every rank, the one a single process would compute over the union of the
+  shards (up to float64 rounding: the sums are grouped per rank).
 * ``"analytic"`` (data-free): ``b ← b - ε·E[x]`` with ``E[x]`` propagated through the graph from
   the BatchNorm statistics recorded at folding time (a folded layer's output is taken as
   ``N(β, γ²)`` per channel; after a clipping activation ``clamp(·, a, b)`` its mean is the
@@ -36,9 +40,12 @@ from torch import fx, nn
 from ..config import BiasCorrectionOptions, PTQConfig
 from ..data import Batch, run_model
 from ..errors import DataError, ModelError
+from ..graph import activation_bounds, input_channel_view, is_flatten_1
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import ActQuant, QuantLayer, float_mode, quant_layers
+from ..sync import active, add_up, empty_shard, from_data, guard
+from ..typed import submodule, target_name, tensor_attr
 from ..walk import batches, can_propagate, layer_order, propagate, run_until, stop_after
 
 
@@ -71,7 +78,7 @@ def _add_to_bias(layer: QuantLayer, delta: torch.Tensor) -> None:
         fp = b.detach().clone() if b is not None else torch.zeros_like(delta)
         layer.register_buffer("bias_fp", fp, persistent=False)
         layer.register_buffer("bias_q", fp.clone(), persistent=False)
-    layer.bias_q = layer.bias_q + delta
+    layer.bias_q = tensor_attr(layer, "bias_q") + delta
     layer.select_bias("bias_q" if layer.quantized else "bias_fp")
 
 
@@ -91,9 +98,22 @@ class _Mean:
         return None if self.total is None else self.total / max(self.count, 1)
 
 
+def _over_ranks(tag: str, means: dict[str, _Mean]) -> None:
+    """Under ``torch.distributed``, every mean's sum and count summed over the ranks (in rank
+    order: identical on every rank; a per-channel mean is a sum over a count, so this is the
+    mean over the union of the shards)."""
+    if not active():
+        return
+    parts: dict[str, Any] = {n: m.total for n, m in means.items()}
+    parts.update({f"{n}#": m.count for n, m in means.items()})
+    sums = add_up(tag, parts)
+    for n, m in means.items():
+        m.total, m.count = sums[n], int(sums[f"{n}#"])
+
+
 def _empirical(
     qmodel: nn.Module,
-    data: Iterable[Any],
+    data: Iterable[Any] | None,
     config: PTQConfig,
     info: PTQInfo,
     options: BiasCorrectionOptions,
@@ -104,7 +124,14 @@ def _empirical(
             "bias_correction='analytic' (data-free, from BatchNorm statistics)"
         )
     layers = quant_layers(qmodel)
-    order = [n for n in layer_order(qmodel, data, config) if layers[n].quantized]
+    empty = empty_shard(data)  # this rank has no data (torch.distributed): it only sums
+    traced = can_propagate(qmodel)  # the order is read off the graph, not the data
+    order = list(layers) if empty and not traced else layer_order(qmodel, data, config)
+    order = [n for n in order if layers[n].quantized]
+
+    def shard() -> Iterable[tuple]:
+        return [] if empty else batches(data, config, qmodel, options.samples)
+
     ref = {n: _Mean() for n in order}
     hooks = [
         layers[n].register_forward_hook(lambda m, a, y, n=n: ref[n].add(y, m.layer)) for n in order
@@ -112,17 +139,22 @@ def _empirical(
     feeds: list[Batch] = []
     try:
         with torch.no_grad(), float_mode(qmodel):
-            for i, args, kwargs in batches(data, config, qmodel, options.samples):
+            for i, args, kwargs in shard():
                 run_model(qmodel, i, args, kwargs)
                 feeds.append((args, kwargs))
     finally:
         for h in hooks:
             h.remove()
+    order = from_data("bias correction: layer order", order, bool(feeds))
+    _over_ranks("bias correction: float means", ref)
     order = [n for n in order if ref[n].value is not None]
     shifts: dict[str, float] = {}
 
     def correct(name: str, got: _Mean) -> torch.Tensor:
-        delta = ref[name].value - got.value
+        want, have = ref[name].value, got.value
+        if want is None or have is None:
+            raise ModelError(f"bias correction: {name} did not run on the calibration data")
+        delta = want - have
         _add_to_bias(layers[name], delta)
         shifts[name] = float(delta.abs().max())
         return delta
@@ -135,12 +167,15 @@ def _empirical(
             got = _Mean()
             for y in outputs():
                 got.add(y, layer.layer)
+            _over_ranks(f"bias correction: {name}", {name: got})
             delta = correct(name, got)
             return lambda y: _shift(y, layer.layer, delta)
 
         with torch.no_grad():
             walked = propagate(qmodel, feeds, visit, order, options.memory_budget)
         next(bar, None)
+        counts = {k: walked[k] for k in ("batches", "spilled")}
+        walked.update(add_up("bias correction: engine", counts))  # totals over the ranks
         return {"mode": "empirical", "corrected": shifts, "passes": 2, "engine": walked}
     for n in progress(order, config.progress, "bias correction"):  # untraced: prefix re-runs
         got = _Mean()
@@ -148,10 +183,11 @@ def _empirical(
         h = layer.register_forward_hook(lambda m, a, y, got=got: got.add(y, m.layer))
         try:
             with torch.no_grad(), stop_after(layer):
-                for i, args, kwargs in batches(data, config, qmodel, options.samples):
+                for i, args, kwargs in shard():
                     run_until(qmodel, args, kwargs, i)
         finally:
             h.remove()
+        _over_ranks(f"bias correction: {n}", {n: got})
         correct(n, got)
     return {"mode": "empirical", "corrected": shifts, "passes": len(shifts) + 1}
 
@@ -181,39 +217,39 @@ _MEAN_PASS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, 
 def _input_means(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Expected input per channel of every :class:`QuantLayer` where BatchNorm statistics
     allow it (see the module docstring), and why the others have none."""
-    from ..equalize.cle import _activation_bounds, _is_flatten_1
-
     env: dict[fx.Node, tuple[torch.Tensor, torch.Tensor | None] | None] = {}
     means, why = {}, {}
     for node in gm.graph.nodes:
-        val = None
+        val: tuple[torch.Tensor, torch.Tensor | None] | None = None
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         inp = env.get(src) if src is not None else None
-        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        mod = submodule(gm, node) if node.op == "call_module" else None
         if isinstance(mod, QuantLayer):
             if inp is not None:
-                means[node.target] = inp[0]
+                means[target_name(node)] = inp[0]
             else:
-                why[node.target] = "its input has no BatchNorm statistics upstream"
+                why[target_name(node)] = "its input has no BatchNorm statistics upstream"
             m, s = getattr(mod.layer, "bn_mean", None), getattr(mod.layer, "bn_std", None)
             if isinstance(m, torch.Tensor) and isinstance(s, torch.Tensor):
                 val = (m.double(), s.double())
         elif isinstance(mod, _PASS) or (node.op == "call_function" and node.target is F.dropout):
             val = inp
-        elif isinstance(mod, _MEAN_PASS) or _is_flatten_1(node, gm):
+        elif isinstance(mod, _MEAN_PASS) or is_flatten_1(node, gm):
             val = None if inp is None else (inp[0], None)
         elif node.op in ("call_function", "call_method") and node.target in (
             operator.add,
             torch.add,
             "add",
         ):
-            vals = [env.get(a) for a in node.args[:2] if isinstance(a, fx.Node)]
-            if len(vals) == 2 and all(v is not None for v in vals):
+            vals = [
+                v for a in node.args[:2] if isinstance(a, fx.Node) and (v := env.get(a)) is not None
+            ]
+            if len(vals) == 2:  # both inputs have statistics
                 (m1, s1), (m2, s2) = vals
                 std = None if s1 is None or s2 is None else torch.sqrt(s1**2 + s2**2)
                 val = (m1 + m2, std)
         elif node.op != "placeholder" and inp is not None and inp[1] is not None:
-            bounds = _activation_bounds(node, gm)
+            bounds = activation_bounds(node, gm)
             if bounds is not None:
                 lo, hi = (torch.as_tensor(v, dtype=torch.float64) for v in bounds)
                 val = (clipped_normal_mean(inp[0], inp[1], lo, hi), None)
@@ -238,14 +274,12 @@ def _analytic(qmodel: nn.Module, info: PTQInfo) -> dict[str, Any]:
         )
     means, why = _input_means(qmodel)
     shifts = {}
-    from ..equalize.cle import _in_view
-
     for name, mu in means.items():
         q = layers[name]
         if not q.quantized:
             continue
         eps = (q.weight.double() - q.weight_fp.double()).cpu()
-        view = _in_view(q.layer, eps, mu.numel())
+        view = input_channel_view(q.layer, eps, mu.numel())
         if view is None:
             why[name] = "its input channels do not match the statistics"
             continue
@@ -275,7 +309,8 @@ def correct_bias(
     if mode == "analytic":
         details = _analytic(qmodel, info)
     else:
-        details = _empirical(qmodel, data, config, info, config.bias_correction_options)
+        with guard("bias correction"):
+            details = _empirical(qmodel, data, config, info, config.bias_correction_options)
     info.details["bias_correction"] = details
     return qmodel
 

@@ -11,14 +11,28 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ModelError
+
 #: floats materialized at once when extracting conv patches (bounds memory)
 PATCH_BUDGET = 4_000_000
+
+#: the layers whose input patches :func:`patches` extracts
+Conv = (
+    nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
+)
+
+
+def _conv(m: nn.Module) -> Conv:
+    if not isinstance(m, Conv):
+        raise ModelError(f"input patches need a convolution, got {type(m).__name__}")
+    return m
 
 
 def identity_kernel(conv: nn.Module) -> torch.Tensor:
     """Weight of a conv with the same geometry whose output channels are its input patches:
     output channel ``g·(cpg·K) + j·K + k`` copies input channel ``g·cpg + j`` at kernel tap
     ``k``."""
+    conv = _conv(conv)
     g = conv.groups
     cpg = conv.weight.shape[1]
     k = tuple(conv.weight.shape[2:])
@@ -65,6 +79,7 @@ def patches(conv: nn.Module, x: torch.Tensor, rows: torch.Tensor, per_image: int
         got = gather_patches(conv, x, rows)
         if got is not None:
             return got
+    conv = _conv(conv)
     kernel = identity_kernel(conv)
     width = kernel.shape[0]
     chunk = max(1, PATCH_BUDGET // max(1, width * per_image))

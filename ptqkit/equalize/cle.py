@@ -22,10 +22,10 @@ Clipping activations. ``relu(x/s) = relu(x)/s`` for ``s > 0``, but a clip does n
 ``relu6(x/s) ≠ relu6(x)/s``. Dropping the clip (replacing ReLU6 by ReLU, as other tools do)
 changes the float network; keeping ReLU6 pairs out of CLE leaves MobileNetV2 and EfficientNet-Lite
 (ReLU6 everywhere) unequalized. ptqkit scales the clip with the channel instead: the activation
-node is re-pointed at a :class:`ChannelClamp` with per-channel bounds ``[lo/s_i, hi/s_i]``
-(``max``/``min`` against constant vectors, exported to ONNX as Max/Min or Relu/Min), so the
-function is exactly the same. Shared activation modules (EfficientNet's ``_swish``) are never
-modified: each equalized use gets its own clamp.
+node is re-pointed at a :class:`~ptqkit.graph.ChannelClamp` with per-channel bounds
+``[lo/s_i, hi/s_i]`` (``max``/``min`` against constant vectors, exported to ONNX as Max/Min or
+Relu/Min), so the function is exactly the same. Shared activation modules (EfficientNet's
+``_swish``) are never modified: each equalized use gets its own clamp.
 
 High-bias absorption. With the BatchNorm statistics recorded at folding time (``bn_mean`` β,
 ``bn_std`` |γ| of ``L1``'s output, scaled along with ``L1``), ``c_i = max(0, clamp(β_i - 3|γ_i|,
@@ -46,8 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..errors import ModelError
+from ..graph import ChannelClamp, activation_bounds, input_channel_view, is_flatten_1
 from ..info import PTQInfo
-from ..quant.modules import ActQuant, QuantLayer
+from ..quant.modules import CONV_LAYERS, ActQuant, QuantLayer, quant_layers
+from ..typed import submodule, target_name
 
 #: at most this many sweeps over all pairs
 MAX_SWEEPS = 100
@@ -57,44 +60,6 @@ TOL = 1e-3
 S_MAX = 1e4
 
 
-class ChannelClamp(nn.Module):
-    """``y = min(max(x, lo_c), hi_c)`` with per-channel bounds along ``axis`` (``±inf`` allowed).
-
-    What a ReLU / ReLU6 / Hardtanh becomes once CLE has scaled (and bias absorption shifted) its
-    input channels. A lower bound of exactly 0 everywhere runs as ``relu``.
-    """
-
-    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, axis: int = 1) -> None:
-        super().__init__()
-        self.axis = axis
-        self.register_buffer("lo", lo.detach().float().clone())
-        self.register_buffer("hi", hi.detach().float().clone())
-        self._flags()
-
-    def _flags(self) -> None:
-        self.relu = bool((self.lo == 0).all())
-        self.has_lo = bool(torch.isfinite(self.lo).any())
-        self.has_hi = bool(torch.isfinite(self.hi).any())
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super()._load_from_state_dict(*args, **kwargs)
-        self._flags()
-
-    def extra_repr(self) -> str:
-        return f"channels={self.lo.numel()}, axis={self.axis}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[self.axis] = -1
-        if self.relu:
-            x = torch.relu(x)
-        elif self.has_lo:
-            x = torch.maximum(x, self.lo.to(x.dtype).reshape(shape))
-        if self.has_hi:
-            x = torch.minimum(x, self.hi.to(x.dtype).reshape(shape))
-        return x
-
-
 # -- the ops a pair may have between its two layers ------------------------------------------------
 _TRANSPARENT = (ActQuant, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _TRANSPARENT_FN = {F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, "contiguous"}
@@ -102,55 +67,11 @@ _POOL_TO_ONE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d
 _INF = math.inf
 
 
-def _arg(node: fx.Node, i: int, name: str, default: object) -> object:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _activation_bounds(node: fx.Node, gm: fx.GraphModule) -> tuple | None:
-    """``(lo, hi)`` of a clipping activation node (floats, or tensors for a ChannelClamp)."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if isinstance(m, ChannelClamp):
-            return m.lo.double(), m.hi.double()
-        if isinstance(m, nn.ReLU):
-            return 0.0, _INF
-        if isinstance(m, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
-            return float(m.min_val), float(m.max_val)
-        return None
-    t = node.target
-    if t in (F.relu, torch.relu, "relu"):
-        return 0.0, _INF
-    if t is F.relu6:
-        return 0.0, 6.0
-    if t is F.hardtanh:
-        lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
-    elif t in (torch.clamp, torch.clip, "clamp", "clip"):
-        lo, hi = _arg(node, 1, "min", None), _arg(node, 2, "max", None)
-        lo = -_INF if lo is None else lo
-        hi = _INF if hi is None else hi
-    else:
-        return None
-    if not all(isinstance(v, (int, float)) for v in (lo, hi)):
-        return None
-    return float(lo), float(hi)
-
-
-def _is_flatten_1(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
-    if node.target in (torch.flatten, "flatten"):
-        return _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1
-    return False
-
-
 def _transparent(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether ``node`` commutes with a positive per-channel scale and a per-channel shift
     (activation quantizers are still off while CLE runs)."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), (*_TRANSPARENT, *_POOL_TO_ONE))
+        return isinstance(submodule(gm, node), (*_TRANSPARENT, *_POOL_TO_ONE))
     return node.op in ("call_function", "call_method") and node.target in _TRANSPARENT_FN
 
 
@@ -160,18 +81,20 @@ class _Pair:
     second: str
     channels: int
     axis: int  # channel axis of the tensor between them (1 for convs, -1 for Linear)
+    lo: torch.Tensor  # current activation bounds per channel (float64)
+    hi: torch.Tensor
+    lo0: torch.Tensor  # the bounds before CLE
+    hi0: torch.Tensor
+    scale_total: torch.Tensor
     act: fx.Node | None = None
     act_kind: str = "identity"
-    lo: torch.Tensor | None = None  # current activation bounds per channel (float64)
-    hi: torch.Tensor | None = None
-    lo0: torch.Tensor | None = None  # the bounds before CLE
-    hi0: torch.Tensor | None = None
-    scale_total: torch.Tensor | None = None
     absorbed: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
-def _walk(node: fx.Node, gm: fx.GraphModule, calls: dict[str, int]) -> tuple | str:
+def _walk(
+    node: fx.Node, gm: fx.GraphModule, calls: dict[str, int]
+) -> tuple[fx.Node, fx.Node | None, tuple | None, bool] | str:
     """From the output of a wrapped layer to the next wrapped layer: ``(second node, activation
     node, bounds, flattened)``, or a reason string when the chain does not qualify."""
     cur, act, bounds, flat = node, None, None, False
@@ -181,18 +104,18 @@ def _walk(node: fx.Node, gm: fx.GraphModule, calls: dict[str, int]) -> tuple | s
                 "its output has several users" if cur is node else f"{cur.name} has several users"
             )
         u = next(iter(cur.users))
-        if u.op == "call_module" and isinstance(gm.get_submodule(u.target), QuantLayer):
-            if not u.args or u.args[0] is not cur or calls.get(u.target, 0) != 1:
+        if u.op == "call_module" and isinstance(submodule(gm, u), QuantLayer):
+            if not u.args or u.args[0] is not cur or calls.get(target_name(u), 0) != 1:
                 return f"{u.target} is called more than once or on another input"
             return u, act, bounds, flat
-        b = _activation_bounds(u, gm)
+        b = activation_bounds(u, gm)
         if b is not None:
             if act is not None:
                 return "two activations in a row"
             if flat:
                 return "an activation after flatten"
             act, bounds = u, b
-        elif _is_flatten_1(u, gm):
+        elif is_flatten_1(u, gm):
             flat = True
         elif not _transparent(u, gm):
             return f"{u.name} ({u.op} {getattr(u.target, '__name__', u.target)}) is in between"
@@ -203,25 +126,13 @@ def _out_view(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _in_view(layer: nn.Module, w: torch.Tensor, channels: int) -> torch.Tensor | None:
-    """``w`` as ``[groups, out per group, in channels per group, rest]``, so that input channel
-    ``g·cpg + j`` is ``[g, :, j, :]``; ``None`` when the channels do not line up."""
-    if isinstance(layer, nn.Linear):
-        if w.shape[1] % channels:
-            return None
-        return w.reshape(1, w.shape[0], channels, -1)
-    g = layer.groups
-    cpg = w.shape[1]
-    if g * cpg != channels:
-        return None
-    return w.reshape(g, w.shape[0] // g, cpg, -1)
-
-
 def _shift_exact(layer: nn.Module) -> bool:
     """Whether adding a constant to every input position adds a constant to every output
     position (no padding, or no kernel footprint over it): tried on an all-ones input."""
     if isinstance(layer, nn.Linear):
         return True
+    if not isinstance(layer, CONV_LAYERS):
+        return False
     k, s, d = layer.kernel_size, layer.stride, layer.dilation
     size = [2 * (di * (ki - 1) + 1) + si for ki, si, di in zip(k, s, d)]
     x = torch.ones(
@@ -229,7 +140,7 @@ def _shift_exact(layer: nn.Module) -> bool:
     )
     saved_w, saved_b = layer._buffers.get("weight"), layer.bias
     try:
-        if "weight" in layer._buffers:
+        if saved_w is not None:
             layer._buffers["weight"] = torch.ones_like(saved_w)
         else:  # pragma: no cover - wrapped layers keep their weight as a buffer
             return False
@@ -245,7 +156,7 @@ def _shift_exact(layer: nn.Module) -> bool:
     return bool((flat.amax(-1) - flat.amin(-1)).abs().max() <= 1e-6 * flat.abs().max())
 
 
-def _as_vec(v: object, n: int) -> torch.Tensor:
+def _as_vec(v: torch.Tensor | float, n: int) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v.double().clone()
     return torch.full((n,), float(v), dtype=torch.float64)
@@ -256,42 +167,46 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], dict[str, str]]:
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
-    pairs, why = [], {}
+            called = target_name(n)
+            calls[called] = calls.get(called, 0) + 1
+    pairs: list[_Pair] = []
+    why: dict[str, str] = {}
     for n in gm.graph.nodes:
-        if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), QuantLayer):
+        q1 = submodule(gm, n) if n.op == "call_module" else None
+        if not isinstance(q1, QuantLayer):
             continue
-        if calls[n.target] != 1:
-            why[n.target] = "called more than once"
+        name = target_name(n)
+        if calls[name] != 1:
+            why[name] = "called more than once"
             continue
         got = _walk(n, gm, calls)
         if isinstance(got, str):
-            why[n.target] = got
+            why[name] = got
             continue
         second, act, bounds, flat = got
-        l1 = gm.get_submodule(n.target).layer
-        l2 = gm.get_submodule(second.target).layer
-        c = l1.weight.shape[0]
+        q2 = _quant_layer(gm, second)
+        l1, l2 = q1.layer, q2.layer
+        c = q1.weight.shape[0]
         if isinstance(l1, nn.Linear) and not isinstance(l2, nn.Linear):
-            why[n.target] = "Linear followed by a conv"
+            why[name] = "Linear followed by a conv"
             continue
         if flat != (isinstance(l2, nn.Linear) and not isinstance(l1, nn.Linear)):
-            why[n.target] = "conv into Linear without flatten(x, 1), or flatten between Linears"
+            why[name] = "conv into Linear without flatten(x, 1), or flatten between Linears"
             continue
-        if _in_view(l2, l2.weight, c) is None:
-            why[n.target] = f"its {c} output channels do not line up with {second.target}'s input"
+        if input_channel_view(l2, q2.weight, c) is None:
+            why[name] = f"its {c} output channels do not line up with {second.target}'s input"
             continue
         axis = -1 if isinstance(l1, nn.Linear) else 1
         lo, hi = bounds if bounds is not None else (-_INF, _INF)
         lo, hi = _as_vec(lo, c), _as_vec(hi, c)
         pairs.append(
             _Pair(
-                first=n.target,
-                second=second.target,
+                first=name,
+                second=target_name(second),
                 channels=c,
                 axis=axis,
                 act=act,
-                act_kind=_act_name(act),
+                act_kind=_act_name(act, gm),
                 lo=lo,
                 hi=hi,
                 lo0=lo.clone(),
@@ -300,6 +215,13 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], dict[str, str]]:
             )
         )
     return pairs, why
+
+
+def _quant_layer(gm: fx.GraphModule, node: fx.Node) -> QuantLayer:
+    q = submodule(gm, node)
+    if not isinstance(q, QuantLayer):
+        raise ModelError(f"CLE: {node.target} is a {type(q).__name__}, not a QuantLayer")
+    return q
 
 
 def _clamp_name(gm: fx.GraphModule, base: str) -> str:
@@ -313,6 +235,8 @@ def _clamp_name(gm: fx.GraphModule, base: str) -> str:
 def _install_clamp(gm: fx.GraphModule, p: _Pair) -> None:
     """Point ``p.act`` at a fresh :class:`ChannelClamp` with the pair's current bounds."""
     node = p.act
+    if node is None:
+        raise ModelError(f"CLE: no activation between {p.first} and {p.second} to clamp")
     inp = node.args[0]
     name = _clamp_name(gm, node.name)
     gm.add_submodule(name, ChannelClamp(p.lo, p.hi, p.axis))
@@ -339,13 +263,14 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
         )
         return qmodel
 
-    layers = {n: qmodel.get_submodule(n) for p in pairs for n in (p.first, p.second)}
+    all_layers = quant_layers(qmodel)
+    layers = {n: all_layers[n] for p in pairs for n in (p.first, p.second)}
     w = {n: q.weight_fp.double().clone() for n, q in layers.items()}
-    b = {
-        n: (q.bias.detach().double().clone() if q.bias is not None else None)
+    b: dict[str, torch.Tensor | None] = {
+        n: (bias.detach().double().clone() if (bias := q.bias) is not None else None)
         for n, q in layers.items()
     }
-    stats = {}
+    stats: dict[str, list[torch.Tensor]] = {}
     for n, q in layers.items():
         m, s = getattr(q.layer, "bn_mean", None), getattr(q.layer, "bn_std", None)
         if isinstance(m, torch.Tensor) and isinstance(s, torch.Tensor):
@@ -358,15 +283,16 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
         for p in pairs:
             l2 = layers[p.second].layer
             r1 = _out_view(w[p.first]).abs().amax(1)
-            v2 = _in_view(l2, w[p.second], p.channels)
+            v2 = input_channel_view(l2, w[p.second], p.channels)
+            assert v2 is not None  # find_pairs checked that the channels line up
             r2 = v2.abs().amax(dim=(1, 3)).reshape(-1)
             ok = (r1 > 0) & (r2 > 0)
             s = torch.where(ok, torch.sqrt(r1 * r2) / r2.clamp_min(1e-300), torch.ones_like(r1))
             s = s.clamp(1 / S_MAX, S_MAX)
             shape = [-1] + [1] * (w[p.first].dim() - 1)
             w[p.first] = w[p.first] / s.reshape(shape)
-            if b[p.first] is not None:
-                b[p.first] = b[p.first] / s
+            if (b1 := b[p.first]) is not None:
+                b[p.first] = b1 / s
             if p.first in stats:
                 stats[p.first] = [t / s for t in stats[p.first]]
             g, _, cpg, _ = v2.shape
@@ -392,14 +318,15 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
         if not bool((c > 0).any()):
             continue
-        if b[p.first] is None:
-            b[p.first] = torch.zeros(p.channels, dtype=torch.float64)
-        b[p.first] = b[p.first] - c
+        b1 = b[p.first]
+        b[p.first] = (torch.zeros(p.channels, dtype=torch.float64) if b1 is None else b1) - c
         stats[p.first][0] = mean - c
-        v2 = _in_view(layers[p.second].layer, w[p.second], p.channels)
+        v2 = input_channel_view(layers[p.second].layer, w[p.second], p.channels)
+        assert v2 is not None  # find_pairs checked that the channels line up
         g, _, cpg, _ = v2.shape
         add = (v2 * c.reshape(g, 1, cpg, 1)).sum(dim=(2, 3)).reshape(-1)
-        b[p.second] = add if b[p.second] is None else b[p.second] + add
+        b2 = b[p.second]
+        b[p.second] = add if b2 is None else b2 + add
         p.lo, p.hi = p.lo - c, p.hi - c
         p.absorbed = float(c.abs().max())
         absorbed_pairs += 1
@@ -407,8 +334,8 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
     # -- write back once ---------------------------------------------------------------------
     for n, q in layers.items():
         q.set_float_weight(w[n].float())
-        if b[n] is not None:
-            q.layer.bias = nn.Parameter(b[n].float().to(q.weight_fp.device), requires_grad=False)
+        if (bn := b[n]) is not None:
+            q.layer.bias = nn.Parameter(bn.float().to(q.weight_fp.device), requires_grad=False)
         if n in stats:
             q.layer.bn_mean = stats[n][0].float().to(q.weight_fp.device)
             q.layer.bn_std = stats[n][1].float().to(q.weight_fp.device)
@@ -416,7 +343,7 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
     for p in pairs:
         if p.act is None:
             continue
-        m = qmodel.get_submodule(p.act.target) if p.act.op == "call_module" else None
+        m = submodule(qmodel, p.act) if p.act.op == "call_module" else None
         if torch.equal(p.lo, p.lo0) and torch.equal(p.hi, p.hi0):
             continue  # a ReLU stays a ReLU (0 and inf scale to themselves)
         if isinstance(m, ChannelClamp) and len(p.act.users) == 1 and _private(qmodel, p.act):
@@ -455,12 +382,12 @@ def _private(gm: fx.GraphModule, node: fx.Node) -> bool:
     return sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes) == 1
 
 
-def _act_name(node: fx.Node | None) -> str:
+def _act_name(node: fx.Node | None, gm: fx.GraphModule) -> str:
     if node is None:
         return "identity"
     t = node.target
     if node.op == "call_module":
-        return type(node.graph.owning_module.get_submodule(t)).__name__
+        return type(submodule(gm, node)).__name__
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 

@@ -46,10 +46,11 @@ from torch import fx, nn
 from ..calibrate import distributed
 from ..config import PTQConfig, QuantSpec
 from ..data import iter_batches, model_device, run_model, to_device
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import ActQuant, QuantLayer, act_quants, quant_layers
+from ..typed import input_node, optional_tensor_attr, submodule, target_name, tensor_attr
 
 MIN_SCALE, MAX_SCALE = 1e-5, 1e5
 #: relative change of the FP32 output above which smoothing is reported as not exact
@@ -62,6 +63,8 @@ class SmoothedActQuant(ActQuant):
     The multiplication applies in every mode, ``"off"`` included: it is part of the float
     function (the layer's weight holds ``W·s``). ``inv_scale`` broadcasts along the last axis.
     """
+
+    inv_scale: torch.Tensor
 
     def __init__(self, spec: QuantSpec, label: str, inv_scale: torch.Tensor) -> None:
         super().__init__(spec, label)
@@ -80,10 +83,7 @@ def smoothing_scale(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
 
 
 #: normalizations whose output selects a Linear for smoothing, and that can absorb ``1/s``
-NORMS: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
+NORMS = (nn.LayerNorm, nn.RMSNorm)
 NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm}
 
 
@@ -91,7 +91,7 @@ def _is_quant_node(node: Any, gm: fx.GraphModule) -> bool:
     return (
         isinstance(node, fx.Node)
         and node.op == "call_module"
-        and isinstance(gm.get_submodule(node.target), ActQuant)
+        and isinstance(submodule(gm, node), ActQuant)
         and bool(node.args)
     )
 
@@ -118,7 +118,7 @@ def _norm_fed_in_graph(gm: fx.GraphModule, names: set[str]) -> set[str]:
         if node.op == "call_module" and node.target in names and _is_quant_node(node.args[0], gm):
             src = node.args[0].args[0]
             if isinstance(src, fx.Node) and (
-                (src.op == "call_module" and isinstance(gm.get_submodule(src.target), NORMS))
+                (src.op == "call_module" and isinstance(submodule(gm, src), NORMS))
                 or (src.op == "call_function" and src.target in NORM_FUNCTIONS)
             ):
                 fed.add(node.target)
@@ -156,7 +156,7 @@ def collect_stats(
     ``(args, kwargs, outputs)`` for the FP32 check."""
     device = model_device(model)
     names = sorted(layers)
-    absmax = {n: torch.zeros(layers[n].layer.in_features, device=device) for n in names}
+    absmax = {n: torch.zeros(layers[n].weight_fp.shape[1], device=device) for n in names}
     fed = torch.zeros(len(names), device=device)
     norm_out: dict[str, torch.Tensor] = {}  # this batch's normalization outputs
 
@@ -214,19 +214,21 @@ def _consumers(node: fx.Node, gm: fx.GraphModule) -> set[fx.Node]:
     """Users of ``node``, looking through activation quantizers."""
     out: set[fx.Node] = set()
     for u in node.users:
-        if u.op == "call_module" and isinstance(gm.get_submodule(u.target), ActQuant):
+        if u.op == "call_module" and isinstance(submodule(gm, u), ActQuant):
             out |= set(u.users)
         else:
             out.add(u)
     return out
 
 
-def _foldable_norm(src: fx.Node, group: list[fx.Node], gm: fx.GraphModule) -> nn.Module | None:
+def _foldable_norm(
+    src: fx.Node, group: list[fx.Node], gm: fx.GraphModule
+) -> nn.LayerNorm | nn.RMSNorm | None:
     """The normalization module producing ``src`` if ``1/s`` can be folded into its affine
     parameters: it is called once and its output feeds the layers of ``group`` only."""
     if src.op != "call_module":
         return None
-    norm = gm.get_submodule(src.target)
+    norm = submodule(gm, src)
     if not isinstance(norm, NORMS) or getattr(norm, "weight", None) is None:
         return None
     if len(norm.normalized_shape) != 1:
@@ -235,7 +237,9 @@ def _foldable_norm(src: fx.Node, group: list[fx.Node], gm: fx.GraphModule) -> nn
     return norm if calls == 1 and _consumers(src, gm) == set(group) else None
 
 
-def _plan(model: nn.Module, names: set[str]) -> list[tuple[list[str], Any]]:
+def _plan(
+    model: nn.Module, names: set[str]
+) -> list[tuple[list[str], nn.LayerNorm | nn.RMSNorm | tuple[fx.GraphModule, fx.Node] | None]]:
     """Groups of layers sharing one ``s``: ``([names], how)`` where ``how`` is a normalization
     module (fold), ``(gm, layer node)`` (an explicit quantizer in the graph) or ``None`` (an
     explicit quantizer inside the layer, no graph)."""
@@ -246,21 +250,25 @@ def _plan(model: nn.Module, names: set[str]) -> list[tuple[list[str], Any]]:
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in names:
             by_src.setdefault(node.args[0].args[0], []).append(node)
-    plan: list[tuple[list[str], Any]] = []
+    plan: list[
+        tuple[list[str], nn.LayerNorm | nn.RMSNorm | tuple[fx.GraphModule, fx.Node] | None]
+    ] = []
     for src, group in by_src.items():
         norm = _foldable_norm(src, group, gm)
         if norm is not None:
-            plan.append(([n.target for n in group], norm))
+            plan.append(([target_name(n) for n in group], norm))
         else:
-            plan += [([n.target], (gm, n)) for n in group]
+            plan += [([target_name(n)], (gm, n)) for n in group]
     return plan
 
 
 def _explicit_in_graph(gm: fx.GraphModule, node: fx.Node, inv: torch.Tensor) -> None:
     """Give ``node`` (a layer) its own :class:`SmoothedActQuant`, reading the tensor its current
     input quantizer reads; that quantizer goes when nothing else uses it."""
-    old = node.args[0]
-    q_old = gm.get_submodule(old.target)
+    old = input_node(node)
+    q_old = submodule(gm, old)
+    if not isinstance(q_old, ActQuant):
+        raise ModelError(f"smoothquant: the input of {node.target} is not an activation quantizer")
     name = f"aq_sq_{node.name}"
     gm.add_submodule(name, SmoothedActQuant(q_old.spec, f"input of {node.target} (smoothed)", inv))
     with gm.graph.inserting_before(node):
@@ -268,7 +276,7 @@ def _explicit_in_graph(gm: fx.GraphModule, node: fx.Node, inv: torch.Tensor) -> 
     node.replace_input_with(old, new)
     if not old.users:
         gm.graph.erase_node(old)
-        gm.delete_submodule(old.target)
+        gm.delete_submodule(target_name(old))
 
 
 def smooth(model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo) -> None:
@@ -307,19 +315,22 @@ def smooth(model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQIn
             layers[n].set_float_weight(layers[n].weight_fp * s.to(layers[n].weight_fp.device))
         if isinstance(how, NORMS):
             ln_name = next(k for k, m in model.named_modules() if m is how)
-            with torch.no_grad():
-                how.weight.div_(s.to(how.weight.device))
-                if how.bias is not None:
-                    how.bias.div_(s.to(how.bias.device))
+            gamma, beta = tensor_attr(how, "weight"), optional_tensor_attr(how, "bias")
+            with torch.no_grad():  # RMSNorm has no bias
+                gamma.div_(s.to(gamma.device))
+                if beta is not None:
+                    beta.div_(s.to(beta.device))
             for n in names:
                 details["layers"][n] = f"folded into {ln_name}"
         elif how is None:
             layer = layers[names[0]]
             old = layer.input_quant
+            assert old is not None  # candidates() keeps only layers with an input quantizer
             layer.input_quant = SmoothedActQuant(old.spec, f"{old.label} (smoothed)", 1.0 / s)
             details["layers"][names[0]] = "explicit scale"
         else:
-            _explicit_in_graph(*how, 1.0 / s)
+            gm, node = how
+            _explicit_in_graph(gm, node, 1.0 / s)
             details["layers"][names[0]] = "explicit scale"
     if isinstance(model, fx.GraphModule):
         model.graph.lint()

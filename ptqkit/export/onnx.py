@@ -34,7 +34,8 @@ from torch import nn
 
 from ..errors import ExportError
 from ..quant.modules import act_quants, quant_layers
-from .passes import DQ, Graph, Q, run_passes
+from .graph import DQ, Graph, Q
+from .passes import run_passes
 from .weights import resolve_weight_dtype, weights_to_uint8
 
 FORMATS = ("qdq", "fp32+encodings")
@@ -213,7 +214,7 @@ def _torch_export(
                 torch.onnx.export(
                     qmodel,
                     args,
-                    buf,
+                    buf,  # type: ignore[arg-type]  # a file object: documented, stubs say path
                     dynamo=False,
                     opset_version=opset,
                     input_names=ins,
@@ -369,7 +370,7 @@ def strip_qdq(model: onnx.ModelProto) -> dict[str, Any]:
         acts[q.input[0]] = _encoding(s, z)
         _replace(g, dq.output[0], q.input[0])
     g.reindex()
-    from .passes import prune
+    from .passes.tidy import prune
 
     prune(g)
     g.finish()

@@ -35,7 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import ExportError
-from .passes import DQ
+from .graph import DQ
 
 WEIGHT_DTYPES = ("auto", "int8", "uint8")
 #: x86 flags (``/proc/cpuinfo``) of instructions that accumulate u8×s8 products in int32 exactly

@@ -51,13 +51,15 @@ def structural_classes() -> dict[str, tuple[type, Any]]:
 
 
 def structural_modules(qmodel: nn.Module) -> dict[str, dict[str, Any]]:
+    from ..quant.modules import ActQuant
+
     classes = structural_classes()
     out = {}
     for name, m in qmodel.named_modules():
         cls = type(m).__name__
         if cls in classes and type(m) is classes[cls][0]:
             attrs: dict[str, Any] = {"class": cls}
-            if hasattr(m, "spec"):
+            if isinstance(m, ActQuant):  # SmoothedActQuant too
                 attrs.update(spec=m.spec.to_dict(), label=m.label)
             if hasattr(m, "axis") and not hasattr(m, "spec"):
                 attrs["axis"] = m.axis
@@ -163,7 +165,8 @@ def replay_structure(
             _fn_name(n.target): n.target for n in qmodel.graph.nodes if n.op == "call_function"
         }
         methods = {n.target for n in qmodel.graph.nodes if n.op == "call_method"}
-        graph, made = fx.Graph(), {}
+        graph = fx.Graph()
+        made: dict[str, fx.Node] = {}
         for spec in saved_graph:
             op, target = spec["op"], spec["target"]
             if op == "call_function":

@@ -22,6 +22,7 @@ from ..config import QuantSpec
 from ..errors import LoadError
 from ..quant.modules import ActQuant, QuantLayer
 from ..quant.primitives import storage_dtype
+from ..typed import submodule, target_name, tensor_attr
 
 #: prefixes of the float-reference tensors (not in the state dict): the float weight of every
 #: layer, and the float / corrected biases of layers that bias correction changed
@@ -35,8 +36,8 @@ def float_reference(layers: dict[str, QuantLayer]) -> dict[str, torch.Tensor]:
     for name, layer in layers.items():
         out[FLOAT_WEIGHT + name] = layer.weight_fp.detach().cpu()
         if isinstance(getattr(layer, "bias_q", None), torch.Tensor):
-            out[BIAS_FP + name] = layer.bias_fp.detach().cpu()
-            out[BIAS_Q + name] = layer.bias_q.detach().cpu()
+            out[BIAS_FP + name] = tensor_attr(layer, "bias_fp").detach().cpu()
+            out[BIAS_Q + name] = tensor_attr(layer, "bias_q").detach().cpu()
     return out
 
 
@@ -157,7 +158,9 @@ def take_biases(path: Path, layers: dict[str, QuantLayer], state: dict[str, torc
         key = f"{name}.layer.bias"
         which = "bias_q" if layer.quantized else "bias_fp"
         b = state.pop(key, None)
-        if b is None or not torch.equal(b.to(layer.bias_q), getattr(layer, which)):
+        if b is None or not torch.equal(
+            b.to(tensor_attr(layer, "bias_q")), tensor_attr(layer, which)
+        ):
             raise _bad(path, key, f"differs from the layer's {which}")
 
 
@@ -200,11 +203,11 @@ def check_structural(path: Path, qmodel: nn.Module) -> None:
             if node.op != "call_module":
                 continue
             a = node.args[0] if node.args else None
-            mod = qmodel.get_submodule(node.target)
+            mod = submodule(qmodel, node)
             if isinstance(mod, QuantLayer) and isinstance(a, fx.Node) and a.op == "call_module":
-                layers_fed.setdefault(a.target, []).append(mod)
+                layers_fed.setdefault(target_name(a), []).append(mod)
             if isinstance(a, fx.Node) and a.op == "call_module":
-                producer[node.target] = qmodel.get_submodule(a.target)
+                producer[target_name(node)] = submodule(qmodel, a)
     for name, mod in qmodel.named_modules():
         if isinstance(mod, QuantLayer) and mod.input_quant is not None:
             layers_fed.setdefault(f"{name}.input_quant", []).append(mod)
@@ -212,7 +215,7 @@ def check_structural(path: Path, qmodel: nn.Module) -> None:
         for name, mod in qmodel.named_modules():
             if type(mod) is not classes["SmoothedActQuant"][0]:
                 continue
-            inv = mod.inv_scale
+            inv = tensor_attr(mod, "inv_scale")
             if inv.dim() != 1 or not (torch.isfinite(inv) & (inv > 0)).all():
                 raise _bad(path, f"{name}.inv_scale", "must be a vector of finite values > 0")
             for layer in layers_fed.get(name, []):
@@ -227,7 +230,7 @@ def check_structural(path: Path, qmodel: nn.Module) -> None:
         for name, mod in qmodel.named_modules():
             if type(mod) is not classes["ChannelClamp"][0]:
                 continue
-            lo, hi = mod.lo, mod.hi
+            lo, hi = tensor_attr(mod, "lo"), tensor_attr(mod, "hi")
             if lo.shape != hi.shape or lo.dim() != 1 or lo.isnan().any() or (lo > hi).any():
                 raise _bad(
                     path, f"{name}.lo/hi", "must be two vectors of the same length, lo <= hi"

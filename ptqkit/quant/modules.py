@@ -25,16 +25,19 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..errors import CalibrationError
+from ..typed import optional_tensor_attr, tensor_attr
 from .primitives import dequantize, fake_quant, qparams, quantize
 
 #: Transposed convolutions: weight ``[in, out/groups, k...]``, output channels on axis 1.
-TRANSPOSED_LAYERS: tuple[type[nn.Module], ...] = (
+TRANSPOSED_LAYERS = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+#: Convolutions (transposed included).
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_LAYERS)
 #: Layer types whose weights ptqkit quantizes (subclasses included).
-WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
+WEIGHT_LAYERS = (
     nn.Conv1d,
     nn.Conv2d,
     nn.Conv3d,
@@ -67,6 +70,10 @@ class _DequantizeLinear(torch.autograd.Function):
 class ActQuant(nn.Module):
     """Fake-quantization of one activation tensor:
     ``x̂ = (clamp(round(x/s) + z, qmin, qmax) - z)·s``."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    range: torch.Tensor
 
     def __init__(self, spec: QuantSpec, label: str = "") -> None:
         super().__init__()
@@ -127,6 +134,11 @@ class QuantLayer(nn.Module):
     traced and quantizers cannot be placed in the graph.
     """
 
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
+    weight_int: torch.Tensor
+    weight_fp: torch.Tensor
+
     def __init__(self, layer: nn.Module, spec: QuantSpec, name: str = "") -> None:
         super().__init__()
         if not isinstance(layer, WEIGHT_LAYERS):
@@ -142,7 +154,7 @@ class QuantLayer(nn.Module):
                 f"{name or type(layer).__name__}: its weight is not a plain Parameter "
                 f"({type(getattr(layer, 'weight', None)).__name__}); remove parametrizations first"
             )
-        w = layer.weight.detach()
+        w = tensor_attr(layer, "weight").detach()
         nch = w.shape[spec.axis] if spec.per_channel else 1
         shape = (nch,) if spec.per_channel else ()
         self.register_buffer("weight_scale", torch.ones(shape, device=w.device))
@@ -160,7 +172,7 @@ class QuantLayer(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The weight the layer computes with (dequantized integers once quantized)."""
-        return self.layer.weight
+        return tensor_attr(self.layer, "weight")
 
     def set_float_weight(self, w: torch.Tensor) -> None:
         """Replace the float weight (before quantization: CLE, SmoothQuant, ...); the layer
@@ -205,7 +217,7 @@ class QuantLayer(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.layer.bias
+        return optional_tensor_attr(self.layer, "bias")
 
     def extra_repr(self) -> str:
         state = "int" if self.quantized else "float"

@@ -33,7 +33,7 @@ def storage_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int32
 
 
-def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+def broadcast_along(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     """Reshape a per-channel vector so that it broadcasts along ``axis`` of ``x``."""
     if t.dim() == 0 or (t.numel() == 1 and x.dim() == 0):
         return t.reshape(())
@@ -78,8 +78,8 @@ def quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
 ) -> torch.Tensor:
     """``q = clamp(round_half_even(x / s) + z, qmin, qmax)`` as the storage integer dtype."""
-    s = _broadcast(scale.to(x.device, torch.float32), x, spec.axis)
-    z = _broadcast(zero_point.to(x.device, torch.float32), x, spec.axis)
+    s = broadcast_along(scale.to(x.device, torch.float32), x, spec.axis)
+    z = broadcast_along(zero_point.to(x.device, torch.float32), x, spec.axis)
     q = torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax)
     return q.to(storage_dtype(spec))
 
@@ -88,8 +88,8 @@ def dequantize(
     q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int = 0
 ) -> torch.Tensor:
     """``x̂ = (q - z) · s`` in float32."""
-    s = _broadcast(scale.to(q.device, torch.float32), q, axis)
-    z = _broadcast(zero_point.to(q.device, torch.float32), q, axis)
+    s = broadcast_along(scale.to(q.device, torch.float32), q, axis)
+    z = broadcast_along(zero_point.to(q.device, torch.float32), q, axis)
     return (q.float() - z) * s
 
 
@@ -101,8 +101,8 @@ def fake_quant(
     Equal to ``dequantize(quantize(x))``; non-finite inputs: NaN stays NaN, ±Inf saturates to
     the ends of the grid.
     """
-    s = _broadcast(scale.to(x.device, torch.float32), x, spec.axis)
-    z = _broadcast(zero_point.to(x.device, torch.float32), x, spec.axis)
+    s = broadcast_along(scale.to(x.device, torch.float32), x, spec.axis)
+    z = broadcast_along(zero_point.to(x.device, torch.float32), x, spec.axis)
     q = torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax)
     return ((q - z) * s).to(x.dtype)
 

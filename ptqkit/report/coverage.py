@@ -6,12 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..analysis.coverage import SATURATION_ENERGY, SATURATION_SHARE, Coverage
+from .markup import html_table
 
 
 def section_coverage(coverage: dict[str, Any], shown: int = 30) -> str:
     """An HTML table of the quantizers, worst first (``coverage``: ``EvalResult.coverage``)."""
-    from .html import _table
-
     if not coverage:
         return (
             '<p class="muted">Not measured: the quantized model was not evaluated here (or has '
@@ -41,7 +40,7 @@ def section_coverage(coverage: dict[str, Any], shown: int = 30) -> str:
     more = (
         f'<p class="muted">{len(items) - shown} more not shown.</p>' if len(items) > shown else ""
     )
-    table = _table(
+    table = html_table(
         [
             "quantizer",
             "status",

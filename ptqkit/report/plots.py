@@ -147,7 +147,7 @@ def comparison_bars(methods: Sequence[str], values: Sequence[float], metric: str
     hi = float(np.nanmax(v)) if v.size else 1.0
     ax.set_xlim(max(0.0, lo - 0.1 * (hi - lo + 1)), hi + 0.05 * (hi - lo + 1))
     for yi, vi in zip(y, v):
-        ax.text(vi, yi, f" {vi:.2f}", va="center", fontsize=6)
+        ax.text(float(vi), float(yi), f" {vi:.2f}", va="center", fontsize=6)
     ax.set_yticks(y, list(methods), fontsize=6)
     ax.invert_yaxis()
     ax.set_xlabel(metric, fontsize=7)

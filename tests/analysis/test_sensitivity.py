@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import ptqkit
-from ptqkit.analysis.sensitivity import layer_quantizers, layer_sqnr, precision
+from ptqkit.analysis.sensitivity import layer_sqnr
+from ptqkit.analysis.units import layer_quantizers, precision
 from ptqkit.quant.modules import act_quants, quant_layers
 
 LOW = ptqkit.PTQConfig(

@@ -70,6 +70,12 @@ def shard(rank: int) -> list[torch.Tensor]:
     return xs[: len(xs) // 2] if rank == 0 else xs[len(xs) // 2 :]
 
 
+def with_outlier() -> list[torch.Tensor]:
+    xs = batches()
+    xs[4][1, 5] = 1e5  # batch 4 of all the data: rank 1's second batch
+    return xs
+
+
 def config(calibration: str = "minmax", **kw) -> ptqkit.PTQConfig:
     return ptqkit.PTQConfig(calibration=calibration, progress=False, **kw)
 
@@ -89,6 +95,11 @@ SCENARIOS = {
     ),
     "smoothquant": (lambda r: model("untraceable"), shard, config(smoothquant=0.5)),
     "empty_rank": (lambda r: model(), lambda r: batches() if r == 0 else [], config()),
+    "outlier": (
+        lambda r: model(),
+        lambda r: with_outlier()[:3] if r == 0 else with_outlier()[3:],
+        config("percentile"),
+    ),
     "failing_rank": (
         lambda r: model(),
         lambda r: shard(r) if r == 0 else [torch.randn(4, 5)],
@@ -169,8 +180,26 @@ def test_two_ranks_equal_one_process(two_ranks, name):
 
 
 def test_empty_rank_reports_no_local_batches(two_ranks):
-    assert two_ranks[1]["empty_rank"]["info"].details["distributed"]["local_batches"] == 0
-    assert two_ranks[0]["empty_rank"]["info"].details["distributed"]["batches_per_rank"] == [6, 0]
+    for r in range(WORLD):  # the same record on every rank (the saved files must not differ)
+        record = two_ranks[r]["empty_rank"]["info"].details["distributed"]
+        assert record["batches_per_rank"] == [6, 0]
+        assert record["samples_per_rank"] == [96, 0]
+        assert "rank" not in record and "merge_s" not in record
+
+
+def test_outlier_batch_numbered_over_all_ranks(two_ranks):
+    """The batch holding an outlier is numbered over the ranks' batches in rank order: the same
+    on every rank (and in every saved file), and the batch one process over all data names."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = ptqkit.quantize(model(), with_outlier(), config("percentile")).ptq_info
+    assert one.outliers and all(o["batch"] == 4 for o in one.outliers.values())
+    for r in range(WORLD):
+        info = two_ranks[r]["outlier"]["info"]
+        assert info.outliers == one.outliers
+        assert [w for w in info.warnings if "outliers" in w] == [
+            w for w in one.warnings if "outliers" in w
+        ]
 
 
 def test_failing_rank_fails_every_rank(two_ranks):

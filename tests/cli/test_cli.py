@@ -258,11 +258,13 @@ def test_bad_toml_in_a_real_process(work):
 def test_bad_toml(work, cli):
     q = ["quantize", "--model", MODEL, "--data", CALIB, "--out", "x11", "--config"]
     (work / "type.toml").write_text('[weights]\nbits = "8"\n')
-    check_usage(cli(*q, "type.toml"), "weights.bits must be int", "str '8'")
+    check_usage(cli(*q, "type.toml"), "[weights]", "bits must be an int, got '8'")
     (work / "nested.toml").write_text("[activations]\nper_chanel = true\n")
     check_usage(cli(*q, "nested.toml"), "unknown key activations.'per_chanel'", "'per_channel'")
     (work / "bool.toml").write_text("cle = 1\n")
-    check_usage(cli(*q, "bool.toml"), "cle must be bool, got int 1")
+    check_usage(cli(*q, "bool.toml"), "cle must be a bool, got 1")
+    (work / "options.toml").write_text('[adaround_options]\nbeta = [20, "x"]\n')
+    check_usage(cli(*q, "options.toml"), "[adaround_options]", "beta", "'x'")
     (work / "value.toml").write_text('calibration = "nope"\n')
     check_usage(cli(*q, "value.toml"), "unknown calibration 'nope'")
     (work / "syntax.toml").write_text("cle = \n")

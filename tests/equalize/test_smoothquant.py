@@ -111,6 +111,30 @@ def test_pre_ln_folds_into_layernorm(alpha):
     assert details["fp32_max_rel_change"] < 1e-5
 
 
+class PreRMS(nn.Module):
+    """Pre-norm block with an RMSNorm (LLaMA style): a gain, no bias, to fold ``1/s`` into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(D)
+        with torch.no_grad():
+            self.norm.weight.copy_(_outlier_norm().weight)
+        self.q, self.k = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.q(h) * self.k(h)
+
+
+def test_pre_rmsnorm_folds_into_its_gain():
+    model = _model(PreRMS)
+    qmodel = _quantize(model, smoothquant=0.5)
+    details = qmodel.ptq_info.details["smoothquant"]
+    assert details["layers"] == {"q": "folded into norm", "k": "folded into norm"}
+    assert not torch.equal(qmodel.norm.weight, model.norm.weight)
+    _assert_fp32_unchanged(model, qmodel)
+
+
 @pytest.mark.parametrize("cls", [PostLN, Untraceable])
 def test_explicit_scale_when_nothing_absorbs_it(cls):
     model = _model(cls)

@@ -16,7 +16,8 @@ import pytest
 import ptqkit
 from ptqkit.quant.modules import act_quants, quant_layers
 from ptqkit.report import plots
-from ptqkit.report.html import _clipped, collect, render, write_report
+from ptqkit.report.html import render, write_report
+from ptqkit.report.measure import _clipped, collect
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

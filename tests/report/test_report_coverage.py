@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import ptqkit
-from ptqkit.report.html import collect, render
+from ptqkit.report.html import render
+from ptqkit.report.measure import collect
 
 
 def _model_and_data() -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:

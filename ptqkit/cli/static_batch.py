@@ -9,8 +9,10 @@ with a dynamic batch), and the example input of the export and latency has that 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any
+
+from .inputs_data import batched
 
 #: how to export a program that accepts any batch size (shown in the errors)
 DYNAMIC_HINT = (
@@ -42,14 +44,14 @@ def static_batch_size(model: Any) -> int | None:
 def fit_batches(
     data: Any, size: int, flag: str, error: Callable[[str], Exception], note: Callable[[str], None]
 ) -> Any:
-    """``data`` (an :class:`~ptqkit.inputs.Data`) with batches of exactly ``size`` samples.
+    """``data`` (an :class:`~.inputs_data.Data`) with batches of exactly ``size`` samples.
 
     Arrays and images (``data.arrays`` set) are re-batched, dropping the last incomplete batch
     (``note`` says how many samples); other batches are checked, and the first of another size
     raises ``error(message)``."""
     import dataclasses
 
-    from .data import split_batch
+    from ..data import split_batch
 
     if data.arrays is not None:
         x, y = data.arrays
@@ -64,15 +66,13 @@ def fit_batches(
                 f"{flag}: {len(x) - n} of {len(x)} samples dropped to make batches of {size} "
                 "(the model's static batch)"
             )
-        from .inputs import batched
-
         batches = batched(x[:n], None if y is None else y[:n], size)
         desc = f"{data.description}, {n} of them in batches of {size}"
         return dataclasses.replace(data, batches=batches, description=desc)
     for i, batch in enumerate(data.batches):
         args, kwargs = split_batch(batch, i)
         first = next(iter((*args, *kwargs.values())), None)
-        got = len(first) if hasattr(first, "__len__") else None
+        got = len(first) if isinstance(first, Sized) else None
         if got != size:
             raise error(
                 f"{flag}: batch {i} has {got} samples, but the model was exported with a static "

@@ -1,0 +1,7 @@
+"""``python -m ptqkit.cli``: the ``ptqkit`` command."""
+
+import sys
+
+from .entry import main
+
+sys.exit(main())

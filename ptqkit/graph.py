@@ -1,0 +1,132 @@
+"""What the nodes of a prepared ``torch.fx`` graph are, for the stages that walk it (CLE,
+bias correction, AdaRound, sensitivity): the clipping bounds of an activation node
+(:func:`activation_bounds`), whether a node is ``flatten(x, 1)`` (:func:`is_flatten_1`), and the
+per-input-channel view of a layer's weight (:func:`input_channel_view`).
+
+:class:`ChannelClamp`, the per-channel clip that cross-layer equalization installs in place of a
+ReLU6 (see :mod:`ptqkit.equalize.cle`), lives here too: it is one of the activations
+:func:`activation_bounds` knows, and a saved model replays it without depending on CLE.
+
+Low level: imports only torch (no ptqkit stage).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+
+class ChannelClamp(nn.Module):
+    """``y = min(max(x, lo_c), hi_c)`` with per-channel bounds along ``axis`` (``±inf`` allowed).
+
+    What a ReLU / ReLU6 / Hardtanh becomes once CLE has scaled (and bias absorption shifted) its
+    input channels. A lower bound of exactly 0 everywhere runs as ``relu``.
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, axis: int = 1) -> None:
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("lo", lo.detach().float().clone())
+        self.register_buffer("hi", hi.detach().float().clone())
+        self._flags()
+
+    def _flags(self) -> None:
+        self.relu = bool((self.lo == 0).all())
+        self.has_lo = bool(torch.isfinite(self.lo).any())
+        self.has_hi = bool(torch.isfinite(self.hi).any())
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._flags()
+
+    def extra_repr(self) -> str:
+        return f"channels={self.lo.numel()}, axis={self.axis}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        if self.relu:
+            x = torch.relu(x)
+        elif self.has_lo:
+            x = torch.maximum(x, self.lo.to(x.dtype).reshape(shape))
+        if self.has_hi:
+            x = torch.minimum(x, self.hi.to(x.dtype).reshape(shape))
+        return x
+
+
+def node_arg(node: fx.Node, i: int, name: str, default: object) -> object:
+    """Argument ``i`` (keyword ``name``) of a call node, or ``default`` when not given."""
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def activation_bounds(node: fx.Node, gm: fx.GraphModule) -> tuple | None:
+    """``(lo, hi)`` of a clipping activation node (floats, or tensors for a ChannelClamp)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if isinstance(m, ChannelClamp):
+            return m.lo.double(), m.hi.double()
+        if isinstance(m, nn.ReLU):
+            return 0.0, math.inf
+        if isinstance(m, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+            return float(m.min_val), float(m.max_val)
+        return None
+    t = node.target
+    if t in (F.relu, torch.relu, "relu"):
+        return 0.0, math.inf
+    if t is F.relu6:
+        return 0.0, 6.0
+    if t is F.hardtanh:
+        lo, hi = node_arg(node, 1, "min_val", -1.0), node_arg(node, 2, "max_val", 1.0)
+    elif t in (torch.clamp, torch.clip, "clamp", "clip"):
+        lo, hi = node_arg(node, 1, "min", None), node_arg(node, 2, "max", None)
+        lo = -math.inf if lo is None else lo
+        hi = math.inf if hi is None else hi
+    else:
+        return None
+    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float))):
+        return None
+    return float(lo), float(hi)
+
+
+def is_flatten_1(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` is ``flatten(x, 1)`` (``nn.Flatten()`` or ``torch.flatten(x, 1)``)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    if node.target in (torch.flatten, "flatten"):
+        return node_arg(node, 1, "start_dim", 0) == 1 and node_arg(node, 2, "end_dim", -1) == -1
+    return False
+
+
+def input_channel_view(layer: nn.Module, w: torch.Tensor, channels: int) -> torch.Tensor | None:
+    """``w`` as ``[groups, out per group, in channels per group, rest]``, so that input channel
+    ``g·cpg + j`` is ``[g, :, j, :]``; ``None`` when the channels do not line up."""
+    if isinstance(layer, nn.Linear):
+        if w.shape[1] % channels:
+            return None
+        return w.reshape(1, w.shape[0], channels, -1)
+    g = getattr(layer, "groups", None)  # a conv
+    if not isinstance(g, int):
+        return None
+    cpg = w.shape[1]
+    if g * cpg != channels:
+        return None
+    return w.reshape(g, w.shape[0] // g, cpg, -1)
+
+
+__all__ = [
+    "ChannelClamp",
+    "activation_bounds",
+    "input_channel_view",
+    "is_flatten_1",
+    "node_arg",
+]

@@ -1,0 +1,354 @@
+"""``ptqkit.tune``: try recipes on held-out calibration samples, keep the best, within a budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis.outputs import OutputSelector
+from ..config import PTQConfig
+from ..data import batch_size, split_batch
+from ..errors import ConfigError, DataError, PTQError, PTQWarning
+from ..info import info_of
+from ..pipeline import quantize
+from .candidates import (
+    CANDIDATES,
+    Candidate,
+    measured_stages,
+    stage_seconds,
+    stages_of,
+)
+from .holdout import HoldOut, Score, split
+
+_TARGETS = ("max_degradation", "min_sqnr_db")
+
+
+def _plain(v: Any) -> Any:
+    """A JSON-friendly copy of a config value (a QuantSpec or options object as a dict)."""
+    if hasattr(v, "to_dict"):
+        return v.to_dict()
+    if hasattr(v, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(v)
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _key(config: PTQConfig) -> str:
+    return json.dumps(config.replace(progress=False).to_dict(), sort_keys=True, default=str)
+
+
+def _delta(base: PTQConfig, config: PTQConfig) -> dict[str, Any]:
+    a, b = base.to_dict(), config.to_dict()
+    return {k: _plain(b[k]) for k in b if b[k] != a[k] and k != "progress"}
+
+
+def _as_candidates(candidates: Sequence[Any] | None) -> list[Candidate]:
+    if candidates is None:
+        return list(CANDIDATES)
+    out = []
+    for c in candidates:
+        if isinstance(c, Candidate):
+            out.append(c)
+        elif isinstance(c, (tuple, list)) and len(c) == 2:
+            out.append(Candidate(c[0], c[1]))
+        else:
+            raise ConfigError(
+                f"candidates must be ptqkit.recipe.Candidate objects or (name, changes) pairs, "
+                f"got {c!r}"
+            )
+    return out
+
+
+def _materialize(data: Iterable[Any], num_batches: int | None) -> list[Any]:
+    if isinstance(data, (torch.Tensor, dict)):
+        raise DataError(
+            f"data must be an iterable of batches, not a single {type(data).__name__}; wrap it "
+            "in a list: [x]"
+        )
+    try:
+        it = iter(data)
+    except TypeError:
+        raise DataError(f"data must be iterable, got {type(data).__name__}") from None
+    batches = []
+    for i, b in enumerate(it):
+        if num_batches is not None and i >= num_batches:
+            break
+        split_batch(b, i)  # a DataError names a batch of the wrong kind
+        batches.append(b)
+    return batches
+
+
+class _Search:
+    """The state of one tune run: the trials so far, the measured costs, the best model."""
+
+    def __init__(self, model: nn.Module, calib: list[Any], held: HoldOut, budget_s: float) -> None:
+        self.model, self.calib, self.held, self.budget_s = model, calib, held, budget_s
+        self.t0 = time.perf_counter()
+        self.trials: list[dict[str, Any]] = []
+        self.seen: dict[str, str] = {}
+        self.measured: dict[str, float] = {}
+        self.overhead_s = self.score_s = self.pass_s = 0.0
+        self.layers = 0
+        self.best: tuple[str, PTQConfig, nn.Module, Score] | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def quantize_estimate(self, config: PTQConfig) -> float:
+        return self.overhead_s + sum(
+            stage_seconds(s, config, self.pass_s, self.layers, self.measured)
+            for s in stages_of(config)
+        )
+
+    def run(
+        self, name: str, changes: dict[str, Any], config: PTQConfig, force: bool = False
+    ) -> dict[str, Any]:
+        """Quantize on the calibration part, score on the held-out part, record; the model
+        becomes the best if it scores higher (or ``force``)."""
+        rec: dict[str, Any] = {"name": name, "changes": changes}
+        t = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PTQWarning)
+            qmodel = quantize(self.model, self.calib, config)
+        quantize_s = time.perf_counter() - t
+        t = time.perf_counter()
+        s = self.held.score(qmodel)
+        score_s = time.perf_counter() - t
+        stages = info_of(qmodel).stages
+        ran = measured_stages(stages, config)
+        for k, v in ran.items():
+            self.measured[k] = max(self.measured.get(k, 0.0), v)
+        if not self.trials:  # the base trial: what every trial pays besides its optional stages
+            self.overhead_s = max(quantize_s - sum(ran.values()), 0.0)
+            self.score_s, self.layers = score_s, len(info_of(qmodel).layers)
+            self.pass_s = stages.get("calibrate", quantize_s)
+        rec.update(
+            status="ran",
+            **s.to_dict(),
+            seconds=round(quantize_s + score_s, 3),
+            quantize_s=round(quantize_s, 3),
+            warnings=len([w for w in caught if issubclass(w.category, PTQWarning)]),
+        )
+        self.trials.append(rec)
+        self.seen[_key(config)] = name
+        if force or self.best is None or self.held.better(s, self.best[3]):
+            self.best = (name, config, qmodel, s)
+            rec["best_so_far"] = True
+        return rec
+
+    def record(self, name: str, changes: dict[str, Any], status: str, reason: str) -> None:
+        self.trials.append({"name": name, "changes": changes, "status": status, "reason": reason})
+
+
+def tune(
+    model: nn.Module,
+    data: Iterable[Any],
+    config: PTQConfig | None = None,
+    *,
+    budget_s: float = 120.0,
+    holdout: float = 0.25,
+    score: str = "auto",
+    candidates: Sequence[Candidate | tuple[str, dict[str, Any]]] | None = None,
+    refit: bool = True,
+    output: OutputSelector = None,
+) -> nn.Module:
+    """Quantize ``model`` with the best recipe found on held-out calibration samples.
+
+    No labels and no evaluation function are needed: every recipe is scored against the float
+    model itself (:mod:`ptqkit.recipe.holdout`). The search (Intel Neural Compressor's
+    accuracy-driven tuning without its user-written eval function):
+
+    1. the last ``holdout`` share of ``data`` (whole batches; the samples of the only batch when
+       there is one) is held out for scoring; the rest calibrates;
+    2. the base recipe (``config``, default :class:`PTQConfig`) runs first, always;
+    3. each :class:`~ptqkit.recipe.Candidate` (default :data:`~ptqkit.recipe.CANDIDATES`,
+       cheapest first) is applied to the best recipe so far and kept if it scores higher
+       (greedy: ``mse``, empirical bias correction, ``percentile``, MSE weight ranges,
+       analytic bias correction, CLE, ``auto``, AdaRound). A recipe identical to one already
+       measured is not run again;
+    4. a candidate whose expected time (from the measured times of the earlier trials, see
+       :mod:`ptqkit.recipe.candidates`) would not fit in what is left of ``budget_s`` is skipped,
+       with the reason recorded; the base recipe runs whatever the budget;
+    5. if ``config`` sets ``max_degradation`` or ``min_sqnr_db``, the float fallback of the
+       fewest layers meeting that target (:mod:`ptqkit.analysis.fallback`) is added to the best
+       recipe last (the target is not used by the earlier trials);
+    6. with ``refit`` (default) the best recipe is quantized again on *all* of ``data``.
+
+    Why refit: the held-out samples were needed to choose, not to calibrate; once the choice is
+    made, every sample helps the ranges and the bias estimates (a quarter more data by default),
+    and the recipe, not the particular model, is what was measured. The score recorded is the
+    one measured on the held-out samples by the model calibrated without them (scoring the refit
+    model on them would not be a held-out measurement). The refit is the optional last step: no
+    time is reserved for it (on a large model one trial costs about as much as the refit, and a
+    recipe tried is worth more than a quarter more calibration data), so when what is left of the
+    budget cannot pay for it, or with ``refit=False``, the best trial model is returned as it
+    was measured, and ``ptq_info`` says so.
+
+    Args:
+        model: the float model (left untouched).
+        data: calibration batches, as for :func:`ptqkit.quantize`; iterated into a list (it is
+            used by every trial). ``config.num_batches`` limits it first.
+        config: the base recipe; its fallback target, if any, is applied last (step 5).
+        budget_s: seconds for the whole call (trials, scoring, refit), > 0.
+        holdout: share of the data held out for scoring, in (0, 1).
+        score: ``"auto"``, ``"agreement"`` (top-1 agreement with FP32; a difference of one
+            held-out sample or less is a tie, decided by the lower KL),
+            ``"kl"`` or ``"sqnr"`` (output SQNR, for outputs that are not class scores).
+        candidates: the recipes to try after the base one, in order.
+        refit: quantize the chosen recipe again on all of ``data`` (see above).
+        output: which tensor of the model's output to score (as in :func:`ptqkit.evaluate`).
+
+    Returns:
+        The quantized model. ``qmodel.ptq_info.recipe`` says in one line what was chosen and
+        how; ``qmodel.ptq_info.details["recipe"]`` lists every recipe (``name``, ``changes``,
+        ``status`` ran/skipped/failed, ``agreement``, ``kl``, ``sqnr_db``, ``seconds``, or the
+        ``reason`` it was skipped or failed) and the chosen one.
+
+    Raises:
+        DataError: data that cannot be split into calibration and held-out samples.
+        ConfigError: a bad ``budget_s``, ``holdout``, ``score`` or candidate.
+        PTQError: the base recipe itself fails (a failing candidate is recorded and skipped).
+    """
+    config = PTQConfig() if config is None else config
+    if not isinstance(config, PTQConfig):
+        raise ConfigError(f"config must be a PTQConfig, got {type(config).__name__}")
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s > 0:
+        raise ConfigError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
+    cands = _as_candidates(candidates)
+    t_start = time.perf_counter()
+    batches = _materialize(data, config.num_batches)
+    calib, held_batches = split(batches, holdout)
+    held = HoldOut(model, held_batches, score, output)
+    n_all = sum(batch_size(*split_batch(b, i)) for i, b in enumerate(batches))
+    n_cal = n_all - held.samples
+    base = config.replace(max_degradation=None, min_sqnr_db=None, progress=False)
+    search = _Search(model, calib, held, float(budget_s))
+    search.t0 = t_start
+    search.run("base", {}, base)
+    scale = n_all / max(n_cal, 1) if refit else 0.0
+
+    def attempt(name: str, changes: dict[str, Any], cfg: PTQConfig, force: bool = False) -> bool:
+        key = _key(cfg)
+        if key in search.seen:
+            search.record(name, changes, "skipped", f"same recipe as {search.seen[key]!r}")
+            return False
+        q_est = search.quantize_estimate(cfg)
+        expected = q_est + search.score_s
+        left = search.budget_s - search.elapsed()
+        if expected > left:
+            search.record(name, changes, "skipped", f"expected {expected:.1f} s, {left:.1f} s left")
+            return False
+        try:
+            rec = search.run(name, changes, cfg, force)
+        except PTQError as e:
+            search.record(name, changes, "failed", f"{type(e).__name__}: {e}")
+            return False
+        rec["expected_s"] = round(expected, 3)
+        return True
+
+    for cand in cands:
+        assert search.best is not None
+        try:
+            cfg = cand.apply(search.best[1])
+        except ConfigError as e:
+            search.record(cand.name, dict(cand.changes), "failed", str(e))
+            continue
+        attempt(cand.name, _delta(search.best[1], cfg), cfg)
+    target = {k: getattr(config, k) for k in _TARGETS if getattr(config, k) is not None}
+    fallback_note = ""
+    if target:  # asked for: the fallback model is kept even if its held-out score is not
+        assert search.best is not None  # higher (it meets the target on the calibration data)
+        if not attempt("fallback", _plain(target), search.best[1].replace(**target), force=True):
+            why = search.trials[-1]["reason"]
+            fallback_note = f"the fallback target {target} was not pursued: {why}"
+    return _finish(search, model, batches, config, base, refit, scale, fallback_note)
+
+
+def _chosen_name(trials: list[dict[str, Any]], base: PTQConfig, best: PTQConfig) -> str:
+    """``"mse + empirical BC"``: the accepted candidates whose changes are still in ``best``."""
+    delta = _delta(base, best)
+    names = []
+    for t in trials:
+        kept = any(k in delta and delta[k] == v for k, v in t["changes"].items())
+        if t.get("best_so_far") and kept:
+            names.append(t["name"])
+    return " + ".join(dict.fromkeys(names)) or "base"
+
+
+def _finish(
+    search: _Search,
+    model: nn.Module,
+    batches: list[Any],
+    config: PTQConfig,
+    base: PTQConfig,
+    refit: bool,
+    scale: float,
+    note: str,
+) -> nn.Module:
+    assert search.best is not None
+    _, best_cfg, qmodel, _ = search.best
+    final_cfg = best_cfg.replace(progress=config.progress)
+    refit_note, refitted = "the best trial model as measured (refit=False)", False
+    if refit:
+        expected = search.quantize_estimate(best_cfg) * scale
+        left = search.budget_s - search.elapsed()
+        if expected <= left:
+            qmodel = quantize(model, batches, final_cfg)
+            refit_note, refitted = f"re-quantized on all {len(batches)} batches", True
+        else:
+            refit_note = (
+                f"the best trial model as measured (refit expected {expected:.1f} s, "
+                f"{left:.1f} s left)"
+            )
+    info = info_of(qmodel)  # updated in place below
+    if not refitted:
+        for w in info.warnings:  # the trial's warnings were held back while searching
+            warnings.warn(w, PTQWarning, stacklevel=3)
+    chosen = _chosen_name(search.trials, base, best_cfg)
+    base_rec = search.trials[0]
+    ran = sum(t["status"] == "ran" for t in search.trials)
+    elapsed = search.elapsed()
+    metric = {"agreement": "agreement", "kl": "kl", "sqnr": "sqnr_db"}[search.held.ranking]
+
+    def fmt(rec: dict[str, Any]) -> str:
+        v = rec.get(metric)
+        if v is None:
+            return "n/a"
+        return f"{v:.2f}%" if metric == "agreement" else f"{v:.4g}"
+
+    best_rec = next(t for t in reversed(search.trials) if t.get("best_so_far"))
+    info.recipe = (
+        f"chosen by ptqkit.tune: {chosen} ({metric} {fmt(best_rec)} on "
+        f"{search.held.samples} held-out samples, base recipe {fmt(base_rec)}); "
+        f"{ran} of {len(search.trials)} recipes run in {elapsed:.1f} s (budget "
+        f"{search.budget_s:g} s); {refit_note}"
+    )
+    info.details["recipe"] = {
+        "chosen": chosen,
+        "changes": _delta(base, best_cfg),
+        "score": search.held.ranking,
+        "held_out_samples": search.held.samples,
+        "held_out_batches": len(search.held.batches),
+        "calibration_batches": len(search.calib),
+        "budget_s": search.budget_s,
+        "seconds": round(elapsed, 3),
+        "final": refit_note,
+        "trials": search.trials,
+    }
+    if note:
+        info.details["recipe"]["note"] = note
+        info.warn(f"tune: {note}")
+    info.stages["tune"] = elapsed
+    if math.isfinite(elapsed) and elapsed > search.budget_s:
+        info.details["recipe"]["over_budget_s"] = round(elapsed - search.budget_s, 3)
+    return qmodel

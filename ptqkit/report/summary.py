@@ -1,0 +1,72 @@
+"""The rows of the report's summary table: the evaluation result, latency and how the model
+was quantized (from its ``ptq_info``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def _spec(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "float (not quantized)"
+    kind = "symmetric" if d.get("symmetric") else "asymmetric"
+    gran = "per-channel" if d.get("per_channel") else "per-tensor"
+    return f"{d.get('bits')}-bit {kind} {gran}"
+
+
+def summary_rows(
+    qmodel: nn.Module, result: Any = None, latency: dict[str, float] | None = None
+) -> list[tuple[str, str]]:
+    """The summary table's rows (label, value)."""
+    rows: list[tuple[str, str]] = []
+    if result is not None:
+        unit = "%" if result.metric in ("top1", "top5", "agreement") else ""
+        rows += [
+            (f"FP32 {result.metric}", f"{result.fp32:.2f}{unit}"),
+            (f"INT8 {result.metric}", f"{result.quantized:.2f}{unit}"),
+            ("degradation", f"{result.degradation:+.2f} points"),
+            ("top-1 agreement with FP32", f"{result.agreement:.2f}%"),
+            ("KL(FP32 ‖ INT8) per sample", f"{result.kl:.4g} nats"),
+            ("evaluation samples", str(result.samples)),
+            ("size FP32", _fmt_bytes(result.size_bytes_fp32)),
+            ("size quantized", _fmt_bytes(result.size_bytes_quantized)),
+        ]
+        if result.compression is not None:
+            rows.append(("compression", f"{result.compression:.2f}×"))
+    for k, v in (latency or {}).items():
+        rows.append((f"latency {k}", f"{v:.2f} ms" if isinstance(v, float) else str(v)))
+    info = getattr(qmodel, "ptq_info", None)
+    if info is not None:
+        c = info.config
+        rows += [
+            ("weights", _spec(c.get("weights"))),
+            ("activations", _spec(c.get("activations"))),
+            ("calibrator", str(c.get("calibration"))),
+            ("CLE / bias correction", f"{c.get('cle')} / {c.get('bias_correction')}"),
+            (
+                "calibration samples",
+                f"{info.calibration_samples} in {info.calibration_batches} batches",
+            ),
+            (
+                "quantized layers / activation quantizers",
+                f"{len(info.layers)} / {len(info.quantizers) - len(info.disabled)}",
+            ),
+        ]
+        if info.skipped:
+            rows.append(("layers left in float", ", ".join(info.skipped)))
+        if info.stages:
+            rows.append(
+                ("time per stage", ", ".join(f"{k} {v:.2f} s" for k, v in info.stages.items()))
+            )
+    return rows
+
+
+__all__ = ["summary_rows"]
