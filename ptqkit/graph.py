@@ -13,11 +13,15 @@ Low level: imports only torch (no ptqkit stage).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from .quant.modules import QuantLayer
+from .typed import submodule
 
 
 class ChannelClamp(nn.Module):
@@ -123,10 +127,107 @@ def input_channel_view(layer: nn.Module, w: torch.Tensor, channels: int) -> torc
     return w.reshape(g, w.shape[0] // g, cpg, -1)
 
 
+# -- op registries -------------------------------------------------------------------------------
+#: ops whose output is quantized and whose tensor inputs must be on a grid
+QUANT_FUNCTIONS = {
+    operator.add,
+    torch.add,
+    operator.mul,
+    torch.mul,
+    torch.cat,
+    torch.concat,
+    torch.matmul,
+    operator.matmul,
+    torch.bmm,
+}
+QUANT_METHODS = {"add", "mul", "matmul", "bmm"}
+#: clipping activations: the output quantizer moves after them
+ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp, torch.clip}
+ACT_METHODS = {"relu", "clamp", "clip"}
+#: value-preserving ops: their output is on the grid of their input
+PASS_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Identity,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ChannelShuffle,
+)
+PASS_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.transpose,
+    torch.permute,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.dropout,
+}
+PASS_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "contiguous",
+}
+
+
+def called_module(gm: nn.Module, node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls, ``None`` for other nodes."""
+    return submodule(gm, node) if node.op == "call_module" else None
+
+
+def _in(node: fx.Node, gm: nn.Module, mods: tuple, funcs: set, methods: set) -> bool:
+    if node.op == "call_module":
+        return isinstance(called_module(gm, node), mods)
+    if node.op == "call_function":
+        return node.target in funcs
+    return node.op == "call_method" and node.target in methods
+
+
+def is_quant_op(node: fx.Node, gm: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(called_module(gm, node), QuantLayer)
+    if node.target in (operator.mul, torch.mul, "mul"):  # only activation × activation
+        return sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2
+    return _in(node, gm, (), QUANT_FUNCTIONS, QUANT_METHODS)
+
+
+def is_activation(node: fx.Node, gm: nn.Module) -> bool:
+    return _in(node, gm, ACT_MODULES, ACT_FUNCTIONS, ACT_METHODS)
+
+
+def is_passthrough(node: fx.Node, gm: nn.Module) -> bool:
+    return _in(node, gm, PASS_MODULES, PASS_FUNCTIONS, PASS_METHODS)
+
+
 __all__ = [
+    "ACT_FUNCTIONS",
+    "ACT_METHODS",
+    "ACT_MODULES",
+    "PASS_FUNCTIONS",
+    "PASS_METHODS",
+    "PASS_MODULES",
+    "QUANT_FUNCTIONS",
+    "QUANT_METHODS",
     "ChannelClamp",
     "activation_bounds",
+    "called_module",
     "input_channel_view",
+    "is_activation",
     "is_flatten_1",
+    "is_passthrough",
+    "is_quant_op",
     "node_arg",
 ]

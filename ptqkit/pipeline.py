@@ -67,7 +67,7 @@ def _auto(ctx: Context) -> None:
 
 
 def _range_margin(ctx: Context) -> None:
-    from .analysis.coverage import widen_ranges
+    from .calibrate.margin import widen_ranges
 
     widen_ranges(ctx.qmodel, ctx.config.range_margin, ctx.info)
 
@@ -79,7 +79,7 @@ def _quantized_activations(ctx: Context) -> None:
 
 
 def _weights(ctx: Context) -> None:
-    from .quant.weights import quantize_weights
+    from .calibrate.weights import quantize_weights
 
     quantize_weights(ctx.qmodel, ctx.config, ctx.info)
     _quantized_activations(ctx)
@@ -99,7 +99,7 @@ def _bias_correction(ctx: Context) -> None:
 
 
 def _fallback(ctx: Context) -> None:
-    from .analysis.fallback import fallback
+    from .correct.fallback import fallback
 
     fallback(ctx.qmodel, ctx.data, ctx.config, ctx.info)
 

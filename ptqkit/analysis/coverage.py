@@ -22,8 +22,8 @@ data (shifted, scaled, another domain) crosses both thresholds.
 
 The remedy is to calibrate on data drawn like the real inputs; an opt-in headroom,
 ``PTQConfig(range_margin=m)``, widens every calibrated range by ``m·(hi - lo)`` on each side
-(:func:`widen_ranges`), at the price of a ``1 + 2m`` times coarser step (rounding noise
-``(1 + 2m)²`` times larger on in-distribution data).
+(:func:`ptqkit.calibrate.margin.widen_ranges`), at the price of a ``1 + 2m`` times coarser
+step (rounding noise ``(1 + 2m)²`` times larger on in-distribution data).
 """
 
 from __future__ import annotations
@@ -195,26 +195,3 @@ def coverage_message(coverage: dict[str, Any], shown: int = 3) -> str | None:
         f"other advice), calibrate on samples drawn like the evaluation inputs, or {remedy}"
     )
 
-
-def widen_ranges(model: nn.Module, margin: float, info: Any = None) -> int:
-    """Widen the grid of every calibrated activation quantizer by ``margin·(hi - lo)`` on each
-    side (a side at 0, e.g. after a ReLU, stays at 0). Returns the number of quantizers changed;
-    records ``range_margin`` in ``info.details``."""
-    from ..quant.modules import act_quants
-
-    changed = 0
-    for q in act_quants(model).values():
-        if not q.calibrated or margin <= 0:
-            continue
-        lo = (q.spec.qmin - q.zero_point.float()) * q.scale
-        hi = (q.spec.qmax - q.zero_point.float()) * q.scale
-        width = hi - lo
-        lo_new = torch.where(q.range[0] >= 0, torch.zeros_like(lo), lo - margin * width)
-        hi_new = torch.where(q.range[1] <= 0, torch.zeros_like(hi), hi + margin * width)
-        mode = q.mode
-        q.set_range(lo_new, hi_new)
-        q.mode = mode
-        changed += 1
-    if info is not None:
-        info.details["range_margin"] = {"margin": margin, "quantizers": changed}
-    return changed

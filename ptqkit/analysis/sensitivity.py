@@ -1,7 +1,7 @@
 """Layer-wise sensitivity: where the quantization error of a network comes from.
 
 A *unit* is one :class:`~ptqkit.quant.modules.QuantLayer` with the activation quantizers that go
-with it (:func:`~ptqkit.analysis.units.layer_quantizers`): the quantizer of its output (after
+with it (:func:`~ptqkit.correct.units.layer_quantizers`): the quantizer of its output (after
 its activation) and a quantizer of its input that feeds nothing else (the model input before the
 first conv, the flattened features before the classifier). For each unit, :func:`sensitivity`
 measures on the given data:
@@ -23,7 +23,7 @@ runs the float and quantized networks on small slices of each batch in turn).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,127 +31,14 @@ import torch
 from torch import nn
 
 from ..config import PTQConfig
-from ..data import batch_target, fresh_inputs, model_device, run_model, split_batch, to_device
-from ..errors import DataError
+from ..correct.scoring import Evaluator, Score, db_ratio
+from ..correct.units import layer_quantizers
+from ..data import fresh_inputs, model_device, run_model, split_batch, to_device
 from ..progress import progress
 from ..quant.modules import QuantLayer, float_mode, quant_layers
-from .units import layer_quantizers, precision
 
 #: bytes of layer outputs kept at once by the per-layer SQNR pass
 SQNR_BUDGET = 256 * 2**20
-
-
-# -- measuring -----------------------------------------------------------------------------------
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            if isinstance(o, torch.Tensor):
-                return o
-            if hasattr(o, "__iter__"):
-                try:
-                    return _first_tensor(o)
-                except DataError:
-                    continue
-    if hasattr(out, "to_tuple"):  # transformers ModelOutput
-        return _first_tensor(out.to_tuple())
-    raise DataError(f"the model's output holds no tensor ({type(out).__name__})")
-
-
-@dataclass
-class Score:
-    """What one pass measured: ``metric`` (see :attr:`Evaluator.metric_name`), top-1
-    ``agreement`` with the float network, ``accuracy`` (``None`` without labels) and the output
-    ``sqnr_db``."""
-
-    metric: float
-    agreement: float | None
-    accuracy: float | None
-    sqnr_db: float
-
-
-class Evaluator:
-    """Runs the quantized model (in some precision state) over ``data`` against the float
-    reference, which is computed once and reused (recomputed for a batch whose input changed,
-    e.g. a shuffling loader)."""
-
-    def __init__(self, model: nn.Module, data: Iterable[Any], config: PTQConfig) -> None:
-        self.model, self.data, self.config = model, data, config
-        self.device = model_device(model)
-        self._ref: dict[int, tuple[tuple, torch.Tensor]] = {}
-        self.passes = 0
-        labels, classes, n, correct = True, True, 0, 0
-        for _, _, out, target in self._batches(reference=True):
-            classes &= out.dim() == 2 and out.shape[1] > 1
-            labels &= isinstance(target, torch.Tensor) and target.shape == out.shape[:1]
-            if labels and classes:
-                correct += int((out.argmax(1) == target.to(out.device)).sum())
-            n += out.shape[0]
-        if n == 0:
-            raise DataError("the data is empty: nothing to evaluate on")
-        self.samples = n
-        self.metric_name = ("accuracy" if labels else "agreement") if classes else "sqnr_db"
-        self.float_metric = (
-            100.0 * correct / n
-            if self.metric_name == "accuracy"
-            else (100.0 if classes else float("inf"))
-        )
-
-    @staticmethod
-    def _fingerprint(args: tuple, kwargs: dict) -> tuple:
-        ts = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-        return tuple((tuple(t.shape), float(t.double().sum())) for t in ts)
-
-    def _batches(self, reference: bool = False) -> Iterator[tuple]:
-        """``(index, (args, kwargs), float output, target)`` per batch."""
-        for i, batch in enumerate(self.data):
-            if self.config.num_batches is not None and i >= self.config.num_batches:
-                break
-            args, kwargs = to_device(*split_batch(batch, i), self.device)
-            fp = self._fingerprint(args, kwargs)
-            cached = self._ref.get(i)
-            if cached is None or cached[0] != fp:
-                with torch.no_grad(), float_mode(self.model):
-                    out = _first_tensor(run_model(self.model, i, *fresh_inputs(args, kwargs)))
-                self._ref[i] = (fp, out.detach().clone())  # kept: no later in-place op reaches it
-            yield i, (args, kwargs), self._ref[i][1], batch_target(batch)
-
-    def measure(self, floats: Iterable[str] = (), only: Iterable[str] | None = None) -> Score:
-        """Score of the model with units ``floats`` in float (or only the units ``only``
-        quantized), see :func:`precision`."""
-        agree = correct = n = 0
-        sig = noise = 0.0
-        with torch.no_grad(), precision(self.model, floats, only):
-            for i, (args, kwargs), ref, target in self._batches():
-                out = _first_tensor(run_model(self.model, i, *fresh_inputs(args, kwargs))).detach()
-                sig += float(ref.double().pow(2).sum())
-                noise += float((ref.double() - out.double()).pow(2).sum())
-                if self.metric_name != "sqnr_db":
-                    pred = out.argmax(1)
-                    agree += int((pred == ref.argmax(1)).sum())
-                    if self.metric_name == "accuracy":
-                        correct += int((pred == target.to(pred.device)).sum())
-                n += out.shape[0]
-        self.passes += 1
-        sqnr = _db(sig, noise)
-        if self.metric_name == "sqnr_db":
-            return Score(sqnr, None, None, sqnr)
-        acc = 100.0 * correct / n if self.metric_name == "accuracy" else None
-        agreement = 100.0 * agree / n
-        return Score(acc if acc is not None else agreement, agreement, acc, sqnr)
-
-
-def _db(signal: float, noise: float) -> float:
-    import math
-
-    if noise <= 0:
-        return float("inf")
-    if signal <= 0:
-        return float("-inf")
-    return 10.0 * math.log10(signal / noise)
 
 
 def layer_sqnr(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> dict[str, float]:
@@ -202,7 +89,7 @@ def layer_sqnr(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> dict
         for h in hooks:
             h.remove()
         store.clear()
-    return {n: _db(*s) for n, s in sums.items()}
+    return {n: db_ratio(*s) for n, s in sums.items()}
 
 
 # -- the report ------------------------------------------------------------------------------------

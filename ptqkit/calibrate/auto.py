@@ -87,7 +87,7 @@ def candidate_ranges(cal: Any, spec: Any) -> dict[str, tuple[torch.Tensor, torch
 
 def _feeders(model: nn.Module) -> dict[str, str]:
     """Quantizer name feeding each :class:`QuantLayer` (through value-preserving ops)."""
-    from ..capture.placement import is_passthrough
+    from ..graph import is_passthrough
 
     if not isinstance(model, fx.GraphModule):
         return {n: f"{n}.input_quant" for n, m in quant_layers(model).items() if m.input_quant}

@@ -20,99 +20,27 @@ Without a graph (untraceable model) each layer gets a quantizer on its input ins
 from __future__ import annotations
 
 import fnmatch
-import operator
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..config import QuantSpec
-from ..quant.modules import WEIGHT_LAYERS, ActQuant, QuantLayer
-from ..typed import submodule
-
-# -- op registries -------------------------------------------------------------------------------
-#: ops whose output is quantized and whose tensor inputs must be on a grid
-QUANT_FUNCTIONS = {
-    operator.add,
-    torch.add,
-    operator.mul,
-    torch.mul,
-    torch.cat,
-    torch.concat,
-    torch.matmul,
-    operator.matmul,
-    torch.bmm,
-}
-QUANT_METHODS = {"add", "mul", "matmul", "bmm"}
-#: clipping activations: the output quantizer moves after them
-ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
-ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp, torch.clip}
-ACT_METHODS = {"relu", "clamp", "clip"}
-#: value-preserving ops: their output is on the grid of their input
-PASS_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Dropout,
-    nn.Identity,
-    nn.ZeroPad1d,
-    nn.ZeroPad2d,
-    nn.ZeroPad3d,
-    nn.ChannelShuffle,
+from ..graph import (  # noqa: F401  (op registries: placement.* names kept for callers)
+    ACT_FUNCTIONS,
+    ACT_METHODS,
+    ACT_MODULES,
+    PASS_FUNCTIONS,
+    PASS_METHODS,
+    PASS_MODULES,
+    QUANT_FUNCTIONS,
+    QUANT_METHODS,
+    called_module,
+    is_activation,
+    is_passthrough,
+    is_quant_op,
 )
-PASS_FUNCTIONS = {
-    torch.flatten,
-    torch.reshape,
-    torch.squeeze,
-    torch.unsqueeze,
-    torch.transpose,
-    torch.permute,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.dropout,
-}
-PASS_METHODS = {
-    "view",
-    "reshape",
-    "flatten",
-    "permute",
-    "transpose",
-    "squeeze",
-    "unsqueeze",
-    "contiguous",
-}
-
-
-def _module(gm: nn.Module, node: fx.Node) -> nn.Module | None:
-    return submodule(gm, node) if node.op == "call_module" else None
-
-
-def _in(node: fx.Node, gm: nn.Module, mods: tuple, funcs: set, methods: set) -> bool:
-    if node.op == "call_module":
-        return isinstance(_module(gm, node), mods)
-    if node.op == "call_function":
-        return node.target in funcs
-    return node.op == "call_method" and node.target in methods
-
-
-def is_quant_op(node: fx.Node, gm: nn.Module) -> bool:
-    if node.op == "call_module":
-        return isinstance(_module(gm, node), QuantLayer)
-    if node.target in (operator.mul, torch.mul, "mul"):  # only activation × activation
-        return sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2
-    return _in(node, gm, (), QUANT_FUNCTIONS, QUANT_METHODS)
-
-
-def is_activation(node: fx.Node, gm: nn.Module) -> bool:
-    return _in(node, gm, ACT_MODULES, ACT_FUNCTIONS, ACT_METHODS)
-
-
-def is_passthrough(node: fx.Node, gm: nn.Module) -> bool:
-    return _in(node, gm, PASS_MODULES, PASS_FUNCTIONS, PASS_METHODS)
+from ..quant.modules import WEIGHT_LAYERS, ActQuant, QuantLayer
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -201,7 +129,8 @@ def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
         while len(target.users) == 1 and is_activation(next(iter(target.users)), gm):
             target = next(iter(target.users))
         if any(
-            u.op == "call_module" and isinstance(_module(gm, u), ActQuant) for u in target.users
+            u.op == "call_module" and isinstance(called_module(gm, u), ActQuant)
+            for u in target.users
         ):
             continue
         float_users = {u for u in target.users if to_output(u)}
@@ -218,7 +147,7 @@ def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
     def on_grid(n: fx.Node) -> bool:
         while is_passthrough(n, gm) and n.args and isinstance(n.args[0], fx.Node):
             n = n.args[0]
-        return n.op == "call_module" and isinstance(_module(gm, n), ActQuant)
+        return n.op == "call_module" and isinstance(called_module(gm, n), ActQuant)
 
     shared: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):  # rule 3: inputs not on a grid

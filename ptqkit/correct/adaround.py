@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..calibrate.weights import weight_range
 from ..config import AdaRoundOptions, PTQConfig
 from ..data import Batch
 from ..graph import activation_bounds
@@ -47,7 +48,6 @@ from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import QuantLayer, quant_layers
 from ..quant.primitives import broadcast_along, qparams, storage_dtype
-from ..quant.weights import weight_range
 from ..sync import active, add_up, empty_shard, exchange, from_data, from_first, guard
 from ..walk import RERUN, Rerun, can_propagate, layer_order, propagate
 from .samples import Rows, collect_prefix, float_targets, input_rows

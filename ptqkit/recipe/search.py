@@ -180,7 +180,7 @@ def tune(
        :mod:`ptqkit.recipe.candidates`) would not fit in what is left of ``budget_s`` is skipped,
        with the reason recorded; the base recipe runs whatever the budget;
     5. if ``config`` sets ``max_degradation`` or ``min_sqnr_db``, the float fallback of the
-       fewest layers meeting that target (:mod:`ptqkit.analysis.fallback`) is added to the best
+       fewest layers meeting that target (:mod:`ptqkit.correct.fallback`) is added to the best
        recipe last (the target is not used by the earlier trials);
     6. with ``refit`` (default) the best recipe is quantized again on *all* of ``data``.
 

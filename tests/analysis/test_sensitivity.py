@@ -10,7 +10,7 @@ import torch
 
 import ptqkit
 from ptqkit.analysis.sensitivity import layer_sqnr
-from ptqkit.analysis.units import layer_quantizers, precision
+from ptqkit.correct.units import layer_quantizers, precision
 from ptqkit.quant.modules import act_quants, quant_layers
 
 LOW = ptqkit.PTQConfig(

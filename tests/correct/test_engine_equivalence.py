@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import ptqkit
+from ptqkit.calibrate.weights import weight_range
 from ptqkit.config import BiasCorrectionOptions
 from ptqkit.correct import adaround as ar
 from ptqkit.correct.bias import _add_to_bias, correct_bias
@@ -18,7 +19,6 @@ from ptqkit.correct.samples import collect_prefix
 from ptqkit.info import PTQInfo
 from ptqkit.quant.modules import float_mode, quant_layers
 from ptqkit.quant.primitives import qparams
-from ptqkit.quant.weights import weight_range
 from ptqkit.walk import batches, layer_order, run_until, stop_after
 
 

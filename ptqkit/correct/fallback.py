@@ -8,7 +8,7 @@ Targets (both may be set; both must then hold), measured on the data given to
   otherwise (then ``100 - agreement ≤ max_degradation``; a warning says so);
 * ``min_sqnr_db``: SQNR of the network's output against the float network ``≥ min_sqnr_db``.
 
-A layer "kept in float" is a unit of :func:`~ptqkit.analysis.units.layer_quantizers`: its
+A layer "kept in float" is a unit of :func:`~ptqkit.correct.units.layer_quantizers`: its
 float weight (``QuantLayer.use_float()``), its output quantizer and an input quantizer that feeds
 only it are switched off (listed in ``info.disabled``).
 
@@ -33,7 +33,7 @@ from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import act_quants, quant_layers
 from ..sync import active, guard
-from .sensitivity import Evaluator, Score
+from .scoring import Evaluator, Score
 from .units import layer_quantizers
 
 
@@ -49,7 +49,7 @@ def fallback(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PT
     docstring); records ``info.details["fallback"]``. Returns ``qmodel``.
 
     Under ``torch.distributed`` every score is computed over the shards of all ranks
-    (:class:`~ptqkit.analysis.ranks.RanksEvaluator`), so every rank keeps the same layers in
+    (:class:`~ptqkit.correct.ranks.RanksEvaluator`), so every rank keeps the same layers in
     float."""
     with guard("fallback"):
         return _fallback(qmodel, data, config, info)

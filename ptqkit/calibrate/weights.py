@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..calibrate import make_calibrator
 from ..config import PTQConfig
 from ..info import PTQInfo
-from .modules import QuantLayer, quant_layers
+from ..quant.modules import QuantLayer, quant_layers
+from .calibrators import make_calibrator
 
 
 def weight_range(layer: QuantLayer, method: str):

@@ -6,7 +6,7 @@ The quantizers of a unit are the quantizer of the layer's output (after its clip
 CLE's :class:`~ptqkit.graph.ChannelClamp` included) and a quantizer of its input that feeds
 nothing else (the model input before the first conv, the flattened features before the
 classifier). Sensitivity (:mod:`ptqkit.analysis.sensitivity`) and fallback
-(:mod:`ptqkit.analysis.fallback`) measure and keep units in float, never half a unit.
+(:mod:`ptqkit.correct.fallback`) measure and keep units in float, never half a unit.
 """
 
 from __future__ import annotations

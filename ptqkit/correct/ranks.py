@@ -22,7 +22,7 @@ from ..config import PTQConfig
 from ..data import fresh_inputs, model_device, run_model
 from ..errors import DataError
 from ..sync import add_up
-from .sensitivity import Evaluator, Score, _db, _first_tensor
+from .scoring import Evaluator, Score, db_ratio, first_tensor
 from .units import precision
 
 
@@ -63,7 +63,7 @@ class RanksEvaluator(Evaluator):
         sig = noise = 0.0
         with torch.no_grad(), precision(self.model, floats, only):
             for i, (args, kwargs), ref, target in self._batches():
-                out = _first_tensor(run_model(self.model, i, *fresh_inputs(args, kwargs))).detach()
+                out = first_tensor(run_model(self.model, i, *fresh_inputs(args, kwargs))).detach()
                 sig += float(ref.double().pow(2).sum())
                 noise += float((ref.double() - out.double()).pow(2).sum())
                 if self.metric_name != "sqnr_db":
@@ -75,7 +75,7 @@ class RanksEvaluator(Evaluator):
         self.passes += 1
         local = {"agree": agree, "correct": correct, "n": n, "sig": sig, "noise": noise}
         t = add_up(f"fallback: pass {self.passes}", local)
-        sqnr = _db(t["sig"], t["noise"])
+        sqnr = db_ratio(t["sig"], t["noise"])
         if self.metric_name == "sqnr_db":
             return Score(sqnr, None, None, sqnr)
         acc = 100.0 * t["correct"] / t["n"] if self.metric_name == "accuracy" else None
