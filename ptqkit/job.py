@@ -334,7 +334,7 @@ def run_job(
                 )
             )
         if report_path is not None:
-            write_report(report_path, report=rep)
+            write_report(None, report_path, report=rep)
             job.files["report"] = str(report_path)
     job.report, job.advice = rep, list(rep.advice)
     job.files.update({f"onnx_{k}": v for k, v in job.onnx.items() if k in ("int8", "fp32")})

@@ -200,8 +200,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
             static = static_batch_size(model) is not None
             with console.step("writing the report of the best method"):
                 write_report(
-                    out / "report.html",
                     result.best_model,
+                    out / "report.html",
                     model=model,
                     data=calib.batches,
                     result=res,

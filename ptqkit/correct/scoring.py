@@ -75,8 +75,14 @@ class Evaluator:
             if labels and classes:
                 correct += int((out.argmax(1) == target.to(out.device)).sum())
             n += out.shape[0]
+        # a part of the data without samples (a rank's empty shard) does not vote on the kind
+        votes: dict[str, float] = {"n": n, "correct": correct}
+        votes.update(no_labels=int(n > 0 and not labels), no_classes=int(n > 0 and not classes))
+        total = self._total("float reference", votes)
+        n, correct = int(total["n"]), int(total["correct"])
+        labels, classes = total["no_labels"] == 0, total["no_classes"] == 0
         if n == 0:
-            raise DataError("the data is empty: nothing to evaluate on")
+            raise DataError(f"the data is empty{self._where}: nothing to evaluate on")
         self.samples = n
         self.metric_name = ("accuracy" if labels else "agreement") if classes else "sqnr_db"
         self.float_metric = (
@@ -121,12 +127,21 @@ class Evaluator:
                         correct += int((pred == target.to(pred.device)).sum())
                 n += out.shape[0]
         self.passes += 1
-        sqnr = db_ratio(sig, noise)
+        local = {"agree": agree, "correct": correct, "n": n, "sig": sig, "noise": noise}
+        t = self._total(f"pass {self.passes}", local)
+        sqnr = db_ratio(t["sig"], t["noise"])
         if self.metric_name == "sqnr_db":
             return Score(sqnr, None, None, sqnr)
-        acc = 100.0 * correct / n if self.metric_name == "accuracy" else None
-        agreement = 100.0 * agree / n
+        acc = 100.0 * t["correct"] / t["n"] if self.metric_name == "accuracy" else None
+        agreement = 100.0 * t["agree"] / t["n"]
         return Score(acc if acc is not None else agreement, agreement, acc, sqnr)
+
+    #: where the data is, in the empty-data error ("" for one process)
+    _where = ""
+
+    def _total(self, what: str, sums: dict[str, float]) -> dict[str, float]:
+        """The sums behind a score over all the data: here, this process's own."""
+        return sums
 
 
 def db_ratio(signal: float, noise: float) -> float:

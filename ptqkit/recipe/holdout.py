@@ -19,7 +19,7 @@ Which one ranks the candidates is a :data:`RANKINGS` entry: ``"agreement"`` (a d
 most one held-out sample is a tie, broken by the lower KL: :meth:`HoldOut.better`), ``"kl"``
 (ties broken by the higher agreement), ``"sqnr"``; ``"auto"`` takes ``agreement`` for
 ``[N, classes]`` scores and integer predictions, ``sqnr`` otherwise (the rule of
-:class:`ptqkit.analysis.sensitivity.Evaluator`, so that the fallback and the recipe agree).
+:class:`ptqkit.correct.scoring.Evaluator`, so that the fallback and the recipe agree).
 """
 
 from __future__ import annotations

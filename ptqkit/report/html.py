@@ -201,15 +201,18 @@ def render(rep: Report) -> str:
 
 
 def write_report(
+    qmodel: nn.Module | None,
     path: str | Path,
-    qmodel: nn.Module | None = None,
     *,
     report: Report | None = None,
     **kwargs: Any,
 ) -> Report:
     """Write the HTML report of ``qmodel`` to ``path`` (keyword arguments: see :func:`collect`),
-    or of an already collected ``report``. Returns the :class:`Report` (its ``advice`` included).
-    """
+    or of an already collected ``report`` (``qmodel`` ``None``). Returns the :class:`Report` (its
+    ``advice`` included). The model comes first, as in :func:`ptqkit.save` and
+    :func:`ptqkit.export_onnx`."""
+    if isinstance(qmodel, (str, Path)) and not isinstance(path, (str, Path)):
+        raise TypeError("write_report(qmodel, path): the model comes first, then the path")
     if report is None:
         if qmodel is None:
             raise TypeError("write_report needs a quantized model or a collected report")

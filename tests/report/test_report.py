@@ -45,7 +45,7 @@ def report_file(tmp_path_factory, digits, quantized):
     q, res = quantized
     path = tmp_path_factory.mktemp("report") / "report.html"
     rep = write_report(
-        path, q, model=model, data=calib, eval_data=evald, result=res, title="digits <test>"
+        q, path, model=model, data=calib, eval_data=evald, result=res, title="digits <test>"
     )
     return path, rep
 
@@ -148,7 +148,9 @@ def test_report_with_comparison_and_sensitivity(digits, quantized):
     assert "minmax / per-channel" in html and "mse / per-channel" in html
     assert rep.histograms == []  # no data given: nothing measured
     with pytest.raises(TypeError):
-        write_report("x.html")
+        write_report(None, "x.html")
+    with pytest.raises(TypeError, match="the model comes first"):
+        write_report("x.html", q)  # type: ignore[arg-type]
 
 
 # -- a real browser -------------------------------------------------------------------------------

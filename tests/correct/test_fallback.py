@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ptqkit
-from ptqkit.analysis.sensitivity import Evaluator
+from ptqkit.correct.scoring import Evaluator
 from ptqkit.quant.modules import quant_layers
 
 LOW = ptqkit.PTQConfig(
