@@ -29,6 +29,9 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         calibration=args.calibration,
     )
     if args.model == "efficientnet":
+        # data-free bias correction from the BatchNorm statistics: on 1,000 other crops it lifts
+        # agreement from 87.7% to 93.4% and cuts KL from 0.029 to 0.011 in 0.1 s (bench/ONEPASS.md)
+        config = config.replace(bias_correction="analytic")
         n_cal = args.calibration_samples or 128
         n_eval = args.eval_samples or 128
         with console.step("loading EfficientNet-Lite0 (ImageNet weights from the pip package)"):
