@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_io import BranchyLN, PostLN  # the same LayerNorm models as the io tests
 from torch import nn
 
 import ptqkit
@@ -232,29 +233,11 @@ class ReLU6Net(nn.Module):
         return self.c2(self.a2(self.dw(self.a1(self.bn(self.c1(x))))))
 
 
-class PostLN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.ln, self.a, self.b = nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 4)
-
-    def forward(self, x):
-        h = self.ln(x)
-        return self.b(h + self.a(h))
-
-
 class LNFirst(PostLN):
     """The LayerNorm feeds one Linear only: SmoothQuant folds its scale into the LayerNorm."""
 
     def forward(self, x):
         return self.b(torch.relu(self.a(self.ln(x))))
-
-
-class BranchyLN(PostLN):
-    """Untraceable: SmoothQuant gives the Linear its own smoothing input quantizer."""
-
-    def forward(self, x):
-        h = self.ln(x)
-        return self.b(h + self.a(h)) if x.sum() > 0 else self.b(h)
 
 
 def _relu6net() -> tuple[nn.Module, list[torch.Tensor]]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import PTQConfig
-from ..errors import ConfigError, LoadError, ModelError, PTQError, SaveError
+from ..errors import ConfigError, LoadError, ModelError, PTQError, SaveError, one_line
 from ..info import PTQInfo
 from ..quant.modules import act_quants, quant_layers
 from . import container, replay, restore
@@ -163,8 +163,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     try:  # the rest (float biases, parameters of float modules) by the usual checked copy
         qmodel.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        msg = " ".join(str(e).split())
-        raise LoadError(f"{path}: the model does not match the file: {msg[:500]}") from None
+        raise LoadError(f"{path}: the model does not match the file: {one_line(e)}") from None
     restore.check_structural(path, qmodel)
 
     known = {f.name for f in dataclasses.fields(PTQInfo)}
