@@ -27,6 +27,7 @@ from torch import nn
 from .config import PTQConfig
 from .data import split_batch
 from .errors import PTQWarning, SaveError, one_line
+from .info import info_of
 
 
 class JobLog(Protocol):
@@ -201,6 +202,8 @@ def _summary(command: str, qmodel: Any, res: Any, extra: dict[str, Any]) -> dict
             "stages_s": info.stages,
             "warnings": info.warnings,
         },
+        # ptqkit.tune: the choice in one line and every recipe tried (empty when not tuned)
+        "recipe": {"chosen": info.recipe, **info.details.get("recipe", {})},
         **extra,
     }
 
@@ -236,6 +239,7 @@ def run_job(
     example: tuple | None = None,
     layer_sqnr: bool = True,
     qmodel: nn.Module | None = None,
+    tune_budget_s: float | None = None,
     title: str = "ptqkit report",
     notes: Sequence[str] = (),
     descriptions: tuple[str, str] = ("calibration data", "evaluation data"),
@@ -255,7 +259,9 @@ def run_job(
     ``example`` is the positional input of the export and the latencies (default: the first
     sample of the first calibration batch; a program exported with a static batch size needs a
     whole batch). ``layer_sqnr=False`` leaves the per-layer SQNR out of the report (it runs
-    sub-batches, which such a program refuses); with ``sensitivity`` it is measured anyway."""
+    sub-batches, which such a program refuses); with ``sensitivity`` it is measured anyway.
+    With ``tune_budget_s``, the recipe is searched by :func:`ptqkit.tune` within that many
+    seconds (``config`` is the base recipe) instead of taken as given."""
     import ptqkit
 
     from .compare import compare as compare_methods
@@ -269,7 +275,11 @@ def run_job(
     if report_path is None and out is not None:
         report_path = out / "report.html"
     calib_desc, eval_desc = descriptions
-    if qmodel is None:
+    if qmodel is None and tune_budget_s:
+        with log.step(f"searching the best recipe (ptqkit.tune, {tune_budget_s:g} s budget)"):
+            qmodel = ptqkit.tune(model, calib_data, config, budget_s=tune_budget_s)
+        log.log(info_of(qmodel).recipe)
+    elif qmodel is None:
         with log.step(f"quantizing ({calib_desc})"):
             qmodel = ptqkit.quantize(model, calib_data, config)
     on_calib = eval_data is None

@@ -21,7 +21,7 @@ from .calibrate import check_calibration
 from .config import PTQConfig
 from .errors import ConfigError, DataError
 from .info import PTQInfo
-from .stage import Context, Stage, iterating_again, run_stages
+from .stage import Context, Stage, iterating_again, run_stages, tapping
 
 
 # -- the stages, each ``run(ctx)`` -----------------------------------------------------------------
@@ -56,7 +56,8 @@ def _smoothquant(ctx: Context) -> None:
 def _calibrate(ctx: Context) -> None:
     from .calibrate.session import calibrate
 
-    ctx.calibrators = calibrate(ctx.qmodel, ctx.data, ctx.config, ctx.info)
+    with tapping(STAGES, ctx):
+        ctx.calibrators = calibrate(ctx.qmodel, ctx.data, ctx.config, ctx.info)
 
 
 def _auto(ctx: Context) -> None:
@@ -95,7 +96,13 @@ def _adaround(ctx: Context) -> None:
 def _bias_correction(ctx: Context) -> None:
     from .correct.bias import correct_bias
 
-    correct_bias(ctx.qmodel, ctx.data, ctx.config, ctx.info)
+    correct_bias(ctx.qmodel, ctx.data, ctx.config, ctx.info, ctx.taps.get("bias_correction"))
+
+
+def _bias_tap(ctx: Context) -> Any:
+    from .correct.bias import float_means_tap
+
+    return float_means_tap(ctx.qmodel, ctx.config)
 
 
 def _fallback(ctx: Context) -> None:
@@ -106,10 +113,6 @@ def _fallback(ctx: Context) -> None:
 
 def _always(c: PTQConfig) -> bool:
     return True
-
-
-def _empirical(c: PTQConfig) -> bool:
-    return c.bias_correction == "empirical"
 
 
 def _has_target(c: PTQConfig) -> bool:
@@ -126,7 +129,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("range_margin", _range_margin, lambda c: c.range_margin > 0),
     Stage("weights", _weights, lambda c: not c.adaround),
     Stage("adaround", _adaround, lambda c: c.adaround, _always),
-    Stage("bias_correction", _bias_correction, lambda c: bool(c.bias_correction), _empirical),
+    Stage(
+        "bias_correction",
+        _bias_correction,
+        lambda c: bool(c.bias_correction),
+        tap=_bias_tap,  # the float means and the batches: it never iterates the data again
+    ),
     Stage("fallback", _fallback, _has_target, _always),
 )
 

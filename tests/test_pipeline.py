@@ -145,10 +145,19 @@ def test_generator_data_is_consumed_in_one_pass(digits_cnn, calib_batches):
     assert q.ptq_info.calibration_samples == 256
 
 
-@pytest.mark.parametrize(
-    "changes",
-    [{"calibration": "auto"}, {"bias_correction": True}, {"max_degradation": 1.0}],
-)
+def test_empirical_bias_correction_serves_one_shot_data(digits_cnn, calib_batches):
+    """It takes its float means and batches during the calibration pass (its tap): a generator
+    gives the same model as a list."""
+    cfg = CFG.replace(bias_correction="empirical")
+    once = ptqkit.quantize(digits_cnn, (b for b in calib_batches), cfg)
+    listed = ptqkit.quantize(digits_cnn, calib_batches, cfg)
+    x = calib_batches[0]
+    with torch.no_grad():
+        assert torch.equal(once(x), listed(x))
+    assert once.ptq_info.details["bias_correction"]["corrected"]
+
+
+@pytest.mark.parametrize("changes", [{"calibration": "auto"}, {"max_degradation": 1.0}])
 def test_one_shot_data_for_a_stage_that_needs_two_passes_is_a_data_error(
     digits_cnn, calib_batches, changes
 ):

@@ -73,6 +73,11 @@ def test_every_trial_is_recorded_with_its_score_and_time(digits_cnn, calib_batch
             gap = chosen["agreement"] - t["agreement"]
             assert gap > 1.5625 or (abs(gap) <= 1.5625 and chosen["kl"] <= t["kl"]), (chosen, t)
     assert "as measured (refit=False)" in rec["final"]
+    # one calibration pass (the base trial's prefix) serves the recipes that share its capture
+    passes = {t["name"]: t["calibration_pass"] for t in ran}
+    assert passes["base"] == "built"
+    assert all(passes[t["name"]] == ("built" if t["changes"].get("cle") else "shared")
+               for t in ran[1:]), passes
     json.dumps(q.ptq_info.to_dict())  # saved with the model: plain JSON
 
 

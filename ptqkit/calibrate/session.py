@@ -48,16 +48,20 @@ def observe(
     return batches
 
 
-def calibrate(
-    model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo
-) -> dict[str, Any]:
-    """Calibrate every activation quantizer of ``model``; returns their calibrators by name."""
+def observe_all(
+    model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo, name: str | None = None
+) -> tuple[dict[str, Any], outliers.BatchMaxTracker]:
+    """The observing half of :func:`calibrate`: one calibrator per activation quantizer (of
+    ``name``, default the config's; ``AUTO_OBSERVER`` for ``"auto"``) fed by one pass over
+    ``data``. Returns the calibrators by quantizer name and the outlier-batch tracker."""
     quants = act_quants(model)
-    if not quants or config.activations is None:
-        return {}
     spec = config.activations
-    name = AUTO_OBSERVER if config.calibration == "auto" else config.calibration
-    options = {} if config.calibration == "auto" else dict(config.calibrator_options)
+    if not quants or spec is None:
+        return {}, outliers.BatchMaxTracker({})
+    if name is None:
+        name = AUTO_OBSERVER if config.calibration == "auto" else config.calibration
+    auto = name == AUTO_OBSERVER and config.calibration == "auto"
+    options = {} if auto or name != config.calibration else dict(config.calibrator_options)
     axis = spec.axis if spec.per_channel else None
     for q in quants.values():
         q.calibrator = make_calibrator(name, axis=axis, **options)
@@ -73,18 +77,45 @@ def calibrate(
         set_act_mode(model, "off")
     calibrators = {}
     for qname, q in quants.items():
-        cal, q.calibrator = q.calibrator, None
+        calibrators[qname], q.calibrator = q.calibrator, None
+    return calibrators, tracker
+
+
+def set_ranges(
+    model: nn.Module,
+    calibrators: dict[str, Any],
+    tracker: outliers.BatchMaxTracker | None,
+    config: PTQConfig,
+    info: PTQInfo,
+) -> dict[str, Any]:
+    """The solving half of :func:`calibrate`: each quantizer's range from its calibrator; a
+    quantizer whose calibrator saw nothing stays in float (warned). Returns the calibrators
+    that set a range."""
+    quants = act_quants(model)
+    spec = config.activations
+    if not calibrators or spec is None:
+        return {}
+    solved = {}
+    for qname, cal in calibrators.items():
+        q = quants[qname]
         if getattr(cal, "stats", cal).lo is None:
             info.disabled[qname] = "never executed on the calibration data"
             info.warn(f"{q.label}: no calibration data reached it; it stays in float")
             continue
         q.set_range(*cal.compute_range(spec))
-        calibrators[qname] = cal
-    outliers.record(calibrators, {n: q.label or n for n, q in quants.items()}, info, tracker)
-
+        solved[qname] = cal
+    outliers.record(solved, {n: q.label or n for n, q in quants.items()}, info, tracker)
     if info.calibration_samples < 100:
         info.warn(
             f"only {info.calibration_samples} calibration samples were seen; use at least "
             "100-1000 representative samples"
         )
-    return calibrators
+    return solved
+
+
+def calibrate(
+    model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo
+) -> dict[str, Any]:
+    """Calibrate every activation quantizer of ``model``; returns their calibrators by name."""
+    calibrators, tracker = observe_all(model, data, config, info)
+    return set_ranges(model, calibrators, tracker, config, info)

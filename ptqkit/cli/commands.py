@@ -25,6 +25,15 @@ STATIC_SQNR_NOTE = (
 )
 
 
+def _tune_budget(seconds: float | None) -> float | None:
+    """``--tune SECONDS``: ``None`` or ``0`` is off; a negative budget is a usage error."""
+    if seconds is None or seconds == 0:
+        return None
+    if not seconds > 0:
+        raise UsageError(f"--tune takes a budget in seconds > 0 (0: off), got {seconds:g}")
+    return float(seconds)
+
+
 def run(
     console: Console,
     args: argparse.Namespace,
@@ -58,6 +67,7 @@ def run(
         example=None if size is None else example_input(calib.batches, size),
         layer_sqnr=size is None,
         qmodel=qmodel,
+        tune_budget_s=_tune_budget(getattr(args, "tune", None)),
         title=title,
         notes=notes if size is None else [*notes, STATIC_SQNR_NOTE],
         descriptions=(calib.description, (evald or calib).description),

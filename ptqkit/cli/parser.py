@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .commands import cmd_compare, cmd_quantize, cmd_report
-from .demo import cmd_demo
+from .demo import DEMO_TUNE_S, cmd_demo
 
 #: one line per command in ``ptqkit --help``
 HELP = {
@@ -64,12 +64,27 @@ def _model_options(p: argparse.ArgumentParser, out_help: str, out_required: bool
     p.add_argument("--force", action="store_true", help="overwrite existing output")
 
 
-def _run_options(p: argparse.ArgumentParser, compare_help: str, max_plots: int) -> None:
+def _run_options(
+    p: argparse.ArgumentParser, compare_help: str, max_plots: int, demo: bool = False
+) -> None:
     """Options shared by the commands that quantize, export and report (demo, quantize)."""
     p.add_argument("--compare", action="store_true", help=compare_help)
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     p.add_argument("--max-plots", type=int, default=max_plots, help="plots per report section")
+    p.add_argument(
+        "--tune",
+        type=float,
+        metavar="SECONDS",
+        default=None,
+        help="search the best recipe (calibrators, bias correction, CLE, AdaRound) on held-out "
+        "calibration samples within SECONDS, starting from the config (ptqkit.tune); 0: off"
+        + (
+            " (default: " + ", ".join(f"{m} {s:g}" for m, s in DEMO_TUNE_S.items()) + ")"
+            if demo
+            else " (default: off)"
+        ),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default="mse", help="calibrator (default mse)")
     p.add_argument("--calibration-samples", type=int, help="default 128 (efficientnet), 512")
     p.add_argument("--eval-samples", type=int, help="default 128 (efficientnet), 360")
-    _run_options(p, "also compare every method (slow)", max_plots=16)
+    _run_options(p, "also compare every method (slow)", max_plots=16, demo=True)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("quantize", parents=[common], help=HELP["quantize"])

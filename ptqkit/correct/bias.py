@@ -4,20 +4,21 @@ layer's (float) bias removes the systematic part of the error.
 
 * ``"empirical"``: for each quantized layer in execution order, ``b ← b + E[y] - E[ỹ]`` where
   ``E[y]`` is the per-channel mean of the float network's layer output and ``E[ỹ]`` that of the
-  quantized network (quantized weights and activations upstream, earlier corrections applied)
-  over the calibration data (its first ``BiasCorrectionOptions.samples`` samples: a
-  per-channel mean over that many samples × positions is already precise). The float means come
-  from one streaming pass. The quantized ones need, at layer ``ℓ``, all samples propagated
-  through the layers before ``ℓ`` *with their corrections*; a traced model is therefore run
-  node by node over all those samples at once (:func:`ptqkit.walk.propagate`, cached layer
-  inputs, spilled to disk past a memory budget): at each layer its mean is taken, its bias
-  corrected, and only then does it run for the layers after it. Two passes in all, ``O(depth)``
-  forward work, and exactly the sequential algorithm. An untraced model falls back to one pass
-  per layer that stops right after it (``O(depth²)``). Under ``torch.distributed`` each rank
-  takes its own shard's first ``samples`` samples, and every sum and count is added over the
-  ranks (:func:`ptqkit.sync.add_up`, in rank order) before a mean is taken: each layer gets the
-  same correction on every rank, the one a single process would compute over the union of the
-  shards (up to float64 rounding: the sums are grouped per rank).
+  quantized network (quantized weights and activations upstream, earlier corrections applied) over
+  the calibration data (its first ``BiasCorrectionOptions.samples`` samples: a per-channel mean over
+  that many samples × positions is already precise). The float means are taken during the
+  calibration pass (:func:`float_means_tap`; a float pass of their own when :func:`correct_bias` is
+  called alone). The quantized ones need, at layer ``ℓ``, all samples propagated through the layers
+  before ``ℓ`` *with their corrections*; a traced model is therefore run node by node over all those
+  samples at once (:func:`ptqkit.walk.propagate`, cached layer inputs, spilled to disk past a memory
+  budget): at each layer its mean is taken, its bias corrected, and only then does it run for the
+  layers after it. One quantized pass, ``O(depth)`` forward work, and exactly the sequential
+  algorithm. An untraced model falls back to one pass per layer that stops right after it
+  (``O(depth²)``). Under ``torch.distributed`` each rank takes its own shard's first ``samples``
+  samples, and every sum and count is added over the ranks (:func:`ptqkit.sync.add_up`, in rank
+  order) before a mean is taken: each layer gets the same correction on every rank, the one a single
+  process would compute over the union of the shards (up to float64 rounding: the sums are grouped
+  per rank).
 * ``"analytic"`` (data-free): ``b ← b - ε·E[x]`` with ``E[x]`` propagated through the graph from
   the BatchNorm statistics recorded at folding time (a folded layer's output is taken as
   ``N(β, γ²)`` per channel; after a clipping activation ``clamp(·, a, b)`` its mean is the
@@ -44,29 +45,20 @@ from ..graph import activation_bounds, input_channel_view, is_flatten_1
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import ActQuant, QuantLayer, float_mode, quant_layers
-from ..sync import active, add_up, empty_shard, from_data, guard
+from ..sync import add_up, empty_shard, from_data, guard
 from ..typed import submodule, target_name, tensor_attr
 from ..walk import batches, can_propagate, layer_order, propagate, run_until, stop_after
-
-
-def channel_sum(y: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, int]:
-    """Per-output-channel sum of ``y`` (axis 1 for convs, last for Linear, in float64) and the
-    count. A conv's positions are summed per image first, in (at least) float32 with pairwise
-    summation (relative error ~1e-8; 20× faster than converting the whole map to float64)."""
-    y = y.detach()
-    if isinstance(layer, nn.Linear):
-        flat = y.reshape(-1, y.shape[-1]).double()
-        return flat.sum(0), flat.shape[0]
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    per_image = y.flatten(2).sum(2, dtype=acc)  # [N, C]
-    return per_image.double().sum(0), y.shape[0] * y[0, 0].numel()
+from .means import FloatMeans, Mean, over_ranks
 
 
 def _shift(y: torch.Tensor, layer: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     """``y`` plus ``delta`` per output channel: the layer's output with its bias moved by it."""
     shape = [1] * y.dim()
     shape[-1 if isinstance(layer, nn.Linear) else 1] = -1
-    return y + delta.to(y.device, y.dtype).reshape(shape)
+    d = delta.to(y.device, y.dtype).reshape(shape)
+    # the propagation engine owns its cached outputs: shift them in place (no copy) when no
+    # autograd graph hangs on them
+    return y + d if y.requires_grad else y.add_(d)
 
 
 def _add_to_bias(layer: QuantLayer, delta: torch.Tensor) -> None:
@@ -83,40 +75,13 @@ def _add_to_bias(layer: QuantLayer, delta: torch.Tensor) -> None:
 
 
 # -- empirical ---------------------------------------------------------------------------------
-class _Mean:
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, y: torch.Tensor, layer: nn.Module) -> None:
-        s, n = channel_sum(y, layer)
-        self.total = s if self.total is None else self.total + s
-        self.count += n
-
-    @property
-    def value(self) -> torch.Tensor | None:
-        return None if self.total is None else self.total / max(self.count, 1)
-
-
-def _over_ranks(tag: str, means: dict[str, _Mean]) -> None:
-    """Under ``torch.distributed``, every mean's sum and count summed over the ranks (in rank
-    order: identical on every rank; a per-channel mean is a sum over a count, so this is the
-    mean over the union of the shards)."""
-    if not active():
-        return
-    parts: dict[str, Any] = {n: m.total for n, m in means.items()}
-    parts.update({f"{n}#": m.count for n, m in means.items()})
-    sums = add_up(tag, parts)
-    for n, m in means.items():
-        m.total, m.count = sums[n], int(sums[f"{n}#"])
-
-
 def _empirical(
     qmodel: nn.Module,
     data: Iterable[Any] | None,
     config: PTQConfig,
     info: PTQInfo,
     options: BiasCorrectionOptions,
+    float_means: FloatMeans | None = None,
 ) -> dict[str, Any]:
     if data is None:
         raise DataError(
@@ -124,33 +89,47 @@ def _empirical(
             "bias_correction='analytic' (data-free, from BatchNorm statistics)"
         )
     layers = quant_layers(qmodel)
-    empty = empty_shard(data)  # this rank has no data (torch.distributed): it only sums
+    tapped = float_means is not None and float_means.samples == options.samples
+    # this rank has no data (torch.distributed): it only sums
+    empty = not float_means.feeds if float_means is not None and tapped else empty_shard(data)
     traced = can_propagate(qmodel)  # the order is read off the graph, not the data
-    order = list(layers) if empty and not traced else layer_order(qmodel, data, config)
+    if traced or not (tapped or empty):
+        order = layer_order(qmodel, data, config)
+    elif float_means is not None and tapped:  # the order the calibration pass ran them in
+        order = float_means.order + [n for n in layers if n not in float_means.order]
+    else:
+        order = list(layers)
     order = [n for n in order if layers[n].quantized]
 
     def shard() -> Iterable[tuple]:
         return [] if empty else batches(data, config, qmodel, options.samples)
 
-    ref = {n: _Mean() for n in order}
-    hooks = [
-        layers[n].register_forward_hook(lambda m, a, y, n=n: ref[n].add(y, m.layer)) for n in order
-    ]
     feeds: list[Batch] = []
-    try:
-        with torch.no_grad(), float_mode(qmodel):
-            for i, args, kwargs in shard():
-                run_model(qmodel, i, args, kwargs)
-                feeds.append((args, kwargs))
-    finally:
-        for h in hooks:
-            h.remove()
+    if float_means is not None and tapped:
+        ref = {n: float_means.means[n] for n in order}  # tapped from the calibration pass
+        feeds = list(float_means.feeds)
+        passes = 1
+    else:  # a float pass of its own
+        ref = {n: Mean() for n in order}
+        hooks = [
+            layers[n].register_forward_hook(lambda m, a, y, n=n: ref[n].add(y, m.layer))
+            for n in order
+        ]
+        try:
+            with torch.no_grad(), float_mode(qmodel):
+                for i, args, kwargs in shard():
+                    run_model(qmodel, i, args, kwargs)
+                    feeds.append((args, kwargs))
+        finally:
+            for h in hooks:
+                h.remove()
+        passes = 2
     order = from_data("bias correction: layer order", order, bool(feeds))
-    _over_ranks("bias correction: float means", ref)
+    over_ranks("bias correction: float means", ref)
     order = [n for n in order if ref[n].value is not None]
     shifts: dict[str, float] = {}
 
-    def correct(name: str, got: _Mean) -> torch.Tensor:
+    def correct(name: str, got: Mean) -> torch.Tensor:
         want, have = ref[name].value, got.value
         if want is None or have is None:
             raise ModelError(f"bias correction: {name} did not run on the calibration data")
@@ -164,10 +143,10 @@ def _empirical(
 
         def visit(name: str, layer: QuantLayer, inputs: Any, outputs: Any) -> Any:
             next(bar, None)
-            got = _Mean()
+            got = Mean()
             for y in outputs():
                 got.add(y, layer.layer)
-            _over_ranks(f"bias correction: {name}", {name: got})
+            over_ranks(f"bias correction: {name}", {name: got})
             delta = correct(name, got)
             return lambda y: _shift(y, layer.layer, delta)
 
@@ -176,20 +155,20 @@ def _empirical(
         next(bar, None)
         counts = {k: walked[k] for k in ("batches", "spilled")}
         walked.update(add_up("bias correction: engine", counts))  # totals over the ranks
-        return {"mode": "empirical", "corrected": shifts, "passes": 2, "engine": walked}
+        return {"mode": "empirical", "corrected": shifts, "passes": passes, "engine": walked}
     for n in progress(order, config.progress, "bias correction"):  # untraced: prefix re-runs
-        got = _Mean()
+        got = Mean()
         layer = layers[n]
         h = layer.register_forward_hook(lambda m, a, y, got=got: got.add(y, m.layer))
         try:
             with torch.no_grad(), stop_after(layer):
-                for i, args, kwargs in shard():
+                for i, (args, kwargs) in enumerate(feeds):
                     run_until(qmodel, args, kwargs, i)
         finally:
             h.remove()
-        _over_ranks(f"bias correction: {n}", {n: got})
+        over_ranks(f"bias correction: {n}", {n: got})
         correct(n, got)
-    return {"mode": "empirical", "corrected": shifts, "passes": len(shifts) + 1}
+    return {"mode": "empirical", "corrected": shifts, "passes": len(shifts) + passes - 1}
 
 
 # -- analytic ----------------------------------------------------------------------------------
@@ -295,8 +274,21 @@ def _analytic(qmodel: nn.Module, info: PTQInfo) -> dict[str, Any]:
     return {"mode": "analytic", "corrected": shifts, "not_corrected": why}
 
 
+def float_means_tap(qmodel: nn.Module, config: PTQConfig) -> FloatMeans | None:
+    """What empirical bias correction takes from the calibration pass (its *tap*): the float
+    layers' per-channel output means over the first ``samples`` samples, so that it runs no
+    float pass of its own; ``None`` for the other modes."""
+    if config.bias_correction != "empirical":
+        return None
+    return FloatMeans(qmodel, config.bias_correction_options.samples)
+
+
 def correct_bias(
-    qmodel: nn.Module, data: Iterable[Any] | None, config: PTQConfig, info: PTQInfo
+    qmodel: nn.Module,
+    data: Iterable[Any] | None,
+    config: PTQConfig,
+    info: PTQInfo,
+    float_means: FloatMeans | None = None,
 ) -> nn.Module:
     """Correct the biases of the quantized layers of ``qmodel`` in place (see the module
     docstring); ``config.bias_correction`` picks the variant (``"empirical"`` when it is not
@@ -310,9 +302,11 @@ def correct_bias(
         details = _analytic(qmodel, info)
     else:
         with guard("bias correction"):
-            details = _empirical(qmodel, data, config, info, config.bias_correction_options)
+            details = _empirical(
+                qmodel, data, config, info, config.bias_correction_options, float_means
+            )
     info.details["bias_correction"] = details
     return qmodel
 
 
-__all__ = ["channel_sum", "clipped_normal_mean", "correct_bias"]
+__all__ = ["clipped_normal_mean", "correct_bias", "float_means_tap"]

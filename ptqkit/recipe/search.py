@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..analysis.outputs import OutputSelector
+from ..calibrate.distributed import is_distributed
 from ..config import PTQConfig
 from ..data import batch_size, split_batch
 from ..errors import ConfigError, DataError, PTQError, PTQWarning
@@ -26,6 +27,7 @@ from .candidates import (
     stages_of,
 )
 from .holdout import HoldOut, Score, split
+from .prefix import Prefix, build_prefix, can_serve, quantize_from, servable
 
 _TARGETS = ("max_degradation", "min_sqnr_db")
 
@@ -100,15 +102,44 @@ class _Search:
         self.overhead_s = self.score_s = self.pass_s = 0.0
         self.layers = 0
         self.best: tuple[str, PTQConfig, nn.Module, Score] | None = None
+        self.share = not is_distributed()  # prefixes: one calibration pass for many recipes
+        self.prefixes: list[Prefix] = []
+        self.prefix_s = 0.0  # what building a prefix cost (the first one)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
+    def prefix_for(self, config: PTQConfig) -> Prefix | None:
+        return next((p for p in self.prefixes if can_serve(p, config)), None)
+
     def quantize_estimate(self, config: PTQConfig) -> float:
-        return self.overhead_s + sum(
-            stage_seconds(s, config, self.pass_s, self.layers, self.measured)
-            for s in stages_of(config)
+        """Expected seconds to quantize ``config`` on the calibration part: the per-trial
+        overhead, its optional stages, and a new prefix (capture + calibration pass) unless
+        one already built serves it."""
+        new_prefix = 0.0
+        if self.share and self.prefixes and self.prefix_for(config) is None:
+            new_prefix = self.prefix_s
+        return (
+            self.overhead_s
+            + new_prefix
+            + sum(
+                stage_seconds(s, config, self.pass_s, self.layers, self.measured)
+                for s in stages_of(config)
+            )
         )
+
+    def _quantize(self, config: PTQConfig) -> tuple[nn.Module, float, str]:
+        """The trial model, the seconds spent building a new prefix for it (0 if reused or
+        not shared), and how its calibration pass was had (``shared``, ``built``, ``own``)."""
+        if not self.share or not servable(config):
+            return quantize(self.model, self.calib, config), 0.0, "own"
+        prefix = self.prefix_for(config)
+        if prefix is not None:
+            return quantize_from(prefix, config), 0.0, "shared"
+        prefix = build_prefix(self.model, self.calib, config)
+        self.prefixes.append(prefix)
+        self.prefix_s = max(self.prefix_s, prefix.seconds)
+        return quantize_from(prefix, config), prefix.seconds, "built"
 
     def run(
         self, name: str, changes: dict[str, Any], config: PTQConfig, force: bool = False
@@ -119,7 +150,7 @@ class _Search:
         t = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PTQWarning)
-            qmodel = quantize(self.model, self.calib, config)
+            qmodel, built, how = self._quantize(config)
         quantize_s = time.perf_counter() - t
         t = time.perf_counter()
         s = self.held.score(qmodel)
@@ -128,8 +159,10 @@ class _Search:
         ran = measured_stages(stages, config)
         for k, v in ran.items():
             self.measured[k] = max(self.measured.get(k, 0.0), v)
-        if not self.trials:  # the base trial: what every trial pays besides its optional stages
-            self.overhead_s = max(quantize_s - sum(ran.values()), 0.0)
+        # what every trial pays besides its optional stages (and a new prefix): the largest seen
+        overhead = max(quantize_s - built - sum(ran.values()), 0.0)
+        self.overhead_s = max(self.overhead_s, overhead) if self.trials else overhead
+        if not self.trials:  # the base trial
             self.score_s, self.layers = score_s, len(info_of(qmodel).layers)
             self.pass_s = stages.get("calibrate", quantize_s)
         rec.update(
@@ -137,6 +170,7 @@ class _Search:
             **s.to_dict(),
             seconds=round(quantize_s + score_s, 3),
             quantize_s=round(quantize_s, 3),
+            calibration_pass=how,
             warnings=len([w for w in caught if issubclass(w.category, PTQWarning)]),
         )
         self.trials.append(rec)
@@ -183,6 +217,15 @@ def tune(
        fewest layers meeting that target (:mod:`ptqkit.correct.fallback`) is added to the best
        recipe last (the target is not used by the earlier trials);
     6. with ``refit`` (default) the best recipe is quantized again on *all* of ``data``.
+
+    The trials share their common work (:mod:`ptqkit.recipe.prefix`): the capture and the
+    calibration pass run once per distinct capture (CLE on/off, ...), collecting histograms
+    every histogram or min/max calibrator solves from, and the float layer means empirical bias
+    correction needs; a trial then costs its range solve, its optional stages and its scoring.
+    Each trial's model is still exactly the one :func:`ptqkit.quantize` gives for its recipe
+    (``ema`` and other observers run the whole pipeline; ``calibration_pass`` in each trial's
+    record says which: ``built``, ``shared`` or ``own``). Under ``torch.distributed`` every
+    trial runs the whole pipeline.
 
     Why refit: the held-out samples were needed to choose, not to calibrate; once the choice is
     made, every sample helps the ranges and the bias estimates (a quarter more data by default),

@@ -22,6 +22,7 @@ from . import plots
 from .coverage import section_coverage
 from .markup import CSS, embed_png, html_table
 from .measure import Report, collect
+from .recipe import section_recipe
 
 
 def _section_advice(rep: Report) -> str:
@@ -177,6 +178,8 @@ def render(rep: Report) -> str:
         html_table(["", "value"], rep.summary, "summary"),
         "<h2>Advice</h2>",
         _section_advice(rep),
+        "<h2>Recipe search</h2>",
+        section_recipe(rep.recipe, rep.recipe_details),
         "<h2>Comparison of methods</h2>",
         _section_comparison(rep),
         "<h2>Per-layer sensitivity</h2>",

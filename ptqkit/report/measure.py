@@ -84,6 +84,9 @@ class Report:
     clipped: dict[str, float] = field(default_factory=dict)
     heldout_clipped: dict[str, float] = field(default_factory=dict)
     coverage: dict[str, Any] = field(default_factory=dict)  # EvalResult.coverage
+    #: ``ptqkit.tune``'s choice in one line and its record (``ptq_info.details["recipe"]``)
+    recipe: str = ""
+    recipe_details: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
 
@@ -333,6 +336,8 @@ def collect(
     info = getattr(qmodel, "ptq_info", None)
     rep.config = dict(info.config) if info is not None else {}
     rep.warnings = list(info.warnings) if info is not None else []
+    if info is not None:
+        rep.recipe, rep.recipe_details = info.recipe, dict(info.details.get("recipe", {}))
     rep.summary = list(extra) + summary_rows(qmodel, result, latency)
     rep.coverage = dict(getattr(result, "coverage", None) or {})
     if data is not None:

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import ptqkit
-from ptqkit.correct.bias import channel_sum, clipped_normal_mean, correct_bias
+from ptqkit.config import BiasCorrectionOptions
+from ptqkit.correct.bias import clipped_normal_mean, correct_bias
+from ptqkit.correct.means import channel_sum
 from ptqkit.info import PTQInfo
 from ptqkit.quant.modules import float_mode, quant_layers
 
@@ -140,3 +142,21 @@ def test_nothing_quantized_warns(digits_cnn, calib_batches):
     qm = prepare(digits_cnn, ptqkit.PTQConfig(progress=False), info)
     with pytest.warns(ptqkit.PTQWarning, match="no layer has quantized weights"):
         correct_bias(qm, calib_batches, ptqkit.PTQConfig(progress=False), info)
+
+
+def test_float_means_tapped_from_calibration_equal_a_float_pass(digits_cnn, calib_batches):
+    """The pipeline takes the float means during calibration (one pass fewer); the biases are
+    the ones a separate float pass over the same first ``samples`` samples gives."""
+    opts = BiasCorrectionOptions(samples=40)  # not a multiple of the batch size
+    cfg = ptqkit.PTQConfig(
+        weights=W4_TENSOR, bias_correction="empirical", bias_correction_options=opts,
+        progress=False,
+    )
+    tapped = ptqkit.quantize(digits_cnn, calib_batches, cfg)
+    assert tapped.ptq_info.details["bias_correction"]["passes"] == 1
+    alone = ptqkit.quantize(digits_cnn, calib_batches, cfg.replace(bias_correction=False))
+    correct_bias(alone, calib_batches, cfg, PTQInfo())
+    a, b = quant_layers(tapped), quant_layers(alone)
+    for n in a:
+        assert torch.equal(a[n].bias_q, b[n].bias_q), n
+    assert any(not torch.equal(a[n].bias_q, a[n].bias_fp) for n in a)
