@@ -86,6 +86,7 @@ def main() -> None:
     mse = base.replace(calibration="mse")
     configs = {
         "default PTQConfig() (minmax)": base,
+        "minmax + empirical bias correction": base.replace(bias_correction="empirical"),
         "mse": mse,
         "mse + empirical bias correction": mse.replace(bias_correction="empirical"),
         "mse + analytic bias correction": mse.replace(bias_correction="analytic"),
