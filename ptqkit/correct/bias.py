@@ -278,8 +278,10 @@ def float_means_tap(qmodel: nn.Module, config: PTQConfig) -> FloatMeans | None:
     """What empirical bias correction takes from the calibration pass (its *tap*): the float
     layers' per-channel output means over the first ``samples`` samples, so that it runs no
     float pass of its own; ``None`` for the other modes."""
-    if config.bias_correction != "empirical":
+    if config.bias_correction not in ("empirical", "auto"):
         return None
+    if config.bias_correction == "auto" and not can_propagate(qmodel):
+        return None  # it will not run (see correct_bias)
     return FloatMeans(qmodel, config.bias_correction_options.samples)
 
 
@@ -292,8 +294,20 @@ def correct_bias(
 ) -> nn.Module:
     """Correct the biases of the quantized layers of ``qmodel`` in place (see the module
     docstring); ``config.bias_correction`` picks the variant (``"empirical"`` when it is not
-    set). Weights must be quantized already. Records ``info.details["bias_correction"]``."""
+    set; ``"auto"``: empirical on a model :func:`ptqkit.walk.propagate` can run, otherwise
+    nothing, with the reason in the record). Weights must be quantized already. Records
+    ``info.details["bias_correction"]``."""
     mode = config.bias_correction or "empirical"
+    if mode == "auto":  # empirical where it is one quantized pass
+        if not can_propagate(qmodel):
+            why = (
+                "bias correction ('auto') skipped: the model was not captured as a graph the "
+                "one-pass engine can walk, and the per-layer fallback costs one pass per layer; "
+                "set bias_correction='empirical' to run it anyway"
+            )
+            info.details["bias_correction"] = {"mode": "auto", "corrected": {}, "skipped": why}
+            return qmodel
+        mode = "empirical"
     if not any(q.quantized for q in quant_layers(qmodel).values()):
         info.warn("bias correction: no layer has quantized weights yet; nothing to correct")
         info.details["bias_correction"] = {"mode": mode, "corrected": {}}

@@ -160,7 +160,7 @@ def quantize_from(prefix: Prefix, config: PTQConfig) -> nn.Module:
         config=config,
         info=info,
         ref=src.ref,
-        taps=copy.deepcopy(src.taps) if config.bias_correction == "empirical" else {},
+        taps=copy.deepcopy(src.taps) if config.bias_correction in ("empirical", "auto") else {},
     )
     ctx.qmodel = qmodel
     t = time.perf_counter()

@@ -343,7 +343,9 @@ def _finish(
     final_cfg = best_cfg.replace(progress=config.progress)
     refit_note, refitted = "the best trial model as measured (refit=False)", False
     if refit:
-        expected = search.quantize_estimate(best_cfg) * scale
+        # a whole new quantize on all the data: its own capture and calibration pass as well
+        shared = search.prefix_s if search.share and servable(best_cfg) else 0.0
+        expected = (search.quantize_estimate(best_cfg) + shared) * scale
         left = search.budget_s - search.elapsed()
         if expected <= left:
             qmodel = quantize(model, batches, final_cfg)

@@ -160,3 +160,42 @@ def test_float_means_tapped_from_calibration_equal_a_float_pass(digits_cnn, cali
     for n in a:
         assert torch.equal(a[n].bias_q, b[n].bias_q), n
     assert any(not torch.equal(a[n].bias_q, a[n].bias_fp) for n in a)
+
+
+def test_auto_is_empirical_on_a_traced_model(digits_cnn, calib_batches):
+    cfg = ptqkit.PTQConfig(weights=W4_TENSOR, progress=False)
+    auto = ptqkit.quantize(digits_cnn, calib_batches, cfg.replace(bias_correction="auto"))
+    emp = ptqkit.quantize(digits_cnn, calib_batches, cfg.replace(bias_correction="empirical"))
+    x = calib_batches[0]
+    with torch.no_grad():
+        assert torch.equal(auto(x), emp(x))
+    assert auto.ptq_info.details["bias_correction"]["corrected"]
+
+
+class _CountsCalls(nn.Module):
+    """Changes its state in forward: captured with hooks, not a graph the engine can walk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_auto_skips_an_untraced_model_and_says_why():
+    torch.manual_seed(0)
+    m = _CountsCalls().eval()
+    data = [torch.randn(16, 3, 6, 6) for _ in range(4)]
+    cfg = ptqkit.PTQConfig(weights=W4_TENSOR, progress=False)
+    with pytest.warns(ptqkit.PTQWarning):  # the hooks capture says why
+        q = ptqkit.quantize(m, data, cfg.replace(bias_correction="auto"))
+    assert q.ptq_info.capture == "hooks"
+    d = q.ptq_info.details["bias_correction"]
+    assert d["mode"] == "auto" and not d["corrected"] and "one pass per layer" in d["skipped"]
+    plain = ptqkit.quantize(m, data, cfg)
+    with torch.no_grad():  # nothing was changed
+        assert torch.equal(q(data[0]), plain(data[0]))
