@@ -114,6 +114,9 @@ class AdaRoundOptions:
         rows_per_batch: output positions sampled per layer from each batch.
         rows_per_step: rows per optimization step.
         memory_budget: bytes of cached layer inputs kept in memory; past it they spill to disk.
+        early_stop: end a layer's optimization once the regularizer is on and every soft
+            rounding ``h(V)`` is exactly 0 or 1 (the gradients are then zero: the rounding is
+            decided; see :mod:`ptqkit.correct.rounding`).
     """
 
     reg: float = 0.01
@@ -124,8 +127,11 @@ class AdaRoundOptions:
     rows_per_batch: int = 1024
     rows_per_step: int = 1024
     memory_budget: int = 2 << 30
+    early_stop: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.early_stop, bool):
+            raise ConfigError(f"AdaRoundOptions.early_stop must be a bool, got {self.early_stop!r}")
         if isinstance(self.beta, list):
             object.__setattr__(self, "beta", tuple(self.beta))
         if not isinstance(self.beta, tuple) or len(self.beta) != 2:
@@ -161,8 +167,10 @@ class PTQConfig:
         skip: fnmatch patterns of module names, or module class names, left in float.
         fold_bn: fold BatchNorm into the preceding conv/linear.
         cle: cross-layer equalization (Nagel et al. 2019) before calibration.
-        bias_correction: ``False``, ``"empirical"`` (on the calibration data) or ``"analytic"``
-            (data-free, from BatchNorm statistics); ``True`` means ``"empirical"``.
+        bias_correction: ``False``, ``"empirical"`` (on the calibration data), ``"analytic"``
+            (data-free, from BatchNorm statistics), or ``"auto"``: empirical where it costs one
+            quantized pass (a traced model), otherwise none, and ``ptq_info`` says so;
+            ``True`` means ``"empirical"``.
         adaround: adaptive rounding of the weights (Nagel et al. 2020).
         adaround_iters: optimization steps per layer for AdaRound.
         adaround_options: AdaRound's other hyperparameters (:class:`AdaRoundOptions`).
@@ -247,9 +255,9 @@ class PTQConfig:
                 raise ConfigError(f"PTQConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.bias_correction is True:
             object.__setattr__(self, "bias_correction", "empirical")
-        if self.bias_correction not in (False, "empirical", "analytic"):
+        if self.bias_correction not in (False, "empirical", "analytic", "auto"):
             raise ConfigError(
-                "bias_correction must be False, True, 'empirical' or 'analytic', "
+                "bias_correction must be False, True, 'empirical', 'analytic' or 'auto', "
                 f"got {self.bias_correction!r}"
             )
         if (
