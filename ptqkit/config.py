@@ -160,6 +160,8 @@ class PTQConfig:
             to quantize weights only.
         calibration: name of a registered activation calibrator (``ptqkit.CALIBRATORS``), or
             ``"auto"`` to choose per layer the one that minimizes that layer's output error.
+            Default ``"mse"``: with ``bias_correction="auto"`` the best single recipe on
+            average over the benchmark models (bench/ONEPASS.md, issue 14).
         weight_calibration: ``"minmax"`` or ``"mse"`` (per-channel range search on the weights).
         calibrator_options: keyword arguments for the activation calibrator's factory
             (e.g. ``{"percentile": 99.9}``).
@@ -187,14 +189,14 @@ class PTQConfig:
 
     weights: QuantSpec = field(default_factory=_default_weights)
     activations: QuantSpec | None = field(default_factory=_default_activations)
-    calibration: str = "minmax"
+    calibration: str = "mse"
     weight_calibration: str = "minmax"
     calibrator_options: dict[str, Any] = field(default_factory=dict)
     num_batches: int | None = None
     skip: tuple[str, ...] = ()
     fold_bn: bool = True
     cle: bool = False
-    bias_correction: bool | str = False
+    bias_correction: bool | str = "auto"
     adaround: bool = False
     adaround_iters: int = 500
     adaround_options: AdaRoundOptions = field(default_factory=AdaRoundOptions)

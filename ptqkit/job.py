@@ -203,7 +203,7 @@ def _summary(command: str, qmodel: Any, res: Any, extra: dict[str, Any]) -> dict
             "warnings": info.warnings,
         },
         # ptqkit.tune: the choice in one line and every recipe tried (empty when not tuned)
-        "recipe": {"chosen": info.recipe, **info.details.get("recipe", {})},
+        "recipe": {"summary": info.recipe, **info.details.get("recipe", {})},
         **extra,
     }
 

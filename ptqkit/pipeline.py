@@ -145,9 +145,11 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
     Args:
         model: a trained float ``nn.Module``.
         data: an iterable of batches: tensors, ``(input, target)`` tuples, or dicts of keyword
-            inputs. Calibration iterates it once; AdaRound, empirical bias correction, ``"auto"``
-            calibration and the accuracy fallback iterate it again (each says so in its docs).
-        config: a :class:`PTQConfig` (defaults: W8 symmetric per-channel, A8 asymmetric, minmax).
+            inputs. Calibration iterates it once; AdaRound, ``"auto"`` calibration and the
+            accuracy fallback iterate it again (each says so in its docs); empirical bias
+            correction takes what it needs during the calibration pass.
+        config: a :class:`PTQConfig` (defaults: W8 symmetric per-channel, A8 asymmetric,
+            mse ranges, empirical bias correction where it is one pass: ``bias_correction="auto"``).
 
     Returns:
         A new module that simulates the quantized network, with integer weights

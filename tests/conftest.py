@@ -88,7 +88,7 @@ def test_batches(digits_data) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="session")
 def quantized_digits(_digits_cnn_master, calib_batches) -> nn.Module:
-    """The digits CNN quantized with the default config (W8 per-channel, A8 minmax).
+    """The digits CNN quantized with the default config (W8 per-channel, A8 mse, auto bias corr.).
 
     Shared by the tests: do not modify it (quantize again, or deepcopy it)."""
     import ptqkit

@@ -13,7 +13,7 @@ import ptqkit
 from ptqkit import advice
 from ptqkit.advice import RULES, Facts, advise, gather, rule
 
-CONFIG = ptqkit.PTQConfig().to_dict()
+CONFIG = ptqkit.PTQConfig(calibration="minmax", bias_correction=False).to_dict()
 
 
 def names(facts: Facts) -> set[str]:

@@ -119,8 +119,8 @@ def test_ptqconfig_defaults():
     c = PTQConfig()
     assert c.weights == QuantSpec(bits=8, symmetric=True, per_channel=True, axis=0)
     assert c.activations == QuantSpec(bits=8, symmetric=False, per_channel=False)
-    assert c.calibration == "minmax"
-    assert c.bias_correction is False
+    assert c.calibration == "mse"  # with auto bias correction: the best single recipe (issue 14)
+    assert c.bias_correction == "auto"
     assert c.skip == ()
 
 
@@ -211,7 +211,7 @@ def test_ptqconfig_is_frozen_and_replace_revalidates():
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.weights = QuantSpec()
     assert c.replace(calibration="kl").calibration == "kl"
-    assert c.calibration == "minmax"
+    assert c.calibration == "mse"
     with pytest.raises(ConfigError):
         c.replace(calibration="")
     with pytest.raises(ConfigError):

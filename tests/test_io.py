@@ -21,7 +21,7 @@ from ptqkit import LoadError, ModelError, PTQConfig, QuantSpec
 from ptqkit.quant.modules import act_quants, quant_layers
 from ptqkit.zoo.models import DigitsCNN
 
-CFG = PTQConfig(progress=False)
+CFG = PTQConfig(calibration="minmax", bias_correction=False, progress=False)
 
 
 def _same_model(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
@@ -70,7 +70,16 @@ def test_file_holds_integers_scales_ranges_and_metadata(saved, quantized_digits)
     assert header["aq_relu1.range"]["shape"] == [2]
     with safe_open(str(saved), framework="pt") as f:
         floats = {f"__float_weight__.{n}" for n in quant_layers(quantized_digits)}
-        assert set(f.keys()) == set(quantized_digits.state_dict()) | floats
+        # bias correction (on by default): the corrected and the float bias of each layer
+        biases = {
+            f"__{b}__.{n}"
+            for n, q in quant_layers(quantized_digits).items()
+            for b in ("bias_q", "bias_fp")
+            if getattr(q, b, None) is not None
+        }
+        assert biases, "the default config corrects the biases"
+        assert set(f.keys()) == set(quantized_digits.state_dict()) | floats | biases
+        assert torch.equal(f.get_tensor("__bias_q__.fc"), quantized_digits.fc.bias_q)
         assert torch.equal(f.get_tensor("__float_weight__.fc"), quantized_digits.fc.weight_fp)
         (doc,) = f.metadata().values()
     doc = json.loads(doc)
@@ -320,9 +329,7 @@ def test_layer_of_another_shape_is_a_load_error(saved):
             super().__init__()
             self.fc = nn.Linear(32, 5)
 
-    _expect_load_error(
-        saved, r"fc\.weight_int has shape \(10, 32\) in the file but \(5, 32\)", Wider()
-    )
+    _expect_load_error(saved, r"fc\b.* has shape \(10(, 32)?,?\) in the file but \(5", Wider())
 
 
 def test_architecture_with_an_extra_layer_is_a_load_error(saved):

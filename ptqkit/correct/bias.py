@@ -64,13 +64,15 @@ def _shift(y: torch.Tensor, layer: nn.Module, delta: torch.Tensor) -> torch.Tens
 def _add_to_bias(layer: QuantLayer, delta: torch.Tensor) -> None:
     """``bias_q ← bias_q + delta``; the float bias is kept as ``bias_fp`` so that the float
     reference (``float_mode``) and layers put back in float still compute without it."""
-    delta = delta.to(layer.weight_fp.device, torch.float32)
+    w = layer.weight_fp
+    delta = delta.to(w.device, torch.float32)
     if getattr(layer, "bias_q", None) is None:
         b = layer.layer.bias
-        fp = b.detach().clone() if b is not None else torch.zeros_like(delta)
+        fp = b.detach().clone() if b is not None else torch.zeros_like(delta, dtype=w.dtype)
         layer.register_buffer("bias_fp", fp, persistent=False)
         layer.register_buffer("bias_q", fp.clone(), persistent=False)
-    layer.bias_q = tensor_attr(layer, "bias_q") + delta
+    old = tensor_attr(layer, "bias_q")  # summed in float32, kept in the layer's dtype (half...)
+    layer.bias_q = (old.float() + delta).to(old.dtype)
     layer.select_bias("bias_q" if layer.quantized else "bias_fp")
 
 
@@ -124,9 +126,13 @@ def _empirical(
             for h in hooks:
                 h.remove()
         passes = 2
+    # a layer that runs more than once per forward (a module called twice, tied weights) has one
+    # bias for calls with different statistics: a mean over all of them corrects none; left alone
+    shared = {n: ref[n].calls // max(len(feeds), 1) for n in order if ref[n].calls > len(feeds)}
+    shared = from_data("bias correction: layers called more than once", shared, bool(feeds))
     order = from_data("bias correction: layer order", order, bool(feeds))
     over_ranks("bias correction: float means", ref)
-    order = [n for n in order if ref[n].value is not None]
+    order = [n for n in order if ref[n].value is not None and n not in shared]
     shifts: dict[str, float] = {}
 
     def correct(name: str, got: Mean) -> torch.Tensor:
@@ -155,7 +161,13 @@ def _empirical(
         next(bar, None)
         counts = {k: walked[k] for k in ("batches", "spilled")}
         walked.update(add_up("bias correction: engine", counts))  # totals over the ranks
-        return {"mode": "empirical", "corrected": shifts, "passes": passes, "engine": walked}
+        return {
+            "mode": "empirical",
+            "corrected": shifts,
+            "passes": passes,
+            "engine": walked,
+            **_not_corrected(shared),
+        }
     for n in progress(order, config.progress, "bias correction"):  # untraced: prefix re-runs
         got = Mean()
         layer = layers[n]
@@ -168,7 +180,19 @@ def _empirical(
             h.remove()
         over_ranks(f"bias correction: {n}", {n: got})
         correct(n, got)
-    return {"mode": "empirical", "corrected": shifts, "passes": len(shifts) + passes - 1}
+    return {
+        "mode": "empirical",
+        "corrected": shifts,
+        "passes": len(shifts) + passes - 1,
+        **_not_corrected(shared),
+    }
+
+
+def _not_corrected(shared: dict[str, int]) -> dict[str, Any]:
+    if not shared:
+        return {}
+    why = "runs {} times per forward: one bias for calls with different statistics"
+    return {"not_corrected": {n: why.format(k) for n, k in shared.items()}}
 
 
 # -- analytic ----------------------------------------------------------------------------------

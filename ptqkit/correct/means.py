@@ -40,11 +40,13 @@ class Mean:
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
         self.count = 0
+        self.calls = 0  # tensors added (calls of the layer seen)
 
     def add(self, y: torch.Tensor, layer: nn.Module) -> None:
         s, n = channel_sum(y, layer)
         self.total = s if self.total is None else self.total + s
         self.count += n
+        self.calls += 1
 
     @property
     def value(self) -> torch.Tensor | None:

@@ -175,6 +175,8 @@ class _Search:
         )
         self.trials.append(rec)
         self.seen[_key(config)] = name
+        config = _resolved(config, qmodel)  # "auto" bias correction: what it turned out to be
+        self.seen[_key(config)] = name
         if force or self.best is None or self.held.better(s, self.best[3]):
             self.best = (name, config, qmodel, s)
             rec["best_so_far"] = True
@@ -182,6 +184,15 @@ class _Search:
 
     def record(self, name: str, changes: dict[str, Any], status: str, reason: str) -> None:
         self.trials.append({"name": name, "changes": changes, "status": status, "reason": reason})
+
+
+def _resolved(config: PTQConfig, qmodel: nn.Module) -> PTQConfig:
+    """``bias_correction="auto"`` replaced by what it did on this model (``"empirical"`` or
+    ``False``): the candidates that set it explicitly are then recognized as the same recipe."""
+    if config.bias_correction != "auto":
+        return config
+    mode = info_of(qmodel).details.get("bias_correction", {}).get("mode")
+    return config.replace(bias_correction="empirical" if mode == "empirical" else False)
 
 
 def tune(

@@ -16,7 +16,7 @@ from ptqkit import DataError, EvalResult, PTQConfig, PTQWarning, QuantSpec
 from ptqkit.analysis.metrics import size_bytes
 from ptqkit.quant.modules import act_quants, quant_layers
 
-CFG = PTQConfig(progress=False)
+CFG = PTQConfig(calibration="minmax", bias_correction=False, progress=False)  # the classic recipe
 
 
 def _quiet_evaluate(*args, **kwargs) -> EvalResult:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import importlib
 import warnings
 
 import pytest
@@ -15,8 +15,8 @@ from ptqkit import PTQConfig, PTQWarning
 from ptqkit.export import OrtModule, export_onnx, kernel_report, parity
 from ptqkit.quant import sqnr_db
 
-CFG = PTQConfig(progress=False)
-PREPARE = sys.modules["ptqkit.capture.prepare"]
+CFG = PTQConfig(calibration="minmax", bias_correction=False, progress=False)
+PREPARE = importlib.import_module("ptqkit.capture.prepare")
 
 
 def _bn(c: int, seed: int) -> nn.BatchNorm2d:

@@ -408,7 +408,7 @@ def test_demo_as_the_readme_says(tmp_path):
     assert s["evaluation"]["fp32"] > 90 and s["evaluation"]["degradation"] < 2
     assert seconds < 120, seconds
     # the recipe was searched (--tune, default on): every trial recorded, in the report too
-    assert s["recipe"]["chosen"].startswith("chosen by ptqkit.tune")
+    assert s["recipe"]["summary"].startswith("chosen by ptqkit.tune") and s["recipe"]["chosen"]
     ran = [t for t in s["recipe"]["trials"] if t["status"] == "ran"]
     assert len(ran) >= 3 and all(0 <= t["agreement"] <= 100 for t in ran)
     html = (out / "report.html").read_text()

@@ -47,7 +47,7 @@ def _mean_errors(q: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
 
 
 def test_empirical_matches_float_means(digits_cnn, calib_batches):
-    cfg = ptqkit.PTQConfig(weights=W4_TENSOR, progress=False)
+    cfg = ptqkit.PTQConfig(weights=W4_TENSOR, bias_correction=False, progress=False)
     plain = ptqkit.quantize(digits_cnn, calib_batches, cfg)
     fixed = ptqkit.quantize(digits_cnn, calib_batches, cfg.replace(bias_correction="empirical"))
     before, after = _mean_errors(plain, calib_batches), _mean_errors(fixed, calib_batches)
@@ -97,7 +97,7 @@ def _own_mean_error(q: nn.Module, name: str, batches: list[torch.Tensor]) -> flo
 
 
 def test_analytic_reduces_mean_error_data_free(digits_cnn, calib_batches):
-    cfg = ptqkit.PTQConfig(weights=W4_TENSOR, progress=False)
+    cfg = ptqkit.PTQConfig(weights=W4_TENSOR, bias_correction=False, progress=False)
     plain = ptqkit.quantize(digits_cnn, calib_batches, cfg)
     fixed = ptqkit.quantize(digits_cnn, calib_batches, cfg.replace(bias_correction="analytic"))
     d = fixed.ptq_info.details["bias_correction"]

@@ -145,6 +145,8 @@ def test_adaround_equals_prefix_reruns(branchy):
     model, data = branchy
     cfg = ptqkit.PTQConfig(
         weights=ptqkit.QuantSpec(bits=3, per_channel=True),
+        calibration="minmax",
+        bias_correction=False,
         progress=False,
         adaround_iters=30,
         adaround_options=ptqkit.config.AdaRoundOptions(max_rows=500, rows_per_batch=200),
