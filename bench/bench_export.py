@@ -177,7 +177,8 @@ def bench(name: str, args: argparse.Namespace, out: Path) -> dict:
     t0 = time.perf_counter()
     model, calib, x_eval, y_eval = task(name, n_calib, n_eval)
     print(f"\n== {name}: {n_calib} calibration samples, {n_eval} eval samples", flush=True)
-    qmodel = ptqkit.quantize(model, calib, ptqkit.PTQConfig(progress=False))
+    cfg = ptqkit.PTQConfig(calibration="minmax", bias_correction=False, progress=False)
+    qmodel = ptqkit.quantize(model, calib, cfg)
     example = x_eval[:1]
     paths = {
         "int8": export_onnx(qmodel, out / f"{name}.int8.onnx", example),

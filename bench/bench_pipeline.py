@@ -228,7 +228,7 @@ def sqnr_report(qmodel: nn.Module, batches: list[torch.Tensor]) -> dict[str, lis
 
 
 def cfg_for(name: str) -> PTQConfig:
-    return PTQConfig(calibration=name, progress=False)  # defaults: W8 sym per-channel, A8 asym
+    return PTQConfig(calibration=name, bias_correction=False, progress=False)  # W8 sym/ch, A8 asym
 
 
 # -- Fashion-MNIST ---------------------------------------------------------------------------------

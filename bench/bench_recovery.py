@@ -121,7 +121,9 @@ def fmt_metrics(r: dict[str, Any]) -> str:
 
 # -- sections ------------------------------------------------------------------------------------
 def cle_configs(weights: QuantSpec = PER_TENSOR) -> list[tuple[str, PTQConfig]]:
-    base = PTQConfig(weights=weights, activations=A8, progress=False)
+    base = PTQConfig(
+        weights=weights, activations=A8, calibration="minmax", bias_correction=False, progress=False
+    )
     w = f"W{weights.bits}A8"
     return [
         (f"per-tensor {w}", base),
@@ -173,7 +175,14 @@ def section_adaround(args: argparse.Namespace) -> dict[str, Any]:
     calib, xt, yt = fmnist(args.quick, 256 if args.quick else 1024)
     score = Scorer(model, xt, yt, 500)
     iters = 100 if args.quick else 1000
-    base = PTQConfig(weights=W4, activations=A8, progress=False, adaround_iters=iters)
+    base = PTQConfig(
+        weights=W4,
+        activations=A8,
+        calibration="minmax",
+        bias_correction=False,
+        progress=False,
+        adaround_iters=iters,
+    )
     configs = [
         ("nearest, min-max weight ranges", base),
         ("nearest, MSE weight ranges", base.replace(weight_calibration="mse")),
@@ -190,7 +199,14 @@ def section_fallback(args: argparse.Namespace) -> dict[str, Any]:
     model = pretrained("resnet_fmnist")
     calib, xt, yt = fmnist(args.quick, 512 if args.quick else 2048)
     score = Scorer(model, xt, yt, 500)
-    base = PTQConfig(weights=W4, activations=A8, weight_calibration="mse", progress=False)
+    base = PTQConfig(
+        weights=W4,
+        activations=A8,
+        weight_calibration="mse",
+        calibration="minmax",
+        bias_correction=False,
+        progress=False,
+    )
     rows = [
         run("no fallback", model, calib, base, score),
         run("max_degradation=0.5", model, calib, base.replace(max_degradation=0.5), score),

@@ -92,7 +92,8 @@ BEST_MIXED = f"per-channel W, minmax, SmoothQuant {ALPHA}, FFN down-proj float"
 def quantize(model, calib, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ptqkit.PTQWarning)
-        return ptqkit.quantize(model, calib, ptqkit.PTQConfig(progress=False, **kw))
+        cfg = ptqkit.PTQConfig(**{"bias_correction": False, "progress": False, **kw})
+        return ptqkit.quantize(model, calib, cfg)
 
 
 def fmt(r: dict) -> str:

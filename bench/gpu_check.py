@@ -216,11 +216,13 @@ def main(argv=None) -> int:
     failures = []
     model, batches = cnn_case()
     for cal in ("minmax", "percentile"):
-        cfg = ptqkit.PTQConfig(calibration=cal, progress=False)
+        cfg = ptqkit.PTQConfig(calibration=cal, bias_correction=False, progress=False)
         failures += check(f"cnn/{cal}", model, batches, cfg, device)
     case = minilm_case()
     if case is not None:
-        cfg = ptqkit.PTQConfig(smoothquant=0.5, progress=False)
+        cfg = ptqkit.PTQConfig(
+            smoothquant=0.5, calibration="minmax", bias_correction=False, progress=False
+        )
         failures += check("minilm/sq", *case, cfg, device)
     for f in failures:
         print("FAIL", f)

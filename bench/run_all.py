@@ -101,10 +101,11 @@ def measured(fn) -> tuple[object, float, float]:
 
 def ptq_config(job: dict) -> ptqkit.PTQConfig:
     kw = {"calibration": job.get("calibrator", "minmax"), "progress": False, "seed": 0}
+    # explicit: PTQConfig()'s default is bias_correction="auto" since issue 14; a row without it
+    # is the calibrator alone
+    kw["bias_correction"] = job.get("bias_correction", False)
     if job.get("cle"):
         kw.update(cle=True, bias_correction=True)
-    if job.get("bias_correction"):
-        kw["bias_correction"] = job["bias_correction"]
     if job.get("w4"):
         kw["weights"] = ptqkit.QuantSpec(bits=4, symmetric=True, per_channel=True)
     if job.get("adaround"):
