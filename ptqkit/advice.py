@@ -59,6 +59,8 @@ class Facts:
     outliers: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: activation quantizer -> its coverage of the evaluation data (``EvalResult.coverage``)
     coverage: dict[str, Any] = field(default_factory=dict)
+    #: the config changes ``ptqkit.tune`` tried and scored (``{field: [values]}``), if it ran
+    tuned: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,10 @@ def gather(
         f.float_activations = {info.quantizers.get(k, k): v for k, v in info.disabled.items()}
         f.float_layers = list(info.skipped)
         f.outliers = dict(getattr(info, "outliers", None) or {})
+        for t in info.details.get("recipe", {}).get("trials", []):
+            if t.get("status") == "ran":
+                for k, v in dict(t.get("changes") or {}).items():
+                    f.tuned.setdefault(k, []).append(v)
     for name, layer in quant_layers(qmodel).items():
         if _is_depthwise(layer.layer) and not layer.spec.per_channel:
             f.depthwise_per_tensor.append(name)
@@ -239,6 +245,8 @@ def _calibrators(f: Facts) -> str | None:
             )
         return None
     cal = f.config.get("calibration", "?")
+    if f.tuned.get("calibration"):  # ptqkit.tune scored others already
+        return None
     return (
         f"only the '{cal}' calibrator was tried; compare them all on this model: "
         "`ptqkit compare --model ... --data ...` (the chapter's exercise 9.2.2)"
@@ -305,11 +313,15 @@ def _degradation(f: Facts) -> str | None:
     weights = c.get("weights") or {}
     if weights and not weights.get("per_channel", True):
         tips.append("per-channel weights (weights.per_channel = true)")
-    if c and not c.get("cle"):
+    tried = f.tuned  # what ptqkit.tune measured already is not suggested again
+    if c and not c.get("cle") and "cle" not in tried:
         tips.append("cross-layer equalization (cle = true)")
-    tips.append(f"another calibrator than '{c.get('calibration', '?')}' (or 'auto')")
-    if c and not c.get("bias_correction"):
+    if "calibration" not in tried:
+        tips.append(f"another calibrator than '{c.get('calibration', '?')}' (or 'auto')")
+    if c and not c.get("bias_correction") and "bias_correction" not in tried:
         tips.append("bias correction (bias_correction = true)")
+    if tried:
+        tips.append(f"a longer ptqkit.tune budget (it tried: {', '.join(sorted(tried))})")
     if c and c.get("max_degradation") is None and c.get("min_sqnr_db") is None:
         tips.append("float fallback of the most sensitive layers (max_degradation = ...)")
     if f.degradation > QAT_DEGRADATION:

@@ -162,3 +162,15 @@ def test_gather_on_a_real_quantized_model():
 def test_thresholds_are_the_chapters():
     assert advice.MIN_CALIBRATION_SAMPLES == 100
     assert advice.MAX_DEGRADATION == 2.0
+
+
+def test_what_tune_tried_is_not_suggested_again():
+    tuned = {"calibration": ["mse", "percentile"], "cle": [True], "bias_correction": ["analytic"]}
+    f = Facts(config=CONFIG, degradation=4.0, metric="agreement", tuned=tuned)
+    m = {a.rule: a.message for a in advise(f)}
+    assert "try_calibrators" not in m
+    assert "another calibrator" not in m["degradation"] and "cross-layer" not in m["degradation"]
+    assert "ptqkit.tune budget" in m["degradation"]
+    untuned = {a.rule: a.message for a in advise(Facts(config=CONFIG, degradation=4.0,
+                                                       metric="agreement"))}
+    assert "try_calibrators" in untuned and "another calibrator" in untuned["degradation"]
