@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..config import BiasCorrectionOptions, PTQConfig
-from ..data import Batch, run_model
+from ..data import run_model
 from ..errors import DataError, ModelError
 from ..graph import activation_bounds, input_channel_view, is_flatten_1
 from ..info import PTQInfo
@@ -91,41 +91,20 @@ def _empirical(
             "bias_correction='analytic' (data-free, from BatchNorm statistics)"
         )
     layers = quant_layers(qmodel)
-    tapped = float_means is not None and float_means.samples == options.samples
-    # this rank has no data (torch.distributed): it only sums
-    empty = not float_means.feeds if float_means is not None and tapped else empty_shard(data)
-    traced = can_propagate(qmodel)  # the order is read off the graph, not the data
-    if traced or not (tapped or empty):
-        order = layer_order(qmodel, data, config)
-    elif float_means is not None and tapped:  # the order the calibration pass ran them in
-        order = float_means.order + [n for n in layers if n not in float_means.order]
-    else:
-        order = list(layers)
-    order = [n for n in order if layers[n].quantized]
-
-    def shard() -> Iterable[tuple]:
-        return [] if empty else batches(data, config, qmodel, options.samples)
-
-    feeds: list[Batch] = []
-    if float_means is not None and tapped:
-        ref = {n: float_means.means[n] for n in order}  # tapped from the calibration pass
-        feeds = list(float_means.feeds)
-        passes = 1
-    else:  # a float pass of its own
-        ref = {n: Mean() for n in order}
-        hooks = [
-            layers[n].register_forward_hook(lambda m, a, y, n=n: ref[n].add(y, m.layer))
-            for n in order
-        ]
-        try:
-            with torch.no_grad(), float_mode(qmodel):
-                for i, args, kwargs in shard():
+    passes = 1  # the float means were tapped from the calibration pass
+    if float_means is None or float_means.samples != options.samples:  # a float pass of its own
+        float_means, passes = FloatMeans(qmodel, options.samples), 2
+        if not empty_shard(data):  # (torch.distributed: a rank with no data only sums)
+            with torch.no_grad(), float_mode(qmodel), float_means:
+                for i, args, kwargs in batches(data, config, qmodel, options.samples):
                     run_model(qmodel, i, args, kwargs)
-                    feeds.append((args, kwargs))
-        finally:
-            for h in hooks:
-                h.remove()
-        passes = 2
+    feeds = list(float_means.feeds)
+    if can_propagate(qmodel):  # the order is read off the graph, not the data
+        order = layer_order(qmodel, data, config)
+    else:  # the order the float pass ran them in; never run: last
+        order = float_means.order + [n for n in layers if n not in float_means.order]
+    order = [n for n in order if layers[n].quantized]
+    ref = {n: float_means.means[n] for n in order}
     # a layer that runs more than once per forward (a module called twice, tied weights) has one
     # bias for calls with different statistics: a mean over all of them corrects none; left alone
     shared = {n: ref[n].calls // max(len(feeds), 1) for n in order if ref[n].calls > len(feeds)}
