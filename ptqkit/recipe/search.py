@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -13,7 +12,6 @@ import torch
 from torch import nn
 
 from ..analysis.outputs import OutputSelector
-from ..calibrate.distributed import is_distributed
 from ..config import PTQConfig
 from ..data import batch_size, split_batch
 from ..errors import ConfigError, DataError, PTQError, PTQWarning
@@ -22,36 +20,12 @@ from ..pipeline import quantize
 from .candidates import (
     CANDIDATES,
     Candidate,
-    measured_stages,
-    stage_seconds,
-    stages_of,
 )
-from .holdout import HoldOut, Score, split
-from .prefix import Prefix, build_prefix, can_serve, quantize_from, servable
+from .holdout import HoldOut, split
+from .prefix import servable
+from .trials import Search, config_delta, config_key, plain
 
 _TARGETS = ("max_degradation", "min_sqnr_db")
-
-
-def _plain(v: Any) -> Any:
-    """A JSON-friendly copy of a config value (a QuantSpec or options object as a dict)."""
-    if hasattr(v, "to_dict"):
-        return v.to_dict()
-    if hasattr(v, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(v)
-    if isinstance(v, (tuple, list)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def _key(config: PTQConfig) -> str:
-    return json.dumps(config.replace(progress=False).to_dict(), sort_keys=True, default=str)
-
-
-def _delta(base: PTQConfig, config: PTQConfig) -> dict[str, Any]:
-    a, b = base.to_dict(), config.to_dict()
-    return {k: _plain(b[k]) for k in b if b[k] != a[k] and k != "progress"}
 
 
 def _as_candidates(candidates: Sequence[Any] | None) -> list[Candidate]:
@@ -88,111 +62,6 @@ def _materialize(data: Iterable[Any], num_batches: int | None) -> list[Any]:
         split_batch(b, i)  # a DataError names a batch of the wrong kind
         batches.append(b)
     return batches
-
-
-class _Search:
-    """The state of one tune run: the trials so far, the measured costs, the best model."""
-
-    def __init__(self, model: nn.Module, calib: list[Any], held: HoldOut, budget_s: float) -> None:
-        self.model, self.calib, self.held, self.budget_s = model, calib, held, budget_s
-        self.t0 = time.perf_counter()
-        self.trials: list[dict[str, Any]] = []
-        self.seen: dict[str, str] = {}
-        self.measured: dict[str, float] = {}
-        self.overhead_s = self.score_s = self.pass_s = 0.0
-        self.layers = 0
-        self.best: tuple[str, PTQConfig, nn.Module, Score] | None = None
-        self.share = not is_distributed()  # prefixes: one calibration pass for many recipes
-        self.prefixes: list[Prefix] = []
-        self.prefix_s = 0.0  # what building a prefix cost (the first one)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def prefix_for(self, config: PTQConfig) -> Prefix | None:
-        return next((p for p in self.prefixes if can_serve(p, config)), None)
-
-    def quantize_estimate(self, config: PTQConfig) -> float:
-        """Expected seconds to quantize ``config`` on the calibration part: the per-trial
-        overhead, its optional stages, and a new prefix (capture + calibration pass) unless
-        one already built serves it."""
-        new_prefix = 0.0
-        if self.share and self.prefixes and self.prefix_for(config) is None:
-            new_prefix = self.prefix_s
-        return (
-            self.overhead_s
-            + new_prefix
-            + sum(
-                stage_seconds(s, config, self.pass_s, self.layers, self.measured)
-                for s in stages_of(config)
-            )
-        )
-
-    def _quantize(self, config: PTQConfig) -> tuple[nn.Module, float, str]:
-        """The trial model, the seconds spent building a new prefix for it (0 if reused or
-        not shared), and how its calibration pass was had (``shared``, ``built``, ``own``)."""
-        if not self.share or not servable(config):
-            return quantize(self.model, self.calib, config), 0.0, "own"
-        prefix = self.prefix_for(config)
-        if prefix is not None:
-            return quantize_from(prefix, config), 0.0, "shared"
-        prefix = build_prefix(self.model, self.calib, config)
-        self.prefixes.append(prefix)
-        self.prefix_s = max(self.prefix_s, prefix.seconds)
-        return quantize_from(prefix, config), prefix.seconds, "built"
-
-    def run(
-        self, name: str, changes: dict[str, Any], config: PTQConfig, force: bool = False
-    ) -> dict[str, Any]:
-        """Quantize on the calibration part, score on the held-out part, record; the model
-        becomes the best if it scores higher (or ``force``)."""
-        rec: dict[str, Any] = {"name": name, "changes": changes}
-        t = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PTQWarning)
-            qmodel, built, how = self._quantize(config)
-        quantize_s = time.perf_counter() - t
-        t = time.perf_counter()
-        s = self.held.score(qmodel)
-        score_s = time.perf_counter() - t
-        stages = info_of(qmodel).stages
-        ran = measured_stages(stages, config)
-        for k, v in ran.items():
-            self.measured[k] = max(self.measured.get(k, 0.0), v)
-        # what every trial pays besides its optional stages (and a new prefix): the largest seen
-        overhead = max(quantize_s - built - sum(ran.values()), 0.0)
-        self.overhead_s = max(self.overhead_s, overhead) if self.trials else overhead
-        if not self.trials:  # the base trial
-            self.score_s, self.layers = score_s, len(info_of(qmodel).layers)
-            self.pass_s = stages.get("calibrate", quantize_s)
-        rec.update(
-            status="ran",
-            **s.to_dict(),
-            seconds=round(quantize_s + score_s, 3),
-            quantize_s=round(quantize_s, 3),
-            calibration_pass=how,
-            warnings=len([w for w in caught if issubclass(w.category, PTQWarning)]),
-        )
-        self.trials.append(rec)
-        self.seen[_key(config)] = name
-        config = _resolved(config, qmodel)  # "auto" bias correction: what it turned out to be
-        self.seen[_key(config)] = name
-        if force or self.best is None or self.held.better(s, self.best[3]):
-            self.best = (name, config, qmodel, s)
-            rec["best_so_far"] = True
-        return rec
-
-    def record(self, name: str, changes: dict[str, Any], status: str, reason: str) -> None:
-        self.trials.append({"name": name, "changes": changes, "status": status, "reason": reason})
-
-
-def _resolved(config: PTQConfig, qmodel: nn.Module) -> PTQConfig:
-    """``bias_correction="auto"`` replaced by what it did on this model (``"empirical"`` or
-    ``False``): the candidates that set it explicitly are then recognized as the same recipe."""
-    if config.bias_correction != "auto":
-        return config
-    mode = info_of(qmodel).details.get("bias_correction", {}).get("mode")
-    return config.replace(bias_correction="empirical" if mode == "empirical" else False)
 
 
 def tune(
@@ -286,13 +155,13 @@ def tune(
     n_all = sum(batch_size(*split_batch(b, i)) for i, b in enumerate(batches))
     n_cal = n_all - held.samples
     base = config.replace(max_degradation=None, min_sqnr_db=None, progress=False)
-    search = _Search(model, calib, held, float(budget_s))
+    search = Search(model, calib, held, float(budget_s))
     search.t0 = t_start
     search.run("base", {}, base)
     scale = n_all / max(n_cal, 1) if refit else 0.0
 
     def attempt(name: str, changes: dict[str, Any], cfg: PTQConfig, force: bool = False) -> bool:
-        key = _key(cfg)
+        key = config_key(cfg)
         if key in search.seen:
             search.record(name, changes, "skipped", f"same recipe as {search.seen[key]!r}")
             return False
@@ -317,12 +186,12 @@ def tune(
         except ConfigError as e:
             search.record(cand.name, dict(cand.changes), "failed", str(e))
             continue
-        attempt(cand.name, _delta(search.best[1], cfg), cfg)
+        attempt(cand.name, config_delta(search.best[1], cfg), cfg)
     target = {k: getattr(config, k) for k in _TARGETS if getattr(config, k) is not None}
     fallback_note = ""
     if target:  # asked for: the fallback model is kept even if its held-out score is not
         assert search.best is not None  # higher (it meets the target on the calibration data)
-        if not attempt("fallback", _plain(target), search.best[1].replace(**target), force=True):
+        if not attempt("fallback", plain(target), search.best[1].replace(**target), force=True):
             why = search.trials[-1]["reason"]
             fallback_note = f"the fallback target {target} was not pursued: {why}"
     return _finish(search, model, batches, config, base, refit, scale, fallback_note)
@@ -330,7 +199,7 @@ def tune(
 
 def _chosen_name(trials: list[dict[str, Any]], base: PTQConfig, best: PTQConfig) -> str:
     """``"mse + empirical BC"``: the accepted candidates whose changes are still in ``best``."""
-    delta = _delta(base, best)
+    delta = config_delta(base, best)
     names = []
     for t in trials:
         kept = any(k in delta and delta[k] == v for k, v in t["changes"].items())
@@ -340,7 +209,7 @@ def _chosen_name(trials: list[dict[str, Any]], base: PTQConfig, best: PTQConfig)
 
 
 def _finish(
-    search: _Search,
+    search: Search,
     model: nn.Module,
     batches: list[Any],
     config: PTQConfig,
@@ -391,7 +260,7 @@ def _finish(
     )
     info.details["recipe"] = {
         "chosen": chosen,
-        "changes": _delta(base, best_cfg),
+        "changes": config_delta(base, best_cfg),
         "score": search.held.ranking,
         "held_out_samples": search.held.samples,
         "held_out_batches": len(search.held.batches),
