@@ -3,10 +3,11 @@
 Rows (all W8A8, weights per channel, activations per tensor, 128 calibration crops of the photos
 bundled with scikit-image, agreement with FP32 on other crops — no ImageNet labels offline):
 
-* minmax without bias correction (the default before issue 14), the default ``PTQConfig()``,
-  minmax and ``mse`` + empirical bias correction (float means taken during the calibration pass,
-  then one quantized pass over cached layer inputs, ``ptqkit.walk``), ``mse``, ``mse`` + analytic
-  bias correction;
+* minmax without bias correction (the default before issue 14), the default ``PTQConfig()``
+  (``mse`` + ``bias_correction="auto"``: scale-and-bias correction here), minmax + that
+  correction, minmax and ``mse`` + empirical (mean-only) bias correction (float means taken
+  during the calibration pass, then one quantized pass over cached layer inputs,
+  ``ptqkit.walk``), ``mse``, ``mse`` + analytic bias correction;
 * ``ptqkit.tune`` with a 120 s budget (it holds a quarter of the calibration crops out to score
   the recipes it tries, then re-quantizes the best on all of them if time is left).
 
@@ -90,6 +91,7 @@ def main() -> None:
         "minmax, no bias correction": base,
         f"default PTQConfig() ({default.calibration}, bias_correction="
         f"{default.bias_correction!r})": default,
+        "minmax + affine (scale-and-bias) correction": base.replace(bias_correction="affine"),
         "minmax + empirical bias correction": base.replace(bias_correction="empirical"),
         "mse": mse,
         "mse + empirical bias correction": mse.replace(bias_correction="empirical"),

@@ -91,13 +91,18 @@ class BiasCorrectionOptions:
         samples: the per-channel means are taken over (at most) the first this many
             calibration samples.
         memory_budget: bytes of cached layer inputs kept in memory; past it they spill to disk.
+        rows: ``"affine"`` only: output positions per layer, sampled over those samples, at
+            which the float and quantized outputs are paired to fit each channel's scale
+            (memory: ``rows × channels`` floats per layer, kept from the calibration pass).
     """
 
     samples: int = 256
     memory_budget: int = 2 << 30
+    rows: int = 1024
 
     def __post_init__(self) -> None:
         _positive_int(self.samples, "BiasCorrectionOptions.samples")
+        _positive_int(self.rows, "BiasCorrectionOptions.rows")
         _positive_int(self.memory_budget, "BiasCorrectionOptions.memory_budget")
 
 
@@ -169,10 +174,12 @@ class PTQConfig:
         skip: fnmatch patterns of module names, or module class names, left in float.
         fold_bn: fold BatchNorm into the preceding conv/linear.
         cle: cross-layer equalization (Nagel et al. 2019) before calibration.
-        bias_correction: ``False``, ``"empirical"`` (on the calibration data), ``"analytic"``
-            (data-free, from BatchNorm statistics), or ``"auto"``: empirical where it costs one
-            quantized pass (a traced model), otherwise none, and ``ptq_info`` says so;
-            ``True`` means ``"empirical"``.
+        bias_correction: ``False``, ``"empirical"`` (each output channel's mean, on the
+            calibration data), ``"affine"`` (its mean and scale, least squares against the
+            float outputs: :mod:`ptqkit.correct.affine`), ``"analytic"`` (data-free, from
+            BatchNorm statistics), or ``"auto"``: affine where it costs one quantized pass (a
+            traced model), otherwise none, and ``ptq_info`` says so; ``True`` means
+            ``"empirical"``.
         adaround: adaptive rounding of the weights (Nagel et al. 2020).
         adaround_iters: optimization steps per layer for AdaRound.
         adaround_options: AdaRound's other hyperparameters (:class:`AdaRoundOptions`).
@@ -257,9 +264,10 @@ class PTQConfig:
                 raise ConfigError(f"PTQConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.bias_correction is True:
             object.__setattr__(self, "bias_correction", "empirical")
-        if self.bias_correction not in (False, "empirical", "analytic", "auto"):
+        if self.bias_correction not in (False, "empirical", "affine", "analytic", "auto"):
             raise ConfigError(
-                "bias_correction must be False, True, 'empirical', 'analytic' or 'auto', "
+                "bias_correction must be False, True, 'empirical', 'affine', 'analytic' or "
+                "'auto', "
                 f"got {self.bias_correction!r}"
             )
         if (

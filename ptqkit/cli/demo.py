@@ -41,10 +41,6 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         calibration=args.calibration,
     )
     if args.model == "efficientnet":
-        # the base recipe of the search (--tune): data-free bias correction from the BatchNorm
-        # statistics lifts agreement from 87.7% to 93.4% on 1,000 other crops in 0.1 s
-        # (bench/ONEPASS.md); the search then measures empirical bias correction and the rest
-        config = config.replace(bias_correction="analytic")
         n_cal = args.calibration_samples or 128
         n_eval = args.eval_samples or 128
         with console.step("loading EfficientNet-Lite0 (ImageNet weights from the pip package)"):

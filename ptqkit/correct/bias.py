@@ -19,6 +19,9 @@ layer's (float) bias removes the systematic part of the error.
   order) before a mean is taken: each layer gets the same correction on every rank, the one a single
   process would compute over the union of the shards (up to float64 rounding: the sums are grouped
   per rank).
+* ``"affine"``: the same pass, but each output channel gets the least-squares scale *and* bias
+  against the float output (:mod:`ptqkit.correct.affine`): mean matching cannot undo a gain
+  lost upstream, the scale (folded into the per-channel weight scale) can.
 * ``"analytic"`` (data-free): ``b ← b - ε·E[x]`` with ``E[x]`` propagated through the graph from
   the BatchNorm statistics recorded at folding time (a folded layer's output is taken as
   ``N(β, γ²)`` per channel; after a clipping activation ``clamp(·, a, b)`` its mean is the
@@ -46,32 +49,32 @@ from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import ActQuant, QuantLayer, float_mode, quant_layers
 from ..sync import add_up, empty_shard, from_data, guard
-from ..typed import submodule, target_name, tensor_attr
+from ..typed import submodule, target_name
 from ..walk import batches, can_propagate, layer_order, propagate, run_until, stop_after
+from .affine import Paired, bias_q, can_scale, out_channels, pair, rescale
 from .means import FloatMeans, Mean, over_ranks
 
 
-def _shift(y: torch.Tensor, layer: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-    """``y`` plus ``delta`` per output channel: the layer's output with its bias moved by it."""
+def _shift(
+    y: torch.Tensor, layer: nn.Module, delta: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y`` (times ``scale``) plus ``delta`` per output channel: the layer's output with its
+    bias moved by ``delta`` (and its weight scale times ``scale``)."""
     shape = [1] * y.dim()
     shape[-1 if isinstance(layer, nn.Linear) else 1] = -1
     d = delta.to(y.device, y.dtype).reshape(shape)
-    # the propagation engine owns its cached outputs: shift them in place (no copy) when no
+    a = None if scale is None else scale.to(y.device, y.dtype).reshape(shape)
+    # the propagation engine owns its cached outputs: change them in place (no copy) when no
     # autograd graph hangs on them
-    return y + d if y.requires_grad else y.add_(d)
+    if y.requires_grad:
+        return (y if a is None else y * a) + d
+    return (y if a is None else y.mul_(a)).add_(d)
 
 
 def _add_to_bias(layer: QuantLayer, delta: torch.Tensor) -> None:
-    """``bias_q ← bias_q + delta``; the float bias is kept as ``bias_fp`` so that the float
-    reference (``float_mode``) and layers put back in float still compute without it."""
-    w = layer.weight_fp
-    delta = delta.to(w.device, torch.float32)
-    if getattr(layer, "bias_q", None) is None:
-        b = layer.layer.bias
-        fp = b.detach().clone() if b is not None else torch.zeros_like(delta, dtype=w.dtype)
-        layer.register_buffer("bias_fp", fp, persistent=False)
-        layer.register_buffer("bias_q", fp.clone(), persistent=False)
-    old = tensor_attr(layer, "bias_q")  # summed in float32, kept in the layer's dtype (half...)
+    """``bias_q ← bias_q + delta`` (:func:`ptqkit.correct.affine.bias_q`)."""
+    delta = delta.to(layer.weight_fp.device, torch.float32)
+    old = bias_q(layer)  # summed in float32, kept in the layer's dtype (half...)
     layer.bias_q = (old.float() + delta).to(old.dtype)
     layer.select_bias("bias_q" if layer.quantized else "bias_fp")
 
@@ -84,6 +87,7 @@ def _empirical(
     info: PTQInfo,
     options: BiasCorrectionOptions,
     float_means: FloatMeans | None = None,
+    affine: bool = False,
 ) -> dict[str, Any]:
     if data is None:
         raise DataError(
@@ -92,8 +96,13 @@ def _empirical(
         )
     layers = quant_layers(qmodel)
     passes = 1  # the float means were tapped from the calibration pass
-    if float_means is None or float_means.samples != options.samples:  # a float pass of its own
-        float_means, passes = FloatMeans(qmodel, options.samples), 2
+    rows = options.rows if affine else 0
+    if (
+        float_means is None
+        or float_means.samples != options.samples
+        or (affine and float_means.rows != rows)
+    ):  # a float pass of its own
+        float_means, passes = FloatMeans(qmodel, options.samples, rows), 2
         if not empty_shard(data):  # (torch.distributed: a rank with no data only sums)
             with torch.no_grad(), float_mode(qmodel), float_means:
                 for i, args, kwargs in batches(data, config, qmodel, options.samples):
@@ -113,27 +122,46 @@ def _empirical(
     over_ranks("bias correction: float means", ref)
     order = [n for n in order if ref[n].value is not None and n not in shared]
     shifts: dict[str, float] = {}
+    scales: dict[str, list[float]] = {}
+    picks = float_means.picks
 
-    def correct(name: str, got: Mean) -> torch.Tensor:
+    def correct(name: str, got: Mean, paired: Paired | None) -> Any:
+        """Correct layer ``name`` from its quantized output's mean ``got`` (and the pairs);
+        returns what it does to the layer's output (``_shift``)."""
         want, have = ref[name].value, got.value
         if want is None or have is None:
             raise ModelError(f"bias correction: {name} did not run on the calibration data")
-        delta = want - have
-        _add_to_bias(layers[name], delta)
-        shifts[name] = float(delta.abs().max())
-        return delta
+        if paired is not None:
+            paired.over_ranks(f"bias correction: {name} (pairs)")
+        a = None if paired is None else paired.scale()
+        layer = layers[name]
+        if a is None:
+            delta = want - have
+            _add_to_bias(layer, delta)
+            shifts[name] = float(delta.abs().max())
+            return lambda y: _shift(y, layer.layer, delta)
+        delta = want - a * have
+        rescale(layer, a, delta)
+        shifts[name] = float((want - have).abs().max())
+        scales[name] = [float(a.min()), float(a.max())]
+        return lambda y: _shift(y, layer.layer, delta, a)
+
+    def pairs(name: str) -> Paired | None:  # the same answer on every rank
+        ok = affine and can_scale(layers[name])
+        return Paired(out_channels(layers[name].layer)) if ok else None
 
     if can_propagate(qmodel, order):
         bar = iter(progress(order, config.progress, "bias correction"))
 
         def visit(name: str, layer: QuantLayer, inputs: Any, outputs: Any) -> Any:
             next(bar, None)
-            got = Mean()
+            got, paired = Mean(), pairs(name)
             for y in outputs():
                 got.add(y, layer.layer)
+            if paired is not None:
+                pair(paired, outputs(), picks[name], layer.layer)
             over_ranks(f"bias correction: {name}", {name: got})
-            delta = correct(name, got)
-            return lambda y: _shift(y, layer.layer, delta)
+            return correct(name, got, paired)
 
         with torch.no_grad():
             walked = propagate(qmodel, feeds, visit, order, options.memory_budget)
@@ -141,16 +169,17 @@ def _empirical(
         counts = {k: walked[k] for k in ("batches", "spilled")}
         walked.update(add_up("bias correction: engine", counts))  # totals over the ranks
         return {
-            "mode": "empirical",
+            "mode": "affine" if affine else "empirical",
             "corrected": shifts,
+            **_scaled(scales, affine, layers, order),
             "passes": passes,
             "engine": walked,
             **_not_corrected(shared),
         }
     for n in progress(order, config.progress, "bias correction"):  # untraced: prefix re-runs
-        got = Mean()
+        got, paired = Mean(), pairs(n)
         layer = layers[n]
-        h = layer.register_forward_hook(lambda m, a, y, got=got: got.add(y, m.layer))
+        h = layer.register_forward_hook(_recorder(got, paired, picks[n]))
         try:
             with torch.no_grad(), stop_after(layer):
                 for i, (args, kwargs) in enumerate(feeds):
@@ -158,13 +187,40 @@ def _empirical(
         finally:
             h.remove()
         over_ranks(f"bias correction: {n}", {n: got})
-        correct(n, got)
+        correct(n, got, paired)
     return {
-        "mode": "empirical",
+        "mode": "affine" if affine else "empirical",
         "corrected": shifts,
+        **_scaled(scales, affine, layers, order),
         "passes": len(shifts) + passes - 1,
         **_not_corrected(shared),
     }
+
+
+def _recorder(got: Mean, paired: Paired | None, picks: list[Any]) -> Any:
+    """A forward hook adding each batch's output to ``got`` and, paired with that batch's
+    float rows, to ``paired``."""
+    seen = [0]  # batches run so far: the index of the float rows to pair with
+
+    def hook(m: QuantLayer, _: Any, y: Any) -> None:
+        got.add(y, m.layer)
+        if paired is not None:
+            pair(paired, [y], picks[seen[0] : seen[0] + 1], m.layer)
+        seen[0] += 1
+
+    return hook
+
+
+def _scaled(
+    scales: dict[str, list[float]], affine: bool, layers: dict[str, QuantLayer], order: list[str]
+) -> dict[str, Any]:
+    """The record of the scale fit: per layer ``[min a, max a]``, and the layers that only got
+    their bias corrected (a weight scale per tensor, not per output channel)."""
+    if not affine:
+        return {}
+    bias_only = [n for n in order if n not in scales]
+    why = "its weight scale is not one per output channel: bias only"
+    return {"scaled": scales, "bias_only": {n: why for n in bias_only if not can_scale(layers[n])}}
 
 
 def _not_corrected(shared: dict[str, int]) -> dict[str, Any]:
@@ -281,11 +337,13 @@ def float_means_tap(qmodel: nn.Module, config: PTQConfig) -> FloatMeans | None:
     """What empirical bias correction takes from the calibration pass (its *tap*): the float
     layers' per-channel output means over the first ``samples`` samples, so that it runs no
     float pass of its own; ``None`` for the other modes."""
-    if config.bias_correction not in ("empirical", "auto"):
+    if config.bias_correction not in ("empirical", "affine", "auto"):
         return None
     if config.bias_correction == "auto" and not can_propagate(qmodel):
         return None  # it will not run (see correct_bias)
-    return FloatMeans(qmodel, config.bias_correction_options.samples)
+    opts = config.bias_correction_options
+    rows = opts.rows if config.bias_correction in ("affine", "auto") else 0
+    return FloatMeans(qmodel, opts.samples, rows)
 
 
 def correct_bias(
@@ -297,20 +355,21 @@ def correct_bias(
 ) -> nn.Module:
     """Correct the biases of the quantized layers of ``qmodel`` in place (see the module
     docstring); ``config.bias_correction`` picks the variant (``"empirical"`` when it is not
-    set; ``"auto"``: empirical on a model :func:`ptqkit.walk.propagate` can run, otherwise
-    nothing, with the reason in the record). Weights must be quantized already. Records
+    set; ``"affine"``: the bias and each output channel's scale, :mod:`ptqkit.correct.affine`;
+    ``"auto"``: affine on a model :func:`ptqkit.walk.propagate` can run, otherwise nothing,
+    with the reason in the record). Weights must be quantized already. Records
     ``info.details["bias_correction"]``."""
     mode = config.bias_correction or "empirical"
-    if mode == "auto":  # empirical where it is one quantized pass
+    if mode == "auto":  # affine where it is one quantized pass
         if not can_propagate(qmodel):
             why = (
                 "bias correction ('auto') skipped: the model was not captured as a graph the "
                 "one-pass engine can walk, and the per-layer fallback costs one pass per layer; "
-                "set bias_correction='empirical' to run it anyway"
+                "set bias_correction='affine' to run it anyway"
             )
             info.details["bias_correction"] = {"mode": "auto", "corrected": {}, "skipped": why}
             return qmodel
-        mode = "empirical"
+        mode = "affine"
     if not any(q.quantized for q in quant_layers(qmodel).values()):
         info.warn("bias correction: no layer has quantized weights yet; nothing to correct")
         info.details["bias_correction"] = {"mode": mode, "corrected": {}}
@@ -319,8 +378,9 @@ def correct_bias(
         details = _analytic(qmodel, info)
     else:
         with guard("bias correction"):
+            opts = config.bias_correction_options
             details = _empirical(
-                qmodel, data, config, info, config.bias_correction_options, float_means
+                qmodel, data, config, info, opts, float_means, affine=mode == "affine"
             )
     info.details["bias_correction"] = details
     return qmodel

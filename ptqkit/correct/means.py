@@ -6,7 +6,10 @@ the model during calibration anyway, so bias correction does not run a float pas
 It keeps the first ``samples`` samples only (the batches :func:`ptqkit.walk.batches` would
 yield with ``max_samples=samples``), i.e. exactly the means a separate float pass would take,
 and those batches themselves (``feeds``): the quantized pass of bias correction runs on them, so
-it never iterates the user's data again (a one-shot iterator serves it).
+it never iterates the user's data again (a one-shot iterator serves it). With ``rows > 0`` it also
+keeps each layer's float output at a few sampled positions of every recorded batch
+(:func:`position_rows`; ``rows`` per layer in all, at most ``rows × channels`` floats per layer):
+the pairs the scale fit of ``bias_correction="affine"`` needs (:mod:`ptqkit.correct.affine`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ def channel_sum(y: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, int]:
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     per_image = y.flatten(2).sum(2, dtype=acc)  # [N, C]
     return per_image.double().sum(0), y.shape[0] * y[0, 0].numel()
+
+
+def position_rows(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``y`` as ``[N, positions, channels]``: a conv's output channels are on axis 1, a
+    Linear's on the last axis (its positions: every other axis but the first)."""
+    if isinstance(layer, nn.Linear):
+        return y.reshape(y.shape[0], -1, y.shape[-1])
+    return y.flatten(2).transpose(1, 2)
 
 
 class Mean:
@@ -72,12 +83,16 @@ class FloatMeans:
     within the first ``samples`` samples. Open it around a pass in which the layers compute in
     float (the calibration pass); ``means`` holds the result."""
 
-    def __init__(self, model: nn.Module, samples: int) -> None:
-        self.model, self.samples = model, samples
+    def __init__(self, model: nn.Module, samples: int, rows: int = 0) -> None:
+        self.model, self.samples, self.rows = model, samples, rows
         self.layers = quant_layers(model)
         self.means = {n: Mean() for n in self.layers}
         self.feeds: list[Batch] = []  # the recorded batches, on the model's device
         self.order: list[str] = []  # the layers in the order they first ran
+        # per layer, per recorded batch (its first call there): the sampled positions and the
+        # float output at them, [N, k, C]
+        self.picks: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+        self.picks = {n: [] for n in self.layers}
         self.seen = 0
         self.recording = False
         self._hooks: list[Any] = []
@@ -100,8 +115,21 @@ class FloatMeans:
                 if self.means[name].total is None:
                     self.order.append(name)
                 self.means[name].add(y, self.layers[name].layer)
+                if self.rows and len(self.picks[name]) < len(self.feeds):
+                    self.picks[name].append(self._pick(name, y))
 
         return hook
+
+    def _pick(self, name: str, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k = max(1, rows // samples)`` positions of this batch, the same for each of its
+        images, drawn by a generator seeded with the layer's and the batch's index (the same
+        rows on every run and rank)."""
+        yr = position_rows(y.detach(), self.layers[name].layer)
+        k = min(yr.shape[1], max(1, self.rows // self.samples))
+        seed = list(self.layers).index(name) * 100_003 + len(self.picks[name])
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(yr.shape[1], generator=gen)[:k].sort().values.to(y.device)
+        return idx, yr[:, idx].float()
 
     def __exit__(self, *_: Any) -> None:
         for h in self._hooks:
@@ -109,4 +137,4 @@ class FloatMeans:
         self._hooks.clear()
 
 
-__all__ = ["FloatMeans", "Mean", "channel_sum", "over_ranks"]
+__all__ = ["FloatMeans", "Mean", "channel_sum", "over_ranks", "position_rows"]

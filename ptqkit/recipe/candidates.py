@@ -12,11 +12,12 @@ every trial pays a capture, a calibration pass and a scoring pass, which on Effi
 dwarf the few extra passes of most options, so there the order of the options is what decides
 which fit in the budget.
 
-1. a trial's worth: the ``mse`` activation calibrator (minmax → mse: +1.8 points of agreement on
-   EfficientNet-Lite0), empirical bias correction (one more float and one quantized pass;
-   mse → mse + empirical BC: +9.8 points there), then ``percentile``, weight ranges by MSE
-   search, data-free bias correction (``analytic``: BatchNorm statistics), cross-layer
-   equalization on or off, and bias correction off again;
+1. a trial's worth: the ``mse`` activation calibrator (minmax → mse: +0.1 point of agreement on
+   EfficientNet-Lite0), scale-and-bias correction (``affine``: one quantized pass over cached
+   layer inputs; mse → mse + affine: 87.7% → 98.0% there, bench/ONEPASS.md), then
+   ``percentile``, weight ranges by MSE search, mean-only bias correction (``empirical``) and
+   data-free (``analytic``: BatchNorm statistics), cross-layer equalization on or off, and bias
+   correction off again;
 2. ``calibration="auto"`` (a calibrator per tensor; adds a scoring pass per candidate range on a
    few batches);
 3. AdaRound (an optimization per layer: the most expensive, tried only if the budget allows).
@@ -49,6 +50,7 @@ PRIOR_PASSES = {
     "auto": 3.0,
     "bias_correction:analytic": 0.2,
     "bias_correction:empirical": 1.0,
+    "bias_correction:affine": 1.0,
     "weights:mse": 0.5,
 }
 #: prior seconds of one AdaRound optimization step of one layer (the steps dominate its cost)
@@ -88,9 +90,10 @@ class Candidate:
 #: the default recipes, in the order they are tried (see the module docstring)
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("mse", {"calibration": "mse"}),
-    Candidate("empirical BC", {"bias_correction": "empirical"}),
+    Candidate("affine BC", {"bias_correction": "affine"}),
     Candidate("percentile", {"calibration": "percentile"}),
     Candidate("mse weights", {"weight_calibration": "mse"}),
+    Candidate("empirical BC", {"bias_correction": "empirical"}),
     Candidate("analytic BC", {"bias_correction": "analytic"}),
     Candidate("CLE", {"cle": True}),
     Candidate("no CLE", {"cle": False}),

@@ -41,6 +41,8 @@ from ..stage import Context, run_stages, tapping
 
 #: the stages a prefix runs (in :data:`ptqkit.pipeline.STAGES` order, calibrate last)
 PREFIX_STAGES = ("capture", "cle", "smoothquant", "calibrate")
+#: the bias-correction modes that read the tap (float means, rows, recorded batches)
+DATA_BC = ("empirical", "affine", "auto")
 #: config fields a prefix depends on; recipes that agree on them share one prefix
 PREFIX_FIELDS = (
     "weights",
@@ -79,7 +81,7 @@ def build_prefix(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> Pr
     ctx = Context(model=model, data=data, config=config, info=PTQInfo(config=config.to_dict()))
     first = [s for s in STAGES if s.name in PREFIX_STAGES and s.name != "calibrate"]
     run_stages(first, ctx)
-    tap_cfg = config.replace(bias_correction="empirical")
+    tap_cfg = config.replace(bias_correction="affine")  # means and rows: serves every mode
     tap_ctx = Context(model=model, data=data, config=tap_cfg, info=ctx.info)
     tap_ctx.qmodel = ctx.qmodel
     t = time.perf_counter()
@@ -160,7 +162,7 @@ def quantize_from(prefix: Prefix, config: PTQConfig) -> nn.Module:
         config=config,
         info=info,
         ref=src.ref,
-        taps=copy.deepcopy(src.taps) if config.bias_correction in ("empirical", "auto") else {},
+        taps=copy.deepcopy(src.taps) if config.bias_correction in DATA_BC else {},
     )
     ctx.qmodel = qmodel
     t = time.perf_counter()

@@ -142,12 +142,12 @@ class Search:
 
 
 def resolved(config: PTQConfig, qmodel: nn.Module) -> PTQConfig:
-    """``bias_correction="auto"`` replaced by what it did on this model (``"empirical"`` or
+    """``bias_correction="auto"`` replaced by what it did on this model (``"affine"`` or
     ``False``): the candidates that set it explicitly are then recognized as the same recipe."""
     if config.bias_correction != "auto":
         return config
     mode = info_of(qmodel).details.get("bias_correction", {}).get("mode")
-    return config.replace(bias_correction="empirical" if mode == "empirical" else False)
+    return config.replace(bias_correction="affine" if mode == "affine" else False)
 
 
 __all__ = ["Search", "config_delta", "config_key", "plain", "resolved"]

@@ -94,10 +94,15 @@ def config(**kw) -> ptqkit.PTQConfig:
 
 #: name -> (data for rank r, config[, model])
 SCENARIOS = {
-    "all": (shard, config(adaround=True, adaround_iters=10)),
-    "prefix_runs": (shard, config(adaround=True, adaround_iters=10), varargs),
+    "all": (shard, config(adaround=True, adaround_iters=10, bias_correction="affine")),
+    "prefix_runs": (
+        shard, config(adaround=True, adaround_iters=10, bias_correction="affine"), varargs
+    ),
     "reduce": (shard, config()),
-    "empty_rank": (lambda r: batches() if r == 0 else [], config(adaround=True, adaround_iters=10)),
+    "empty_rank": (
+        lambda r: batches() if r == 0 else [],
+        config(adaround=True, adaround_iters=10, bias_correction="affine"),
+    ),
     "failing": (lambda r: shard(r) if r == 0 else FailsAfterCalibration(shard(r)), config()),
 }
 
@@ -166,6 +171,7 @@ def test_ranks_save_byte_identical_files(two_ranks, name):
         assert info.details["bias_correction"]["engine"]["batches"] == 4  # both shards
     assert info.details["distributed"]["rank_local"] == []  # nothing taken from rank 0 alone
     if name != "reduce":
+        assert info.details["bias_correction"]["scaled"]  # affine: the pairs of both ranks
         layers = info.details["adaround"]["layers"]
         assert all(rec["rows"] == 64 for rec in layers.values())  # rows of both ranks
 

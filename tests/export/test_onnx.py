@@ -123,8 +123,11 @@ def test_dynamic_batch_and_int_initializers(exported, calib_batches):
     ort_model = OrtModule(path, threads=1)
     for n in (1, 7):
         x = calib_batches[1][:n]
+        # logits of ±10: one activation value rounded to the next 8-bit step upstream (float
+        # rounding at a .5 boundary, ORT vs PyTorch) moves them by up to ~0.05; the parity test
+        # above bounds the disagreement in steps
         with torch.no_grad():
-            assert torch.allclose(ort_model(x), qmodel(x), atol=0.05)
+            assert torch.allclose(ort_model(x), qmodel(x), atol=0.08)
     twin = copy.deepcopy(ort_model)  # the session is not copied, but made again on use
     assert torch.equal(twin(calib_batches[1][:3]), ort_model(calib_batches[1][:3]))
     inits = _initializers(path)
