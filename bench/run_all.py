@@ -8,9 +8,10 @@ models, calibration samples and evaluation sets, in one run; writes ``BENCHMARKS
                                        # words (and the memory table only if "memory" is one)
 
 Rows per model: ptqkit W8A8 with each calibrator (and the best one exported to ONNX Runtime),
-minmax + CLE + bias correction, mse + empirical bias correction, ``ptqkit.tune(model, calib,
-PTQConfig(), budget_s=120)`` (the recipe search, minmax base; its chosen recipe is printed under
-the table), W4A8 AdaRound; ONNX Runtime ``quantize_static`` (MinMax, Entropy, Percentile);
+minmax + CLE + bias correction, mse + empirical bias correction, the default ``PTQConfig()``
+(mse + scale-and-bias correction), ``ptqkit.tune(model, calib, PTQConfig(), budget_s=120)`` (the
+recipe search from the default; its chosen recipe is printed under the table), W4A8 AdaRound;
+ONNX Runtime ``quantize_static`` (MinMax, Entropy, Percentile);
 PyTorch FX; NNCF's torch backend with its defaults, and NNCF's ONNX backend with full bias
 correction (``nncf.quantize(onnx_model, dataset, fast_bias_correction=False)``) on the same FP32
 ONNX file as ONNX Runtime's rows, run by ONNX Runtime. Every ptqkit row uses per-channel weights
@@ -329,10 +330,16 @@ def bench_model(name: str, args, out: Path) -> dict:
         {"calibrator": "mse", "bias_correction": "empirical"},
     )
     add(
+        "ptqkit W8A8 default PTQConfig() (mse + scale-and-bias corr.)",
+        "ptqkit",
+        "simulated (PyTorch)",
+        {"calibrator": "mse", "bias_correction": "affine"},
+    )
+    add(
         f"ptqkit W8A8 tune (budget {TUNE_BUDGET_S:.0f} s)",
         "ptqkit",
         "simulated (PyTorch)",
-        {"calibrator": "minmax", "tune": TUNE_BUDGET_S},
+        {"calibrator": "mse", "bias_correction": "auto", "tune": TUNE_BUDGET_S},
         timeout=max(tmo, 3 * TUNE_BUDGET_S),  # over budget shows in its time, not as a kill
         quick=False,
     )
