@@ -501,11 +501,11 @@ def targets(models: list[dict], mem: list[dict]) -> list[str]:
                 f"({b['label']}) vs best peer {p['drop']:.2f} ({p['label']}) — "
                 f"{verdict(b['drop'] <= p['drop'])}"
             )
-            d = rows.get("ptqkit W8A8 minmax")
+            d = next((r for r in ok if "default PTQConfig()" in r["label"]), None)
             if d and "drop" in d:
                 gap = d["drop"] - b["drop"]
                 lines.append(
-                    f"* **{name} default config** (minmax) drop {d['drop']:.2f} vs best "
+                    f"* **{name} default config** (`PTQConfig()`) drop {d['drop']:.2f} vs best "
                     f"{b['drop']:.2f}: gap {gap:.2f} points (target ≤ 0.1) — "
                     f"{verdict(gap <= 0.1)}"
                 )
