@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ModelError
-from ..quant.modules import TRANSPOSED_LAYERS, WEIGHT_LAYERS, ActQuant, QuantLayer
+from ..quant.modules import TRANSPOSED_LAYERS, WEIGHT_LAYERS, ActQuant, QuantLayer, out_channels
 from ..typed import target_name
 
 
@@ -85,13 +85,6 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
     layer.register_buffer("bn_std", gamma.abs().clone().float(), persistent=False)
 
 
-def _out_channels(layer: nn.Module) -> int:
-    if not isinstance(layer, WEIGHT_LAYERS):
-        raise ModelError(f"{type(layer).__name__} has no output channels ptqkit knows")
-    w = layer.weight
-    return w.shape[1] * layer.groups if isinstance(layer, TRANSPOSED_LAYERS) else w.shape[0]
-
-
 def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
     """Fold every BatchNorm that directly follows a conv/linear used once; returns their names."""
     modules = dict(gm.named_modules())
@@ -112,7 +105,7 @@ def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
         if not isinstance(layer, WEIGHT_LAYERS) or len(prev.users) != 1 or calls[prev_name] != 1:
             continue
         bn = modules[node.target]
-        if bn.running_mean is None or _out_channels(layer) != bn.num_features:
+        if bn.running_mean is None or out_channels(layer) != bn.num_features:
             continue
         fold_bn_into(layer, bn)
         node.replace_all_uses_with(prev)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant.modules import QuantLayer
+from ..quant.modules import QuantLayer, out_channels
 from ..sync import active, add_up
 from ..typed import tensor_attr
 from .means import position_rows
@@ -41,23 +41,11 @@ _KEYS = ("q", "y", "qq", "qy")
 
 def can_scale(layer: QuantLayer) -> bool:
     """Whether ``layer``'s weight scale is one per output channel (so an output channel can
-    be rescaled by its scale alone)."""
-    inner = layer.layer
-    out = out_channels(inner)
-    axis_ok = layer.spec.axis == (1 if _transposed(inner) else 0)
-    groups_ok = not _transposed(inner) or getattr(inner, "groups", 1) == 1
-    per_output = layer.weight_scale.numel() == out
-    return bool(layer.spec.per_channel) and axis_ok and groups_ok and per_output
-
-
-def _transposed(layer: nn.Module) -> bool:
-    return bool(getattr(layer, "transposed", False))
-
-
-def out_channels(layer: nn.Module) -> int:
-    """Output channels of a Conv / ConvTranspose / Linear."""
-    w = tensor_attr(layer, "weight")
-    return int(w.shape[1] * getattr(layer, "groups", 1) if _transposed(layer) else w.shape[0])
+    be rescaled by its scale alone): per-channel weights (on the output-channel axis,
+    :func:`ptqkit.quant.modules.weight_axis`), not a grouped transposed conv (whose scales
+    are shared by ``groups`` output channels)."""
+    per_channel = bool(layer.spec.per_channel)
+    return per_channel and layer.weight_scale.numel() == out_channels(layer.layer)
 
 
 class Paired:
@@ -135,4 +123,4 @@ def rescale(layer: QuantLayer, a: torch.Tensor, shift: torch.Tensor) -> None:
     layer.refresh()  # the dequantized weight (q - z)·s·a, and bias_q selected
 
 
-__all__ = ["SCALE_BOUNDS", "Paired", "bias_q", "can_scale", "out_channels", "pair", "rescale"]
+__all__ = ["SCALE_BOUNDS", "Paired", "bias_q", "can_scale", "pair", "rescale"]

@@ -47,12 +47,15 @@ from ..errors import DataError, ModelError
 from ..graph import activation_bounds, input_channel_view, is_flatten_1
 from ..info import PTQInfo
 from ..progress import progress
-from ..quant.modules import ActQuant, QuantLayer, float_mode, quant_layers
+from ..quant.modules import ActQuant, QuantLayer, float_mode, out_channels, quant_layers
 from ..sync import add_up, empty_shard, from_data, guard
 from ..typed import submodule, target_name
 from ..walk import batches, can_propagate, layer_order, propagate, run_until, stop_after
-from .affine import Paired, bias_q, can_scale, out_channels, pair, rescale
+from .affine import Paired, bias_q, can_scale, pair, rescale
 from .means import FloatMeans, Mean, over_ranks
+
+#: the modes that read the calibration data (and so the tap of the calibration pass)
+DATA_MODES = ("empirical", "affine", "auto")
 
 
 def _shift(
@@ -156,10 +159,9 @@ def _empirical(
         def visit(name: str, layer: QuantLayer, inputs: Any, outputs: Any) -> Any:
             next(bar, None)
             got, paired = Mean(), pairs(name)
-            for y in outputs():
-                got.add(y, layer.layer)
-            if paired is not None:
-                pair(paired, outputs(), picks[name], layer.layer)
+            record = _recorder(got, paired, picks[name])
+            for y in outputs():  # one read of each cached (maybe spilled) output
+                record(layer, None, y)
             over_ranks(f"bias correction: {name}", {name: got})
             return correct(name, got, paired)
 
@@ -199,7 +201,7 @@ def _empirical(
 
 def _recorder(got: Mean, paired: Paired | None, picks: list[Any]) -> Any:
     """A forward hook adding each batch's output to ``got`` and, paired with that batch's
-    float rows, to ``paired``."""
+    float rows, to ``paired`` (also called directly on the engine's cached outputs)."""
     seen = [0]  # batches run so far: the index of the float rows to pair with
 
     def hook(m: QuantLayer, _: Any, y: Any) -> None:
@@ -337,7 +339,7 @@ def float_means_tap(qmodel: nn.Module, config: PTQConfig) -> FloatMeans | None:
     """What empirical bias correction takes from the calibration pass (its *tap*): the float
     layers' per-channel output means over the first ``samples`` samples, so that it runs no
     float pass of its own; ``None`` for the other modes."""
-    if config.bias_correction not in ("empirical", "affine", "auto"):
+    if config.bias_correction not in DATA_MODES:
         return None
     if config.bias_correction == "auto" and not can_propagate(qmodel):
         return None  # it will not run (see correct_bias)
@@ -386,4 +388,4 @@ def correct_bias(
     return qmodel
 
 
-__all__ = ["clipped_normal_mean", "correct_bias", "float_means_tap"]
+__all__ = ["DATA_MODES", "clipped_normal_mean", "correct_bias", "float_means_tap"]

@@ -86,6 +86,7 @@ class FloatMeans:
     def __init__(self, model: nn.Module, samples: int, rows: int = 0) -> None:
         self.model, self.samples, self.rows = model, samples, rows
         self.layers = quant_layers(model)
+        self.index = {n: i for i, n in enumerate(self.layers)}  # seeds the row sampling
         self.means = {n: Mean() for n in self.layers}
         self.feeds: list[Batch] = []  # the recorded batches, on the model's device
         self.order: list[str] = []  # the layers in the order they first ran
@@ -126,7 +127,7 @@ class FloatMeans:
         rows on every run and rank)."""
         yr = position_rows(y.detach(), self.layers[name].layer)
         k = min(yr.shape[1], max(1, self.rows // self.samples))
-        seed = list(self.layers).index(name) * 100_003 + len(self.picks[name])
+        seed = self.index[name] * 100_003 + len(self.picks[name])
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(yr.shape[1], generator=gen)[:k].sort().values.to(y.device)
         return idx, yr[:, idx].float()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import QuantSpec
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ModelError
 from ..typed import optional_tensor_attr, tensor_attr
 from .primitives import dequantize, fake_quant, qparams, quantize
 
@@ -51,6 +51,15 @@ def weight_axis(layer: nn.Module) -> int:
     grouped transposed conv, axis 1 holds ``out/groups`` channels: scale ``j`` serves the output
     channels ``j, j + out/groups, ...`` (one per group), which ONNX ``DequantizeLinear`` can say."""
     return 1 if isinstance(layer, TRANSPOSED_LAYERS) else 0
+
+
+def out_channels(layer: nn.Module) -> int:
+    """Output channels of a Conv / ConvTranspose / Linear (a transposed conv's weight holds
+    ``out/groups`` of them on axis 1)."""
+    if not isinstance(layer, WEIGHT_LAYERS):
+        raise ModelError(f"{type(layer).__name__} has no output channels ptqkit knows")
+    w = tensor_attr(layer, "weight")
+    return int(w.shape[1] * layer.groups if isinstance(layer, TRANSPOSED_LAYERS) else w.shape[0])
 
 
 class _DequantizeLinear(torch.autograd.Function):

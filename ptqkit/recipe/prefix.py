@@ -34,6 +34,7 @@ from ..calibrate.calibrators import check_calibration, make_calibrator
 from ..calibrate.session import AUTO_OBSERVER, observe_all, set_ranges
 from ..calibrate.stats import HistogramStats
 from ..config import PTQConfig
+from ..correct.bias import DATA_MODES
 from ..errors import ConfigError
 from ..info import PTQInfo
 from ..pipeline import STAGES, attach
@@ -41,8 +42,6 @@ from ..stage import Context, run_stages, tapping
 
 #: the stages a prefix runs (in :data:`ptqkit.pipeline.STAGES` order, calibrate last)
 PREFIX_STAGES = ("capture", "cle", "smoothquant", "calibrate")
-#: the bias-correction modes that read the tap (float means, rows, recorded batches)
-DATA_BC = ("empirical", "affine", "auto")
 #: config fields a prefix depends on; recipes that agree on them share one prefix
 PREFIX_FIELDS = (
     "weights",
@@ -162,7 +161,7 @@ def quantize_from(prefix: Prefix, config: PTQConfig) -> nn.Module:
         config=config,
         info=info,
         ref=src.ref,
-        taps=copy.deepcopy(src.taps) if config.bias_correction in DATA_BC else {},
+        taps=copy.deepcopy(src.taps) if config.bias_correction in DATA_MODES else {},
     )
     ctx.qmodel = qmodel
     t = time.perf_counter()
