@@ -78,9 +78,19 @@ def export_fp32(model: torch.nn.Module, path: Path, example: torch.Tensor) -> Pa
     return path
 
 
-def ort_quantize(fp32: Path, out: Path, calib: list[torch.Tensor], method: str = "MinMax") -> Path:
+def ort_quantize(
+    fp32: Path,
+    out: Path,
+    calib: list[torch.Tensor],
+    method: str = "MinMax",
+    reduce_range: bool = False,
+) -> Path:
     """ONNX Runtime's ``quantize_static`` after its recommended ``quant_pre_process``;
-    ``method`` names its ``CalibrationMethod`` (MinMax, Entropy, Percentile, Distribution)."""
+    ``method`` names its ``CalibrationMethod`` (MinMax, Entropy, Percentile, Distribution).
+    ``reduce_range``: 7-bit weights, ONNX Runtime's documented remedy for the saturation of its
+    u8s8 kernels on x86 CPUs with AVX2 but without VNNI (measured on resnet_fmnist on this
+    machine: 86.25% top-1 with 8-bit weights, 92.2% with reduce_range, 92.3% when the same
+    QDQ file runs with graph optimizations off, i.e. without the int8 kernels)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -109,6 +119,7 @@ def ort_quantize(fp32: Path, out: Path, calib: list[torch.Tensor], method: str =
         Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
+        reduce_range=reduce_range,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod[method],

@@ -40,9 +40,12 @@ Per-layer optimization (the cost that remains; same algorithm, cheaper steps):
   rows (:class:`ptqkit.correct.recon.GramObjective`): an exact full-batch gradient per step, for
   ``O·k²`` instead of ``2·B·k·O``;
 * mini-batches are slices of the rows shuffled once, visited in a new random order each epoch
-  (each row once per epoch, no per-step gather, instead of rows drawn with replacement);
-* the steps of a layer with fewer than ``SMALL_STEP`` multiply-adds per step (every layer of
-  the small CNNs) run on one thread (see :func:`_threads`; the thread count is restored after);
+  (each row once per epoch, no per-step gather, instead of rows drawn with replacement); a
+  depthwise layer (9 weights per channel) steps on ``depthwise_rows_per_step`` (256) rows instead
+  of ``rows_per_step`` (1,024);
+* the steps of a layer with fewer than ``SMALL_STEP`` multiply-adds per step (the Gram-matrix
+  steps of small layers) run on one thread (see :func:`_threads`; the thread count is restored
+  after); larger ones use the caller's threads;
 * early stop (``AdaRoundOptions.early_stop``, on by default): once the regularizer is on and
   every ``h`` is exactly 0 or 1, both gradients are zero and the rounding is decided; the
   layer's optimization ends there (``steps`` in the report).
@@ -88,17 +91,21 @@ def _activation(qmodel: nn.Module, name: str) -> Bounds:
 
 
 #: multiply-adds per step below which a layer's optimization runs on one thread
-SMALL_STEP = 1 << 26
+SMALL_STEP = 1 << 18
 
 
 @contextmanager
 def _threads(n: int | None) -> Iterator[None]:
     """Within the block, torch's intra-op threads are ``n`` (unchanged for ``None``; restored on
-    exit). A layer's step is ~40 tensor operations of ~10⁴-10⁵ elements: with several threads
-    each parallel one waits for every thread, which on a loaded machine costs far more than the
-    work. Measured on a 2-core machine under load (a 16→32 3×3 conv, 8,192 rows, 200 steps):
-    0.57 s on one thread, 8.2 s on two; the test suite runs single-threaded for the same reason.
-    Layers with at least :data:`SMALL_STEP` multiply-adds per step keep the caller's threads."""
+    exit). A layer's step is ~40 tensor operations of ~10³-10⁶ elements: with several threads
+    each parallel one waits for every thread. On an otherwise idle 2-core machine, two threads
+    are faster for every row-based step of MobileNetV2-style (W4A8, 500 steps/layer: 24.3 s of
+    optimization on one thread, 16.5 s with the Gram steps of fewer than ``2¹⁸`` multiply-adds
+    on one thread and the others on two); on a loaded machine they can be far slower (a 16→32
+    3×3 conv, 8,192 rows, 200 steps, under load: 0.57 s on one thread, 8.2 s on two), which is
+    why the test suite runs single-threaded. The choice depends on the layer's size only, so
+    the result does not depend on the load. Layers with at least :data:`SMALL_STEP`
+    multiply-adds per step keep the caller's threads."""
     before = torch.get_num_threads()
     if n is None or n == before:
         yield
@@ -134,7 +141,9 @@ def round_layer(
     g = x.shape[1]
     r = SoftRounding(layer, scale, zp)
     exact = RowObjective(x, target, bias, bounds, g, x.shape[0], seed)  # the losses reported
-    goal = objective(x, target, bias, bounds, g, opts.rows_per_step, seed)
+    depthwise = g > 1 and g == target.shape[1]  # one output channel per group
+    per_step = opts.depthwise_rows_per_step if depthwise else opts.rows_per_step
+    goal = objective(x, target, bias, bounds, g, per_step, seed)
     nearest = exact.loss(r.dequant(r.nearest_q))
     steps = iters
     with _threads(1 if goal.step_macs < SMALL_STEP else None):

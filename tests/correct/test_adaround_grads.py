@@ -142,3 +142,74 @@ def test_small_layers_run_single_threaded_and_the_thread_count_is_restored():
         torch.set_num_threads(before)
     assert seen and set(seen) == {1}
     assert losses["adaround"] <= losses["nearest"]
+
+
+def test_large_layers_keep_the_callers_threads():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64)
+    layer = QuantLayer(lin, W4)
+    w = layer.weight_fp
+    scale, zp = qparams(w.amin(1), w.amax(1), layer.spec)
+    x = torch.randn(1024, 128)
+    y = torch.relu(x @ w.T + lin.bias).detach()
+    bounds = (torch.tensor(0.0), torch.tensor(float("inf")))
+    assert ar.SMALL_STEP <= 2 * 1024 * 128 * 64  # multiply-adds of one step
+    seen = []
+    before = torch.get_num_threads()
+    real = ar.adam_step
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    try:
+        torch.set_num_threads(2)
+        ar.adam_step = spy
+        ar.round_layer(layer, scale, zp, x.unsqueeze(1), y, bounds, 5, 0)
+    finally:
+        ar.adam_step = real
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}
+
+
+@pytest.mark.parametrize(
+    "conv,depthwise",
+    [(nn.Conv2d(6, 6, 3, groups=6), True), (nn.Conv2d(4, 8, 1, groups=2), False)],
+)
+def test_depthwise_layers_step_on_their_own_row_count(conv, depthwise):
+    layer, scale, zp, x, y, _ = _setup(conv, n=600)
+    seen = []
+    real = ar.objective
+
+    def spy(*a):
+        seen.append(a[5])  # rows per step
+        return real(*a)
+
+    opts = AdaRoundOptions(rows_per_step=500, depthwise_rows_per_step=100)
+    ar.objective = spy
+    try:
+        bounds = (torch.tensor(0.0), torch.tensor(6.0))
+        ar.round_layer(layer, scale, zp, x, y, bounds, 5, 0, opts)
+    finally:
+        ar.objective = real
+    assert seen == [100 if depthwise else 500]
+
+
+def test_fused_adam_step_equals_the_written_out_one(monkeypatch):
+    from ptqkit.correct import rounding
+
+    if rounding.FUSED_ADAM is None:
+        pytest.skip("this PyTorch has no fused Adam kernel")
+    layer, scale, zp, *_ = _setup(nn.Conv2d(4, 6, 3))
+    fused, plain = SoftRounding(layer, scale, zp), SoftRounding(layer, scale, zp)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(200):
+        grad = torch.randn(fused.v.shape, generator=gen) * (t % 7 + 0.1)
+        rounding.adam_step(fused, grad, 0.01)
+        with monkeypatch.context() as m:
+            m.setattr(rounding, "FUSED_ADAM", None)
+            rounding.adam_step(plain, grad, 0.01)
+    assert fused.t == plain.t == 200
+    assert torch.allclose(fused.v, plain.v, atol=1e-5)
+    assert torch.allclose(fused.m2, plain.m2, rtol=1e-5)
+    assert not torch.equal(fused.v, SoftRounding(layer, scale, zp).v)  # it moved

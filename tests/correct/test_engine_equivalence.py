@@ -200,7 +200,14 @@ def test_keyword_batches_equal_prefix_reruns(digits_data):
 
 @pytest.mark.parametrize(
     "bad",
-    [{"beta": (20.0,)}, {"reg": -1.0}, {"warmup": 1.0}, {"max_rows": 0}, {"lr": float("nan")}],
+    [
+        {"beta": (20.0,)},
+        {"reg": -1.0},
+        {"warmup": 1.0},
+        {"max_rows": 0},
+        {"lr": float("nan")},
+        {"depthwise_rows_per_step": 0},
+    ],
 )
 def test_adaround_options_are_validated(bad):
     with pytest.raises(ptqkit.ConfigError, match="AdaRoundOptions"):
