@@ -48,9 +48,11 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+#: the environment this script was started in: what the timed rows' processes get (see run_job)
+CALLER_ENV = dict(os.environ)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # this process only: its FP32 latencies
 
-import torch
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -242,14 +244,21 @@ def worker(job: dict) -> dict:
     return res
 
 
-def run_job(job: dict, timeout: float, env: dict | None = None) -> dict:
+def run_job(job: dict, timeout: float, memory: bool = False) -> dict:
     """``job`` in a fresh process: its result, or ``{"error": why}``.
 
-    The table's rows run in the caller's environment (``env=None``): what a user's process
-    gets. Only the memory-flatness rows pass :data:`PROBE_ENV`, whose fixed glibc mmap threshold
-    makes RSS follow live memory but makes every allocation of 128 KiB and more a fresh
-    ``mmap`` (page faults): measured, it slowed ptqkit's W4A8 AdaRound on MobileNetV2-style
-    from 24 s to 73 s, and it was the environment of every timed row before."""
+    The table's rows run in the environment this script was started in (:data:`CALLER_ENV`),
+    what a user's process gets: no ``OMP_WAIT_POLICY=PASSIVE`` (sleeping OpenMP threads: measured,
+    W4A8 AdaRound on MobileNetV2-style 20.3 s instead of 15.5 s) and no fixed mmap threshold.
+    Only the memory-flatness rows (``memory``) run with :data:`PROBE_ENV`'s fixed glibc mmap
+    threshold, which makes RSS follow live memory but makes every allocation of 128 KiB and
+    more a fresh ``mmap`` (page faults): measured, it slowed the same AdaRound from 24 s to 73 s.
+    Both were the environment of every timed row before."""
+    env = (
+        {**CALLER_ENV, "MALLOC_MMAP_THRESHOLD_": PROBE_ENV["MALLOC_MMAP_THRESHOLD_"]}
+        if memory
+        else CALLER_ENV
+    )
     cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
     t0 = time.perf_counter()
     try:
@@ -490,7 +499,7 @@ def bench_memory(args, out: Path) -> list[dict]:
             ),
         ):
             log(f"[memory] {tool} {n} samples")
-            r = run_job({**base, "tool": tool, **job}, args.timeout, PROBE_ENV)
+            r = run_job({**base, "tool": tool, **job}, args.timeout, memory=True)
             res.append({"tool": tool, "samples": n, **r})
     return res
 
