@@ -183,7 +183,8 @@ class _Store:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _placeholder_values(gm: fx.GraphModule, feeds: list[Batch]) -> dict[fx.Node, list[Any]]:
+def placeholder_values(gm: fx.GraphModule, feeds: list[Batch]) -> dict[fx.Node, list[Any]]:
+    """Each placeholder's value on each batch of ``feeds`` (its default where not passed)."""
     sig = inspect.signature(gm.forward)
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out: dict[fx.Node, list[Any]] = {n: [] for n in holders}
@@ -240,7 +241,7 @@ def propagate(
     store = _Store(budget)
     seen: list[str] = []
     try:
-        for n, vals in _placeholder_values(gm, feeds).items():
+        for n, vals in placeholder_values(gm, feeds).items():
             store.put(n, vals)
             if n not in last_use:
                 store.free(n)
@@ -292,6 +293,7 @@ __all__ = [
     "batches",
     "can_propagate",
     "layer_order",
+    "placeholder_values",
     "propagate",
     "run_until",
     "stop_after",

@@ -180,6 +180,15 @@ def _adaround(
         info.details["adaround"] = {"layers": {}}
         return qmodel
     opts = config.adaround_options
+    if opts.granularity == "block":
+        why = "runs on one process only (torch.distributed is active)" if active() else None
+        if why is None:
+            from .brecq import reconstruct_blocks
+
+            why = reconstruct_blocks(qmodel, data, config, info)
+            if why is None:
+                return qmodel
+        info.warn(f"Block reconstruction not possible: {why}; AdaRound rounds layer by layer")
     empty = empty_shard(data)  # this rank has no data (torch.distributed): it only follows
     traced = can_propagate(qmodel)  # the order is read off the graph, not the data
     order = list(layers) if empty and not traced else layer_order(qmodel, data, config)
