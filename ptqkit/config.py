@@ -91,15 +91,6 @@ class BiasCorrectionOptions:
         samples: the per-channel means are taken over (at most) the first this many
             calibration samples.
         memory_budget: bytes of cached layer inputs kept in memory; past it they spill to disk.
-        granularity: ``"layer"`` (AdaRound: each layer's rounding fitted to its own output) or
-            ``"block"`` (BRECQ, :mod:`ptqkit.correct.brecq`: the roundings of a block's layers
-            fitted jointly to the block's output; a model that cannot be cut into blocks is
-            rounded layer by layer, with a warning).
-        block_layers: ``"block"``: most layers per block when a chain of layers is grouped (a
-            residual block is one block whatever its size).
-        block_batch: ``"block"``: samples per optimization step.
-        block_samples: ``"block"``: calibration samples used (their values at the current
-            block's input are kept in memory, float and quantized).
         rows: ``"affine"`` only: output positions per layer, sampled over those samples, at
             which the float and quantized outputs are paired to fit each channel's scale
             (memory: ``rows × channels`` floats per layer, kept from the calibration pass).
