@@ -22,10 +22,11 @@ Not from the paper: the output loss is the plain squared error, not BRECQ's Fish
 pass over the calibration samples, block after block (``O(depth)``); memory: the two streams'
 values at the current block input, for at most ``block_samples`` samples.
 
-Measured (W4A8, default config + AdaRound, 500 steps per block, seed 0, 10,000 test images, this
-2-core machine): MobileNetV2-style drop 0.33 in 90 s (layer by layer: 0.07-0.18 in 15-24 s),
-ResNet-style 0.19 in 44 s (layer by layer: 0.08). At AdaRound's step count it is slower and not
-better on these models; BRECQ's own setting is 20,000 steps per block.
+Measured (``python bench/run_all.py --models resnet_fmnist,mobilenetv2_fmnist --rows AdaRound``,
+bench/ADAROUND.md; W4A8, default config, 500 steps per block, seed 0, 10,000 test images, 2
+cores): MobileNetV2-style drop 0.33 in 110 s (layer by layer: 0.07-0.18 in 15-18 s over 3
+seeds), ResNet-style 0.19 in 51 s (layer by layer: 0.08-0.22 in 8 s). At AdaRound's step count
+it is slower and not better on these models; BRECQ's own setting is 20,000 steps per block.
 """
 
 from __future__ import annotations
