@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 from .calibrate import CALIBRATORS, register_calibrator
-from .config import PTQConfig, QuantSpec
+from .config import AdaRoundOptions, BiasCorrectionOptions, PTQConfig, QuantSpec
 from .errors import (
     CalibrationError,
     ConfigError,
@@ -57,7 +57,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CALIBRATORS",
+    "AdaRoundOptions",
     "Advice",
+    "BiasCorrectionOptions",
     "CalibrationError",
     "Comparison",
     "ConfigError",

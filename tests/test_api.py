@@ -36,3 +36,12 @@ def test_evaluate_is_a_function_before_and_after_importing_every_submodule():
 def test_evaluate_signature_in_process():
     sig = inspect.signature(ptqkit.evaluate)
     assert "data" in sig.parameters and "metric" in sig.parameters
+
+
+def test_stage_options_are_public_and_accepted_by_the_config():
+    opts = ptqkit.AdaRoundOptions(granularity="block", block_layers=2)
+    cfg = ptqkit.PTQConfig(adaround=True, adaround_options=opts)
+    assert cfg.adaround_options is opts
+    assert ptqkit.PTQConfig.from_dict(cfg.to_dict()) == cfg
+    bc = ptqkit.BiasCorrectionOptions()
+    assert ptqkit.PTQConfig(bias_correction_options=bc).bias_correction_options == bc
