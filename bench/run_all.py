@@ -382,38 +382,20 @@ def bench_model(name: str, args, out: Path) -> dict:
         )
         # what PTQConfig(weights=W4, adaround=True) gives: mse activation ranges, AdaRound, then
         # scale-and-bias correction; three seeds (AdaRound's row sampling and mini-batches),
-        # since one seed's drop differs from another's by ~0.1 point on 10,000 images
-        for seed in (0, 1, 2):
+        # since one seed's drop differs from another's by ~0.1 point on 10,000 images; then block
+        # reconstruction (BRECQ) instead of layer-wise, same step count
+        w4 = {"calibrator": "mse", "bias_correction": "auto", "w4": True, "adaround": True}
+        runs = [(f"({iters} it/layer), seed {k}", {"seed": k}) for k in (0, 1, 2)]
+        runs.append((f"block-wise (BRECQ, {iters} it/block), seed 0", {"granularity": "block"}))
+        for what, extra in runs:
             add(
-                f"ptqkit W4A8 default + AdaRound ({iters} it/layer), seed {seed}",
+                f"ptqkit W4A8 default + AdaRound {what}",
                 "ptqkit",
                 "simulated (PyTorch)",
-                {
-                    "calibrator": "mse",
-                    "bias_correction": "auto",
-                    "w4": True,
-                    "adaround": True,
-                    "adaround_iters": iters,
-                    "seed": seed,
-                },
+                {**w4, "adaround_iters": iters, **extra},
                 timeout=args.adaround_timeout,
                 quick=False,
             )
-        add(  # block reconstruction (BRECQ) instead of layer-wise, same step count
-            f"ptqkit W4A8 default + AdaRound block-wise (BRECQ, {iters} it/block), seed 0",
-            "ptqkit",
-            "simulated (PyTorch)",
-            {
-                "calibrator": "mse",
-                "bias_correction": "auto",
-                "w4": True,
-                "adaround": True,
-                "adaround_iters": iters,
-                "granularity": "block",
-            },
-            timeout=args.adaround_timeout,
-            quick=False,
-        )
     for m in ORT_METHODS:
         add(
             f"ORT quantize_static QDQ {m}",
