@@ -79,3 +79,17 @@ def test_run_job_times_the_example_it_is_given(digits_cnn, calib_batches):
 def test_run_job_is_public():
     assert ptqkit.run_job is run_job
     assert ptqkit.JobResult.__name__ == "JobResult"
+
+
+@pytest.mark.parametrize(
+    "fp32,int8,text",
+    [
+        (12.69, 10.02, "int8 kernels, 1.27x faster"),
+        (9.34, 12.68, "int8 kernels, 1.36x slower than FP32 on this machine"),
+        (9.0, 0.0, ""),
+    ],
+)
+def test_the_latency_line_says_slower_when_int8_is_slower(fp32, int8, text):
+    from ptqkit.job import _speed
+
+    assert _speed(fp32, int8) == text
