@@ -103,8 +103,11 @@ def measured(fn) -> tuple[object, float, float]:
 
 
 def ptq_config(job: dict) -> ptqkit.PTQConfig:
-    kw = {"calibration": job.get("calibrator", "minmax"), "progress": False}
-    kw["seed"] = job.get("seed", 0)
+    kw = {
+        "calibration": job.get("calibrator", "minmax"),
+        "progress": False,
+        "seed": job.get("seed", 0),
+    }
     # explicit: PTQConfig()'s default is bias_correction="auto" since issue 14; a row without it
     # is the calibrator alone
     kw["bias_correction"] = job.get("bias_correction", False)

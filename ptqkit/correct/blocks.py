@@ -25,10 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import fx
+from torch import fx, nn
 
-from ..quant.modules import QuantLayer, quant_layers
+from ..quant.modules import quant_layers
 
 
 @dataclass
@@ -107,10 +106,10 @@ def run(
     gm: fx.GraphModule,
     block: Block,
     x: Any,
-    call: Callable[[fx.Node, Any, tuple, dict], Any] | None = None,
+    call: Callable[[nn.Module, tuple, dict], Any] | None = None,
 ) -> Any:
     """The output of ``block`` on input value ``x`` (the block's nodes run in order, as the
-    graph module would run them). ``call(node, module, args, kwargs)``, when given, runs the
+    graph module would run them). ``call(module, args, kwargs)``, when given, runs the
     ``call_module`` nodes instead of the module itself."""
     interp = fx.Interpreter(gm)
     env: dict[fx.Node, Any] = {block.source: x}
@@ -128,22 +127,10 @@ def run(
             continue
         args, kwargs = fx.node.map_arg(n.args, load), fx.node.map_arg(n.kwargs, load)
         if n.op == "call_module" and call is not None:
-            env[n] = call(n, gm.get_submodule(str(n.target)), args, kwargs)
+            env[n] = call(gm.get_submodule(str(n.target)), args, kwargs)
         else:
             env[n] = getattr(interp, n.op)(n.target, args, kwargs)
     return env[block.nodes[-1]]
 
 
-def layers_of(gm: fx.GraphModule, block: Block) -> dict[str, QuantLayer]:
-    found = quant_layers(gm)
-    return {n: found[n] for n in block.layers}
-
-
-def as_batch(values: list[Any]) -> torch.Tensor | None:
-    """The per-batch values of a cut as one tensor (``None`` if they are not tensors)."""
-    if not values or not all(isinstance(v, torch.Tensor) for v in values):
-        return None
-    return torch.cat([v.detach() for v in values])
-
-
-__all__ = ["Block", "as_batch", "layers_of", "run", "split", "why_not"]
+__all__ = ["Block", "run", "split", "why_not"]

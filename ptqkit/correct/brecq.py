@@ -41,27 +41,32 @@ from ..calibrate.weights import weight_range
 from ..config import PTQConfig
 from ..info import PTQInfo
 from ..progress import progress
-from ..quant.modules import ActQuant, float_mode
+from ..quant.modules import ActQuant, float_mode, quant_layers
 from ..quant.primitives import qparams
 from ..walk import batches, placeholder_values
-from .blocks import Block, as_batch, layers_of, run, split
-from .rounding import GAMMA, ZETA, SoftRounding, adam_step, beta_at, settled
+from .blocks import Block, run, split, why_not
+from .rounding import SoftRounding, adam_step, beta_at, h_of, penalty, settled
+
+#: samples per forward pass when a block runs on all the samples (no gradient)
+CHUNK = 64
 
 
 def _soft_weight(r: SoftRounding) -> tuple[torch.Tensor, torch.Tensor]:
     """``W̃(V)`` and ``h(V)``, differentiable in ``r.v``."""
-    h = torch.clamp(torch.sigmoid(r.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
-    q = torch.clamp(r.base + h, r.spec.qmin, r.spec.qmax)
-    return (q - r.z) * r.s, h
+    h = h_of(r.v)
+    return r.dequant(torch.clamp(r.base + h, r.spec.qmin, r.spec.qmax)), h
 
 
-def _straight_through(node: fx.Node, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+def _straight_through(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Run a module of the block; an activation quantizer passes the gradient straight through
     inside its grid (zero outside), with the forward value of its own ``fake_quant``."""
     x = args[0] if args else None
-    quantizer = isinstance(module, ActQuant) and module.mode == "quant"
-    if quantizer and isinstance(x, torch.Tensor) and torch.is_floating_point(x):
-        assert isinstance(module, ActQuant)
+    if (
+        isinstance(module, ActQuant)
+        and module.mode == "quant"
+        and isinstance(x, torch.Tensor)
+        and torch.is_floating_point(x)
+    ):
         return _ste(module, x)
     return module(*args, **kwargs)
 
@@ -91,13 +96,16 @@ def _inputs(
     if not feeds:
         return "the calibration data has no batch"
     values = placeholder_values(gm, feeds)
-    used = [n for n in values if n.users]
-    x = as_batch(values[used[0]]) if len(used) == 1 else None
-    return "the model's input is not a single tensor" if x is None else x
+    used = [values[n] for n in values if n.users]
+    if len(used) != 1 or not all(isinstance(v, torch.Tensor) for v in used[0]):
+        return "the model's input is not a single tensor"
+    return torch.cat([v.detach() for v in used[0]])
 
 
-def _chunks(x: torch.Tensor, n: int = 64) -> Iterable[torch.Tensor]:
-    return x.split(n)
+def _run_all(gm: fx.GraphModule, block: Block, x: torch.Tensor) -> torch.Tensor:
+    """``block`` on all the samples ``x``, without gradients, :data:`CHUNK` at a time."""
+    with torch.no_grad():
+        return torch.cat([run(gm, block, c) for c in x.split(CHUNK)])
 
 
 def _fit(
@@ -107,10 +115,12 @@ def _fit(
     target: torch.Tensor,
     config: PTQConfig,
     seed: int,
-) -> dict[str, Any]:
-    """Learn the roundings of ``block``'s layers; sets their integer weights."""
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Learn the roundings of ``block``'s layers and set their integer weights; returns the
+    record and the block's output on ``x_q`` with those weights."""
     opts = config.adaround_options
-    layers = layers_of(gm, block)
+    found = quant_layers(gm)
+    layers = {n: found[n] for n in block.layers}
     roundings: dict[str, tuple[SoftRounding, torch.Tensor, torch.Tensor]] = {}
     for name, layer in layers.items():
         lo, hi = weight_range(layer, config.weight_calibration)
@@ -136,14 +146,9 @@ def _fit(
             layer.layer._buffers["weight"] = w.to(layer.weight_fp.dtype)
         return hs
 
-    def exact() -> float:  # the reconstruction loss on all samples, as the weights are now
-        with torch.no_grad():
-            out = torch.cat([run(gm, block, c) for c in _chunks(x_q)])
-            return float(_loss(out, target))
-
     with torch.no_grad():
         install(soft=False)
-    nearest = exact()
+    nearest = float(_loss(_run_all(gm, block, x_q), target))
     steps = config.adaround_iters
     for t in range(config.adaround_iters):
         if settled(t, config.adaround_iters, opts, rs):
@@ -154,7 +159,7 @@ def _fit(
         hs = install(soft=True)
         loss = _loss(run(gm, block, x_q[pick], _straight_through), target[pick])
         if beta is not None and opts.reg > 0:
-            loss = loss + opts.reg * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in hs)
+            loss = loss + opts.reg * sum(penalty(h, beta) for h in hs)
         grads = torch.autograd.grad(loss, [r.v for r in rs])
         with torch.no_grad():
             for r, g in zip(rs, grads, strict=True):
@@ -163,13 +168,15 @@ def _fit(
         r, scale, zp = roundings[name]
         r.v.requires_grad_(False)
         layer.set_quantized(r.hard(), scale, zp)
-    return {
+    out = _run_all(gm, block, x_q)
+    record = {
         "layers": list(layers),
         "nearest": nearest,
-        "adaround": exact(),
+        "adaround": float(_loss(out, target)),
         "steps": steps,
         "samples": n,
     }
+    return record, out
 
 
 def reconstruct_blocks(
@@ -183,8 +190,6 @@ def reconstruct_blocks(
     opts = config.adaround_options
     blocks = split(qmodel, opts.block_layers)
     if blocks is None:
-        from .blocks import why_not
-
         return str(why_not(qmodel))
     x = _inputs(qmodel, data, config, opts.block_samples)
     if isinstance(x, str):
@@ -192,11 +197,10 @@ def reconstruct_blocks(
     x_q, x_f = x, x
     report = []
     for k, block in enumerate(progress(blocks, config.progress, "block reconstruction")):
-        with torch.no_grad(), float_mode(qmodel):
-            y_f = torch.cat([run(qmodel, block, c) for c in _chunks(x_f)])
-        report.append(_fit(qmodel, block, x_q, y_f, config, config.seed + k))
-        with torch.no_grad():
-            x_q = torch.cat([run(qmodel, block, c) for c in _chunks(x_q)])
+        with float_mode(qmodel):
+            y_f = _run_all(qmodel, block, x_f)
+        record, x_q = _fit(qmodel, block, x_q, y_f, config, config.seed + k)
+        report.append(record)
         x_f = y_f
     layers: dict[str, Any] = {}
     for k, rec in enumerate(report):

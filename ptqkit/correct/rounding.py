@@ -51,6 +51,11 @@ def h_of(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
+def penalty(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """The rounding regularizer without its weight: ``Σ (1 - |2h - 1|^β)`` (differentiable)."""
+    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
 class SoftRounding:
     """``V`` and the fixed parts (``⌊W/s⌋``, ``s``, ``z``) of one layer's learned rounding.
 
@@ -109,7 +114,7 @@ class SoftRounding:
         return g.mul_(dh)
 
     def regularizer(self, beta: float) -> float:
-        return float((1 - (2 * h_of(self.v) - 1).abs().pow(beta)).sum())
+        return float(penalty(h_of(self.v), beta))
 
     def undecided(self) -> int:
         """How many ``h`` are strictly between 0 and 1."""
@@ -191,5 +196,6 @@ __all__ = [
     "adam_step",
     "beta_at",
     "h_of",
+    "penalty",
     "settled",
 ]
