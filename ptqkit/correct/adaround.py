@@ -140,10 +140,14 @@ def round_layer(
     bias = layer.bias.detach().float() if layer.bias is not None else None
     g = x.shape[1]
     r = SoftRounding(layer, scale, zp)
-    exact = RowObjective(x, target, bias, bounds, g, x.shape[0], seed)  # the losses reported
     depthwise = g > 1 and g == target.shape[1]  # one output channel per group
     per_step = opts.depthwise_rows_per_step if depthwise else opts.rows_per_step
     goal = objective(x, target, bias, bounds, g, per_step, seed)
+    # the losses reported, on all the rows
+    n = x.shape[0]
+    exact = (
+        goal if isinstance(goal, RowObjective) else RowObjective(x, target, bias, bounds, g, n, 0)
+    )
     nearest = exact.loss(r.dequant(r.nearest_q))
     steps = iters
     with _threads(1 if goal.step_macs < SMALL_STEP else None):

@@ -60,14 +60,21 @@ def gather_patches(conv: nn.Conv2d, x: torch.Tensor, rows: torch.Tensor) -> torc
     h_out = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     w_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    hp, wp = xp.shape[2], xp.shape[3]
+    # whole channel vectors by one index_select on the channels-last batch (a 4-index advanced
+    # gather was 6-9x slower on 3x3 convs): row of tap (i, j) of output position (n, h, w) is
+    # n·Hp·Wp + (h·sh + i·dh)·Wp + w·sw + j·dw
+    flat = xp.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # [N·Hp·Wp, C]
     n, r = rows // (h_out * w_out), rows % (h_out * w_out)
-    hi = (r // w_out)[:, None] * sh + torch.arange(kh, device=x.device) * dh  # [P, kh]
-    wi = (r % w_out)[:, None] * sw + torch.arange(kw, device=x.device) * dw  # [P, kw]
-    c = torch.arange(x.shape[1], device=x.device)
-    p = xp[
-        n[:, None, None, None], c[None, :, None, None], hi[:, None, :, None], wi[:, None, None, :]
-    ]
-    return p.reshape(len(rows), conv.groups, -1)
+    first = n * (hp * wp) + (r // w_out) * (sh * wp) + (r % w_out) * sw  # [P]
+    dev = x.device
+    taps = (torch.arange(kh, device=dev) * (dh * wp))[:, None] + torch.arange(kw, device=dev) * dw
+    p = flat.index_select(0, (first[:, None] + taps.reshape(1, -1)).reshape(-1))
+    return (
+        p.reshape(len(rows), kh * kw, x.shape[1])
+        .transpose(1, 2)
+        .reshape(len(rows), conv.groups, -1)
+    )
 
 
 def patches(conv: nn.Module, x: torch.Tensor, rows: torch.Tensor, per_image: int) -> torch.Tensor:

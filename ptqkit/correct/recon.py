@@ -38,31 +38,51 @@ def _shape(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.reshape(g, w.shape[0] // g, -1)  # [g, O/g, k]
 
 
-def product(w: torch.Tensor, x: torch.Tensor, g: int) -> torch.Tensor:
-    """``W x`` for rows ``x [B, g, k]`` → ``[B, O]``."""
-    wg = _shape(w, g)
+def arrange(x: torch.Tensor, g: int, out_channels: int) -> torch.Tensor:
+    """Rows ``x [B, g, k]`` in the layout :func:`product` takes: ``[B, k]`` for one group (a
+    matmul), ``[B, k, g]`` for depthwise (one output channel per group: the channels innermost,
+    so the products and the sums over ``k`` vectorize over channels; a step at ``g = 192``,
+    ``k = 9``, 256 rows took 1.3 ms as ``[B, g, k]`` and 0.35 ms as ``[B, k, g]``, measured on
+    one thread), ``[B, g, k]`` otherwise."""
     if g == 1:
-        return x[:, 0] @ wg[0].T
-    if wg.shape[1] == 1:
-        return (x * wg[:, 0]).sum(-1)
-    return torch.bmm(x.transpose(0, 1), wg.transpose(1, 2)).transpose(0, 1).reshape(x.shape[0], -1)
+        return x[:, 0]
+    if out_channels == g:
+        return x.transpose(1, 2).contiguous()
+    return x
 
 
-def product_grad(d_out: torch.Tensor, x: torch.Tensor, g: int, w_shape: torch.Size) -> torch.Tensor:
-    """``∂/∂W`` of ``Σ d_out ⊙ (W x)`` for rows ``x [B, g, k]``, ``d_out [B, O]``."""
+def product(
+    w: torch.Tensor, x: torch.Tensor, g: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``W x + b`` for rows ``x`` laid out by :func:`arrange` → ``[B, O]``."""
     if g == 1:
-        return (d_out.T @ x[:, 0]).reshape(w_shape)
+        w2 = w.reshape(w.shape[0], -1)
+        return x @ w2.T if bias is None else torch.addmm(bias, x, w2.T)
+    if w.shape[0] == g:
+        out = (x * w.reshape(g, -1).T.contiguous()).sum(1)  # (a strided [k, g]: 4x slower)
+    else:
+        wg = _shape(w, g)
+        out = torch.bmm(x.transpose(0, 1), wg.transpose(1, 2)).transpose(0, 1)
+        out = out.reshape(x.shape[0], -1)
+    return out if bias is None else out + bias
+
+
+def product_grad(
+    d_out: torch.Tensor, x: torch.Tensor, g: int, w_shape: torch.Size, scale: float
+) -> torch.Tensor:
+    """``scale · ∂/∂W`` of ``Σ d_out ⊙ (W x)`` for rows ``x`` laid out by :func:`arrange`,
+    ``d_out [B, O]``."""
+    if g == 1:
+        return (d_out.T @ x).mul_(scale).reshape(w_shape)
     og = w_shape[0] // g
     if og == 1:
-        return (d_out.unsqueeze(-1) * x).sum(0).reshape(w_shape)
+        return (d_out.unsqueeze(1) * x).sum(0).mul_(scale).T.contiguous().reshape(w_shape)
     d = d_out.reshape(d_out.shape[0], g, og).transpose(0, 1)  # [g, B, O/g]
-    return torch.bmm(d.transpose(1, 2), x.transpose(0, 1)).reshape(w_shape)
+    return torch.bmm(d.transpose(1, 2), x.transpose(0, 1)).mul_(scale).reshape(w_shape)
 
 
 def clip(t: torch.Tensor, bounds: Bounds) -> torch.Tensor:
-    if bounds is None:
-        return t
-    return torch.minimum(torch.maximum(t, bounds[0]), bounds[1])
+    return t if bounds is None else torch.clamp(t, bounds[0], bounds[1])
 
 
 class RowObjective:
@@ -78,21 +98,29 @@ class RowObjective:
         rows_per_step: int,
         seed: int,
     ) -> None:
-        self.x, self.g, self.bias, self.bounds = x, g, bias, bounds
+        self.k = x.shape[-1]
+        self.x = arrange(x, g, target.shape[1])
+        self.g, self.bias, self.bounds = g, bias, bounds
         self.goal = clip(target, bounds)
+        # one (lo, hi) for every channel (ReLU, ReLU6, clamp; not a per-channel clamp): clipped
+        # and masked with floats, the mask by ``hardtanh_backward`` (autograd's kernel for it:
+        # one operation instead of a comparison and a product, 0.016 vs 0.15 ms at 256 x 192)
+        self.flat: tuple[float, float] | None = None
+        if bounds is not None and bounds[0].numel() == 1 and bounds[1].numel() == 1:
+            self.flat = (float(bounds[0]), float(bounds[1]))
         self.n = x.shape[0]
         self.b = min(self.n, rows_per_step)
         self.gen = torch.Generator().manual_seed(seed)
         self.xe, self.ge = x, self.goal
         if self.b < self.n:  # the rows shuffled once (one copy), then cut into mini-batches
             perm = torch.randperm(self.n, generator=self.gen).to(x.device)
-            self.xe, self.ge = x.index_select(0, perm), self.goal.index_select(0, perm)
+            self.xe, self.ge = self.x.index_select(0, perm), self.goal.index_select(0, perm)
         self.slices: list[int] = []
 
     @property
     def step_macs(self) -> int:
         """Multiply-adds per step (forward and gradient)."""
-        return 2 * self.b * self.x.shape[-1] * self.goal.shape[-1]
+        return 2 * self.b * self.k * self.goal.shape[-1]
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.b == self.n:
@@ -102,22 +130,22 @@ class RowObjective:
         a = min(self.slices.pop() * self.b, self.n - self.b)  # the last one ends at row n
         return self.xe[a : a + self.b], self.ge[a : a + self.b]
 
-    def _out(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        pre = product(w, x, self.g)
-        return pre + self.bias if self.bias is not None else pre
-
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         xb, gb = self._batch()
-        pre = self._out(w, xb)
-        d = (clip(pre, self.bounds) - gb).mul_(2.0 / xb.shape[0])
-        if self.bounds is not None:
-            d = d * ((pre > self.bounds[0]) & (pre < self.bounds[1]))
-        return product_grad(d, xb, self.g, w.shape)
+        pre = product(w, xb, self.g, self.bias)
+        if self.flat is not None:  # f' = 1 where the activation does not clip
+            d = torch.ops.aten.hardtanh_backward(pre.clamp(*self.flat) - gb, pre, *self.flat)
+        elif self.bounds is not None:
+            out = clip(pre, self.bounds)
+            d = (out - gb).mul_(out == pre)
+        else:
+            d = pre - gb
+        return product_grad(d, xb, self.g, w.shape, 2.0 / xb.shape[0])
 
     def loss(self, w: torch.Tensor, chunk: int = 8192) -> float:
         total = 0.0
         for a in range(0, self.n, chunk):
-            out = clip(self._out(w, self.x[a : a + chunk]), self.bounds)
+            out = clip(product(w, self.x[a : a + chunk], self.g, self.bias), self.bounds)
             total += float((out - self.goal[a : a + chunk]).pow(2).sum())
         return total / max(1, self.n)
 
@@ -135,6 +163,12 @@ class GramObjective:
         self.h = torch.bmm(xg.transpose(1, 2), xg) / n  # [g, k', k']
         self.c = torch.bmm(yg.transpose(1, 2), xg) / n  # [g, O/g, k']
         self.yy = float(target.double().pow(2).sum() / n)
+        # the gradient's first k columns with the bias folded in (one baddbmm per step):
+        # 2 (W' H - C)[:, :k] = 2 (W H_ww - (C_w - b H_bw))
+        self.h_ww = self.h[:, :k, :k].contiguous()
+        self.c_w = self.c[:, :, :k].contiguous()
+        if bias is not None:
+            self.c_w -= bias.reshape(g, -1, 1) * self.h[:, k:, :k]
 
     @property
     def step_macs(self) -> int:
@@ -148,9 +182,8 @@ class GramObjective:
         return torch.cat([wg, self.bias.reshape(self.g, -1, 1)], -1)
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
-        wa = self._aug(w)
-        d = 2 * (torch.bmm(wa, self.h) - self.c)
-        return d[..., : self.k].reshape(w.shape)
+        d = torch.baddbmm(self.c_w, _shape(w, self.g), self.h_ww, beta=-2, alpha=2)
+        return d.reshape(w.shape)
 
     def loss(self, w: torch.Tensor) -> float:
         wa = self._aug(w)
@@ -174,4 +207,12 @@ def objective(
     return RowObjective(x, target, bias, bounds, g, rows_per_step, seed)
 
 
-__all__ = ["GramObjective", "RowObjective", "clip", "objective", "product", "product_grad"]
+__all__ = [
+    "GramObjective",
+    "RowObjective",
+    "arrange",
+    "clip",
+    "objective",
+    "product",
+    "product_grad",
+]

@@ -78,24 +78,27 @@ class SoftRounding:
         self.m2 = torch.zeros_like(self.v)
         self.t = 0
         self.step = torch.zeros((), device=w.device)  # ``t`` for the fused Adam kernel
-        self.offset = bool((self.z != 0).any())  # an asymmetric grid: ``- z`` in ``W̃``
         self.nearest_q = torch.clamp(torch.round(ws) + self.z, self.spec.qmin, self.spec.qmax)
         # ∂W̃/∂h: s where ⌊W/s⌋ + z + h stays inside the grid for h in (0, 1) (outside it the
         # clamp is flat; at the two edge cases it is flat for every h where ∂h/∂V is not 0)
         inside = (self.base >= self.spec.qmin) & (self.base <= self.spec.qmax - 1)
         self.dq = self.s * inside
+        # W̃ = c0 + dq·h: inside the grid s·(⌊W/s⌋ + z + h - z); outside it the clamped edge
+        edge = torch.clamp(self.base, self.spec.qmin, self.spec.qmax)
+        self.c0 = (edge - self.z) * self.s
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def soft(self) -> torch.Tensor:
-        """``W̃`` at the current ``V`` (and remembers what :meth:`grad` needs)."""
+        """``W̃`` at the current ``V`` (and remembers what :meth:`grad` needs). Eight tensor
+        operations: a step of a small layer costs about its count of them."""
         sig = torch.sigmoid(self.v)
-        raw = sig * (ZETA - GAMMA) + GAMMA
+        s1 = sig * (ZETA - GAMMA)
+        raw = s1 + GAMMA
         h = raw.clamp(0, 1)
-        q = (self.base + h).clamp_(self.spec.qmin, self.spec.qmax)
-        # σ'(V)·(ζ - γ) = (σ - σ²)·(ζ - γ), where the rectified sigmoid is not flat
-        dh = torch.addcmul(sig, sig, sig, value=-1).mul_(ZETA - GAMMA).mul_((raw > 0) & (raw < 1))
+        # ∂h/∂V = σ'(V)·(ζ - γ) = s1 - s1·σ, where the rectified sigmoid is not flat
+        dh = torch.addcmul(s1, s1, sig, value=-1).mul_(h == raw)
         self._cache = (h, dh)
-        return (q.sub_(self.z) if self.offset else q).mul_(self.s)
+        return torch.addcmul(self.c0, self.dq, h)
 
     def grad(self, d_w: torch.Tensor, reg: float, beta: float | None) -> torch.Tensor:
         """``∂L/∂V`` from ``∂L/∂W̃`` (at the ``V`` of the last :meth:`soft`), plus the
@@ -104,13 +107,13 @@ class SoftRounding:
         h, dh = self._cache
         g = d_w.reshape(self.shape) * self.dq
         if beta is not None and reg > 0:
-            a = 2 * h - 1
-            mag = a.abs()
-            if beta >= 1:  # |a|^(β-1) is finite at a = 0, where sign(a) = 0
-                mag.pow_(beta - 1)
+            a = h * 2 - 1
+            if beta >= 2:  # sign(a)·|a|^(β-1) = a·|a|^(β-2), finite at a = 0
+                g.addcmul_(a, a.abs().pow_(beta - 2), value=-2 * reg * beta)
             else:
+                mag = a.abs()
                 mag = torch.where(mag > 0, mag.clamp_min(1e-30).pow(beta - 1), 0.0)
-            g = g.addcmul_(torch.sign(a), mag, value=-2 * reg * beta)
+                g.addcmul_(torch.sign(a), mag, value=-2 * reg * beta)
         return g.mul_(dh)
 
     def regularizer(self, beta: float) -> float:
@@ -142,6 +145,7 @@ def adam_step(r: SoftRounding, grad: torch.Tensor, lr: float) -> None:
     ``m₁ ← β₁m₁ + (1-β₁)g``, ``m₂ ← β₂m₂ + (1-β₂)g²``,
     ``V ← V - lr/(1-β₁ᵗ) · m₁ / (√(m₂/(1-β₂ᵗ)) + ε)``."""
     r.t += 1
+    grad = grad.contiguous()  # the fused kernel reads every tensor as laid out like ``V``
     if FUSED_ADAM is not None:
         r.step.fill_(r.t)
         FUSED_ADAM(
