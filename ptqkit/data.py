@@ -57,6 +57,23 @@ def to_device(args: tuple, kwargs: dict, device: torch.device) -> Batch:
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
+def channels_last(args: tuple, kwargs: dict) -> Batch:
+    """The batch with its 4-D floating-point tensors in channels-last memory (same values): a
+    ``Conv2d`` given a channels-last input runs oneDNN's NHWC kernels and returns channels-last
+    outputs, and elementwise operations keep the layout. Measured on EfficientNet-Lite0
+    (simulated W8A8, 128 crops, 2 threads): a layer-by-layer pass 9.0 s NCHW, 7.2 s this way.
+    The sums inside a conv then run in another order: outputs differ in the last float bits
+    (and an activation on a rounding boundary of its grid can land on the neighbouring level),
+    which statistics over many samples, as bias correction's means, do not notice."""
+
+    def move(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point():
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
 def fresh_inputs(args: tuple, kwargs: dict) -> Batch:
     """Copies of the input tensors: a model that modifies its input in place (``x.relu_()``)
     must not change the batch a later pass (float or quantized) runs on."""
