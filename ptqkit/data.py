@@ -52,9 +52,14 @@ def batch_size(args: tuple, kwargs: dict) -> int:
     return int(ts[0].shape[0]) if ts and ts[0].dim() > 0 else 1
 
 
+def _map(args: tuple, kwargs: dict, fn: Any) -> Batch:
+    """``fn`` applied to every top-level tensor of the batch (other values kept)."""
+    f = lambda t: fn(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
+
+
 def to_device(args: tuple, kwargs: dict, device: torch.device) -> Batch:
-    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+    return _map(args, kwargs, lambda t: t.to(device))
 
 
 def channels_last(args: tuple, kwargs: dict) -> Batch:
@@ -66,19 +71,18 @@ def channels_last(args: tuple, kwargs: dict) -> Batch:
     (and an activation on a rounding boundary of its grid can land on the neighbouring level),
     which statistics over many samples, as bias correction's means, do not notice."""
 
-    def move(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point():
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4 and t.is_floating_point():
             return t.contiguous(memory_format=torch.channels_last)
         return t
 
-    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+    return _map(args, kwargs, move)
 
 
 def fresh_inputs(args: tuple, kwargs: dict) -> Batch:
     """Copies of the input tensors: a model that modifies its input in place (``x.relu_()``)
     must not change the batch a later pass (float or quantized) runs on."""
-    copy = lambda t: t.clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
+    return _map(args, kwargs, torch.Tensor.clone)
 
 
 def _copied(batch: Any) -> Any:

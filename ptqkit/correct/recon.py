@@ -76,7 +76,7 @@ def product_grad(
         return (d_out.T @ x).mul_(scale).reshape(w_shape)
     og = w_shape[0] // g
     if og == 1:
-        return (d_out.unsqueeze(1) * x).sum(0).mul_(scale).T.contiguous().reshape(w_shape)
+        return (d_out.unsqueeze(1) * x).sum(0).mul_(scale).T.reshape(w_shape)
     d = d_out.reshape(d_out.shape[0], g, og).transpose(0, 1)  # [g, B, O/g]
     return torch.bmm(d.transpose(1, 2), x.transpose(0, 1)).mul_(scale).reshape(w_shape)
 
