@@ -272,8 +272,8 @@ def markdown(res: dict[str, Any], args: argparse.Namespace, cmd: str) -> str:
             "",
             "This small model loses little at per-tensor W8A8 (its BatchNorm-folded weights have "
             "no extreme per-channel ranges, unlike ImageNet MobileNetV2, where per-tensor INT8 "
-            "falls to ~0%). With 4-bit per-tensor weights it does lose, and CLE + bias "
-            "correction recover most of it:",
+            "falls to ~0%). With 4-bit per-tensor weights it does lose "
+            f"({s['rows_w4'][0]['drop']:.2f} points); what CLE and bias correction recover:",
             "",
             *table(s["rows_w4"], True),
             "",
@@ -338,11 +338,13 @@ NOTES = [
     "zero-padded k×k conv would see the constant missing at the borders).",
     "- Bias correction: `analytic` is data-free (BatchNorm statistics recorded at folding, "
     "propagated through ReLU/ReLU6 as clipped normals); `empirical` measures each layer's mean "
-    "output error on (at most 256) calibration samples, layer by layer, with one pass per layer "
-    "that stops after it: its time grows with depth × samples.",
+    "output error on (at most 256) calibration samples, layer by layer in execution order: a "
+    "traced model runs once, node by node, over all those samples (cached layer inputs, "
+    "`ptqkit/walk.py`), each layer corrected before the layers after it run, so its time grows "
+    "with depth, not depth²; an untraced model falls back to one pass per layer.",
     "- AdaRound: rectified-sigmoid rounding, λ = 0.01, β 20 → 2 after 20 % warm-up, Adam "
-    "(lr 1e-2), 1,024 sampled rows per step, at most 8,192 sampled output positions per layer; "
-    "the scale comes from the weight range (`weight_calibration`).",
+    "(lr 1e-2), 1,024 sampled rows per step (256 for depthwise layers), at most 8,192 sampled "
+    "rows per layer; the scale comes from the weight range (`weight_calibration`).",
     "- Fallback measures its target on the data given to `quantize` (the calibration images); "
     "the test-set numbers above show how that transfers.",
     "",

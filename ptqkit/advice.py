@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-#: the chapter: "Utiliser au moins 100-1000 échantillons de calibration"
-MIN_CALIBRATION_SAMPLES = 100
+from .info import MIN_CALIBRATION_SAMPLES, sample_shortfall
+
 #: the chapter: "Considérer QAT si la dégradation est > 2-3%" (points of the metric)
 MAX_DEGRADATION = 2.0
 #: degradation above which quantization-aware training is worth its cost
@@ -37,6 +37,8 @@ class Facts:
 
     config: dict[str, Any] = field(default_factory=dict)
     calibration_samples: int | None = None
+    #: samples ``ptqkit.tune`` held out of the model's calibration (to score the recipes)
+    held_out_samples: int = 0
     metric: str | None = None
     fp32: float | None = None
     quantized: float | None = None
@@ -142,6 +144,7 @@ def gather(
     if info is not None:
         f.config = dict(info.config)
         f.calibration_samples = info.calibration_samples
+        f.held_out_samples = info.held_out_samples
         f.float_activations = {info.quantizers.get(k, k): v for k, v in info.disabled.items()}
         f.float_layers = list(info.skipped)
         f.outliers = dict(getattr(info, "outliers", None) or {})
@@ -171,12 +174,9 @@ def gather(
 @rule("calibration_samples", "Use at least 100-1000 calibration samples")
 def _samples(f: Facts) -> str | None:
     n = f.calibration_samples
-    if n is None or f.config.get("activations") is None or n >= MIN_CALIBRATION_SAMPLES:
+    if n is None or f.config.get("activations") is None:
         return None
-    return (
-        f"calibrated on only {n} samples: activation ranges from so few samples are noisy; "
-        f"use at least {MIN_CALIBRATION_SAMPLES}-1000 representative samples"
-    )
+    return sample_shortfall(n, f.held_out_samples)
 
 
 @rule(

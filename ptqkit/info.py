@@ -8,6 +8,30 @@ from typing import Any
 
 from .errors import ModelError, PTQWarning
 
+#: the chapter: "Utiliser au moins 100-1000 échantillons de calibration"
+MIN_CALIBRATION_SAMPLES = 100
+
+
+def sample_shortfall(samples: int, held_out: int = 0) -> str | None:
+    """What to tell a user whose model was calibrated on fewer than
+    :data:`MIN_CALIBRATION_SAMPLES` samples (``None`` when it was not). ``held_out``: samples the
+    user did give but that :func:`ptqkit.tune` held out of the returned model's calibration (to
+    score the recipes); when they would have met the minimum, the remedy is the budget, not
+    more data."""
+    if samples >= MIN_CALIBRATION_SAMPLES:
+        return None
+    given = samples + held_out
+    if held_out and given >= MIN_CALIBRATION_SAMPLES:
+        return (
+            f"calibrated on only {samples} samples: ptqkit.tune held {held_out} of the {given} "
+            "given out to score the recipes, and quantizing the chosen recipe again on all of "
+            "them did not fit in its budget; raise budget_s"
+        )
+    return (
+        f"calibrated on only {samples} samples: activation ranges from so few samples are "
+        f"noisy; use at least {MIN_CALIBRATION_SAMPLES}-1000 representative samples"
+    )
+
 
 @dataclass
 class PTQInfo:
@@ -43,6 +67,19 @@ class PTQInfo:
     # ptqkit.tune: which recipe was chosen and how, in one line (the trials: details["recipe"])
     recipe: str = ""
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def held_out_samples(self) -> int:
+        """Samples :func:`ptqkit.tune` held out of this model's calibration (0 when it refit the
+        chosen recipe on all the data, or did not run)."""
+        rec = self.details.get("recipe") or {}
+        return 0 if rec.get("refit", True) else int(rec.get("held_out_samples", 0))
+
+    def sample_shortfall(self) -> str | None:
+        """:func:`sample_shortfall` for this model (``None`` when no activation is quantized)."""
+        if self.config.get("activations") is None:
+            return None
+        return sample_shortfall(self.calibration_samples, self.held_out_samples)
 
     def warn(self, message: str) -> None:
         """Record ``message`` and emit it as a :class:`PTQWarning`."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..data import batch_size, batch_target, iter_batches, model_device, run_model, to_device
 from ..errors import DataError, PTQWarning
+from ..info import PTQInfo
 from ..progress import progress
 from .coverage import Coverage, CoverageMeter, coverage_message
 from .outputs import (
@@ -39,8 +40,6 @@ from .outputs import (
 
 #: degradation (points) above which :func:`evaluate` advises remedies (the chapter's 2-3 %)
 MAX_DEGRADATION = 2.0
-#: calibration samples below which :func:`evaluate` warns (the chapter's "at least 100-1000")
-MIN_CALIBRATION_SAMPLES = 100
 
 Metric = Callable[[torch.Tensor, Any], float]
 
@@ -176,16 +175,9 @@ def _advice(res_degradation: float | None, metric: str, qmodel: Any) -> list[str
             f"quantization costs {res_degradation:.2f} points of {metric} (more than "
             f"{MAX_DEGRADATION:g}); try: {_remedies(config)}"
         )
-    seen = getattr(info, "calibration_samples", None)
-    if (
-        seen is not None
-        and config.get("activations") is not None
-        and (seen < MIN_CALIBRATION_SAMPLES)
-    ):
-        msgs.append(
-            f"the quantized model was calibrated on only {seen} samples; use at least "
-            f"{MIN_CALIBRATION_SAMPLES}-1000 representative samples"
-        )
+    few = info.sample_shortfall() if isinstance(info, PTQInfo) else None
+    if few:
+        msgs.append(f"the quantized model was {few}")
     return msgs
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import PTQConfig
 from ..data import batch_size, iter_batches, model_device, run_model, to_device
-from ..info import PTQInfo
+from ..info import PTQInfo, sample_shortfall
 from ..progress import progress
 from ..quant.modules import act_quants, set_act_mode
 from . import distributed, outliers
@@ -105,11 +105,9 @@ def set_ranges(
         q.set_range(*cal.compute_range(spec))
         solved[qname] = cal
     outliers.record(solved, {n: q.label or n for n, q in quants.items()}, info, tracker)
-    if info.calibration_samples < 100:
-        info.warn(
-            f"only {info.calibration_samples} calibration samples were seen; use at least "
-            "100-1000 representative samples"
-        )
+    few = sample_shortfall(info.calibration_samples)
+    if few:
+        info.warn(few)
     return solved
 
 

@@ -15,7 +15,7 @@ from ..analysis.outputs import OutputSelector
 from ..config import PTQConfig
 from ..data import batch_size, split_batch
 from ..errors import ConfigError, DataError, PTQError, PTQWarning
-from ..info import info_of
+from ..info import MIN_CALIBRATION_SAMPLES, info_of, sample_shortfall
 from ..pipeline import quantize
 from .candidates import (
     CANDIDATES,
@@ -115,7 +115,11 @@ def tune(
     time is reserved for it (on a large model one trial costs about as much as the refit, and a
     recipe tried is worth more than a quarter more calibration data), so when what is left of the
     budget cannot pay for it, or with ``refit=False``, the best trial model is returned as it
-    was measured, and ``ptq_info`` says so.
+    was measured, and ``ptq_info`` says so. One exception: when the data meets the chapter's
+    minimum of calibration samples (:data:`~ptqkit.info.MIN_CALIBRATION_SAMPLES`) but its
+    calibration share does not (100 to 133 samples with the default ``holdout``), a trial is
+    run only if the refit still fits after it: tune does not turn enough data into a model
+    calibrated on too few.
 
     Args:
         model: the float model (left untouched).
@@ -159,6 +163,9 @@ def tune(
     search.t0 = t_start
     search.run("base", {}, base)
     scale = n_all / max(n_cal, 1) if refit else 0.0
+    # the split alone would leave the returned model under the chapter's minimum of samples
+    # that the user's data meets: the refit is then reserved out of the budget (see above)
+    reserve = refit and n_cal < MIN_CALIBRATION_SAMPLES <= n_all
 
     def attempt(name: str, changes: dict[str, Any], cfg: PTQConfig, force: bool = False) -> bool:
         key = config_key(cfg)
@@ -168,8 +175,15 @@ def tune(
         q_est = search.quantize_estimate(cfg)
         expected = q_est + search.score_s
         left = search.budget_s - search.elapsed()
-        if expected > left:
-            search.record(name, changes, "skipped", f"expected {expected:.1f} s, {left:.1f} s left")
+        kept = 0.0  # the refit of this candidate or of the best so far, whichever is chosen
+        if reserve:
+            assert search.best is not None
+            kept = max(_refit_s(search, cfg, scale), _refit_s(search, search.best[1], scale))
+        if expected + kept > left:
+            why = f"expected {expected:.1f} s" + (
+                f" + {kept:.1f} s kept for the refit" if kept else ""
+            )
+            search.record(name, changes, "skipped", f"{why}, {left:.1f} s left")
             return False
         try:
             rec = search.run(name, changes, cfg, force)
@@ -208,6 +222,13 @@ def _chosen_name(trials: list[dict[str, Any]], base: PTQConfig, best: PTQConfig)
     return " + ".join(dict.fromkeys(names)) or "base"
 
 
+def _refit_s(search: Search, config: PTQConfig, scale: float) -> float:
+    """Expected seconds to quantize ``config`` again on all the data: a whole new
+    :func:`~ptqkit.quantize`, with its own capture and calibration pass."""
+    shared = search.prefix_s if search.share and servable(config) else 0.0
+    return (search.quantize_estimate(config) + shared) * scale
+
+
 def _finish(
     search: Search,
     model: nn.Module,
@@ -223,10 +244,7 @@ def _finish(
     final_cfg = best_cfg.replace(progress=config.progress)
     refit_note, refitted = "the best trial model as measured (refit=False)", False
     if refit:
-        # a whole new quantize on all the data: its own capture and calibration pass as well
-        shared = search.prefix_s if search.share and servable(best_cfg) else 0.0
-        expected = (search.quantize_estimate(best_cfg) + shared) * scale
-        left = search.budget_s - search.elapsed()
+        expected, left = _refit_s(search, best_cfg, scale), search.budget_s - search.elapsed()
         if expected <= left:
             qmodel = quantize(model, batches, final_cfg)
             refit_note, refitted = f"re-quantized on all {len(batches)} batches", True
@@ -236,9 +254,6 @@ def _finish(
                 f"{left:.1f} s left)"
             )
     info = info_of(qmodel)  # updated in place below
-    if not refitted:
-        for w in info.warnings:  # the trial's warnings were held back while searching
-            warnings.warn(w, PTQWarning, stacklevel=3)
     chosen = _chosen_name(search.trials, base, best_cfg)
     base_rec = search.trials[0]
     ran = sum(t["status"] == "ran" for t in search.trials)
@@ -268,8 +283,14 @@ def _finish(
         "budget_s": search.budget_s,
         "seconds": round(elapsed, 3),
         "final": refit_note,
+        "refit": refitted,
         "trials": search.trials,
     }
+    if not refitted:  # the trial's warnings were held back while searching
+        few = sample_shortfall(info.calibration_samples)
+        info.warnings = [(info.sample_shortfall() or w) if w == few else w for w in info.warnings]
+        for w in info.warnings:
+            warnings.warn(w, PTQWarning, stacklevel=3)
     if note:
         info.details["recipe"]["note"] = note
         info.warn(f"tune: {note}")
