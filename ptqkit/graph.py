@@ -101,6 +101,18 @@ def activation_bounds(node: fx.Node, gm: fx.GraphModule) -> tuple | None:
     return float(lo), float(hi)
 
 
+def activation_after(model: nn.Module, name: str) -> tuple | None:
+    """``(lo, hi)`` of the clipping activation that is the only user of module ``name``'s output
+    in ``model``'s traced graph (see :func:`activation_bounds`), or ``None`` (none, several
+    users, or an untraced model)."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    for node in model.graph.nodes:
+        if node.op == "call_module" and node.target == name and len(node.users) == 1:
+            return activation_bounds(next(iter(node.users)), model)
+    return None
+
+
 def is_flatten_1(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether ``node`` is ``flatten(x, 1)`` (``nn.Flatten()`` or ``torch.flatten(x, 1)``)."""
     if node.op == "call_module":
@@ -222,6 +234,7 @@ __all__ = [
     "QUANT_FUNCTIONS",
     "QUANT_METHODS",
     "ChannelClamp",
+    "activation_after",
     "activation_bounds",
     "called_module",
     "input_channel_view",

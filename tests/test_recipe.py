@@ -219,3 +219,25 @@ def test_a_model_calibrated_on_the_split_says_why(digits_cnn, digits_data):
     small = list(digits_data[0][:64].split(16))
     q, caught = _tune_few(digits_cnn, small, refit=False)
     assert any("calibrated on only 48 samples" in w and "100-1000" in w for w in caught)
+
+
+def test_adaround_on_wide_layers_is_expected_from_their_weights():
+    # two 4096-wide linears: 2 layers x 500 steps, each step ~2·1,024·16.8M multiply-adds (about
+    # 10 min on 2 cores); the old per-layer prior expected ~2 s and would have run it
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU())
+    data = [torch.randn(32, 64) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = ptqkit.tune(
+            wide.eval(),
+            data,
+            PTQConfig(progress=False),
+            budget_s=20,
+            candidates=[Candidate("AdaRound", {"adaround": True})],
+        )
+    ada = q.ptq_info.details["recipe"]["trials"][-1]
+    assert ada["name"] == "AdaRound" and ada["status"] == "skipped", ada
+    expected = float(ada["reason"].split("expected ")[1].split(" s")[0])
+    assert expected > 20, ada["reason"]
+    assert q.ptq_info.stages["tune"] < 20

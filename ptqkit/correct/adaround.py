@@ -53,42 +53,30 @@ Per-layer optimization (the cost that remains; same algorithm, cheaper steps):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..calibrate.weights import weight_range
 from ..config import AdaRoundOptions, PTQConfig
 from ..data import Batch
-from ..graph import activation_bounds
+from ..graph import activation_after
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import QuantLayer, quant_layers
 from ..quant.primitives import qparams
 from ..sync import active, add_up, empty_shard, exchange, from_data, from_first, guard
 from ..walk import RERUN, Rerun, can_propagate, layer_order, propagate
+from .cost import adaround_seconds, layer_work, probe
 from .recon import Bounds, RowObjective, objective
 from .rounding import SoftRounding, adam_step, beta_at, settled
 from .samples import Rows, collect_prefix, float_targets, input_rows
 
-
-def _activation(qmodel: nn.Module, name: str) -> Bounds:
-    """``(lo, hi)`` of the clipping activation right after layer ``name`` (broadcasting over
-    ``[rows, C]``), or ``None``."""
-    if not isinstance(qmodel, fx.GraphModule):
-        return None
-    for node in qmodel.graph.nodes:
-        if node.op == "call_module" and node.target == name and len(node.users) == 1:
-            bounds = activation_bounds(next(iter(node.users)), qmodel)
-            if bounds is None:
-                return None
-            lo, hi = (torch.as_tensor(v, dtype=torch.float32) for v in bounds)
-            return lo, hi
-    return None
-
+logger = logging.getLogger("ptqkit.adaround")
 
 #: multiply-adds per step below which a layer's optimization runs on one thread
 SMALL_STEP = 1 << 18
@@ -123,7 +111,7 @@ def round_layer(
     zp: torch.Tensor,
     x: torch.Tensor,
     target: torch.Tensor,
-    act: Bounds,
+    act: tuple[Any, Any] | None,
     iters: int,
     seed: int,
     options: AdaRoundOptions | None = None,
@@ -136,7 +124,10 @@ def round_layer(
     opts = AdaRoundOptions() if options is None else options
     dev = layer.weight_fp.device
     x, target = x.detach().float(), target.detach().float()
-    bounds = None if act is None else (act[0].to(dev).float(), act[1].to(dev).float())
+    bounds: Bounds = None
+    if act is not None:
+        lo, hi = (torch.as_tensor(v, dtype=torch.float32, device=dev) for v in act)
+        bounds = (lo, hi)
     bias = layer.bias.detach().float() if layer.bias is not None else None
     g = x.shape[1]
     r = SoftRounding(layer, scale, zp)
@@ -160,6 +151,24 @@ def round_layer(
     q = r.hard()
     learned = exact.loss(r.dequant(q))
     return q, {"nearest": nearest, "adaround": learned, "steps": steps}
+
+
+def _announce(qmodel: nn.Module, config: PTQConfig) -> None:
+    """Log what the optimization is expected to cost (:mod:`ptqkit.correct.cost`): its time
+    grows with the weights × steps × rows, minutes on a large model on a few CPU cores."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    work = layer_work(qmodel)
+    dev = next(iter(quant_layers(qmodel).values())).weight_fp.device
+    expected = adaround_seconds(work, config, probe(dev))
+    logger.info(
+        "adaround: %d layers, %.2fM weights, %d steps each: about %.0f s of optimization "
+        "expected on this machine (fewer adaround_iters or rows_per_step cost less)",
+        len(work),
+        sum(w.weights for w in work) / 1e6,
+        config.adaround_iters,
+        expected,
+    )
 
 
 def adaround(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo) -> nn.Module:
@@ -193,6 +202,7 @@ def _adaround(
             if why is None:
                 return qmodel
         info.warn(f"Block reconstruction not possible: {why}; AdaRound rounds layer by layer")
+    _announce(qmodel, config)
     empty = empty_shard(data)  # this rank has no data (torch.distributed): it only follows
     traced = can_propagate(qmodel)  # the order is read off the graph, not the data
     order = list(layers) if empty and not traced else layer_order(qmodel, data, config)
@@ -213,7 +223,7 @@ def _adaround(
             x, y = (torch.cat([r[k].to(dev) for r in shared]) for k in (0, 1))
             lo, hi = weight_range(layer, config.weight_calibration)
             scale, zp = qparams(lo, hi, layer.spec)
-            act = _activation(qmodel, name)
+            act = activation_after(qmodel, name)
             q, losses = round_layer(
                 layer, scale, zp, x, y, act, config.adaround_iters, seeds[name], opts
             )

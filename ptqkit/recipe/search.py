@@ -91,8 +91,10 @@ def tune(
        analytic bias correction, CLE, ``auto``, AdaRound). A recipe identical to one already
        measured is not run again;
     4. a candidate whose expected time (from the measured times of the earlier trials, see
-       :mod:`ptqkit.recipe.candidates`) would not fit in what is left of ``budget_s`` is skipped,
-       with the reason recorded; the base recipe runs whatever the budget;
+       :mod:`ptqkit.recipe.candidates`; AdaRound's from its layers' weights and this machine's
+       measured rates, :mod:`ptqkit.correct.cost`) would not fit in what is left of
+       ``budget_s`` is skipped, with the reason recorded; the base recipe runs whatever the
+       budget;
     5. if ``config`` sets ``max_degradation`` or ``min_sqnr_db``, the float fallback of the
        fewest layers meeting that target (:mod:`ptqkit.correct.fallback`) is added to the best
        recipe last (the target is not used by the earlier trials);

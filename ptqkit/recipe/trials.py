@@ -9,10 +9,12 @@ import time
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..calibrate.distributed import is_distributed
 from ..config import PTQConfig
+from ..correct.cost import LayerWork, Machine, adaround_seconds, layer_work, probe
 from ..errors import PTQWarning
 from ..info import info_of
 from ..pipeline import quantize
@@ -56,6 +58,8 @@ class Search:
         self.measured: dict[str, float] = {}
         self.overhead_s = self.score_s = self.pass_s = 0.0
         self.layers = 0
+        self.work: list[LayerWork] = []  # the base trial's layers, for AdaRound's estimate
+        self.machine: Machine | None = None  # probed when AdaRound is first estimated
         self.best: tuple[str, PTQConfig, nn.Module, Score] | None = None
         self.share = not is_distributed()  # prefixes: one calibration pass for many recipes
         self.prefixes: list[Prefix] = []
@@ -78,10 +82,18 @@ class Search:
             self.overhead_s
             + new_prefix
             + sum(
-                stage_seconds(s, config, self.pass_s, self.layers, self.measured)
+                stage_seconds(s, config, self.pass_s, self.layers, self.measured, self.adaround_s)
                 for s in stages_of(config)
             )
         )
+
+    def adaround_s(self, config: PTQConfig) -> float:
+        """Expected seconds of AdaRound's optimization for ``config`` on the base trial's layers
+        (:mod:`ptqkit.correct.cost`; the machine is probed on first use)."""
+        if self.machine is None:
+            dev = next((t.device for t in self.model.parameters()), torch.device("cpu"))
+            self.machine = probe(dev)
+        return adaround_seconds(self.work, config, self.machine)
 
     def _quantize(self, config: PTQConfig) -> tuple[nn.Module, float, str]:
         """The trial model, the seconds spent building a new prefix for it (0 if reused or
@@ -119,6 +131,7 @@ class Search:
         self.overhead_s = max(self.overhead_s, overhead) if self.trials else overhead
         if not self.trials:  # the base trial
             self.score_s, self.layers = score_s, len(info_of(qmodel).layers)
+            self.work = layer_work(qmodel)
             self.pass_s = stages.get("calibrate", quantize_s)
         rec.update(
             status="ran",

@@ -16,6 +16,7 @@ from ptqkit.config import BiasCorrectionOptions
 from ptqkit.correct import adaround as ar
 from ptqkit.correct.bias import _add_to_bias, correct_bias
 from ptqkit.correct.samples import collect_prefix
+from ptqkit.graph import activation_after
 from ptqkit.info import PTQInfo
 from ptqkit.quant.modules import float_mode, quant_layers
 from ptqkit.quant.primitives import qparams
@@ -98,7 +99,7 @@ def _reference_adaround(qmodel: nn.Module, data, config) -> None:
         x, y = collect_prefix(qmodel, layer, data, config, config.seed + k)
         with torch.enable_grad():
             q, _ = ar.round_layer(
-                layer, scale, zp, x, y, ar._activation(qmodel, name), config.adaround_iters,
+                layer, scale, zp, x, y, activation_after(qmodel, name), config.adaround_iters,
                 config.seed + k, config.adaround_options,
             )
         layer.set_quantized(q, scale, zp)
