@@ -32,9 +32,7 @@ import contextlib
 import gc
 import io
 import json
-import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,12 +44,24 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime
 import torch
 from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from calibrators_data import (
+    KL_BINS,
+    KL_LEVELS,
+    N_BATCHES,
+    NAIVE_SUBSAMPLE,
+    NAIVE_SUBSET,
+    SEED,
+    make_data,
+    memory_batches,
+)
+from calibrators_md import fmt_t, write_report
+from chapter_kl import chapter_kl, kl_loop
+from memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from onnxruntime.quantization.calibrate import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -65,26 +75,6 @@ from ptqkit.config import QuantSpec
 from ptqkit.quant import fake_quant, qparams
 
 SPEC = QuantSpec(bits=8, symmetric=True)  # int8, [-128, 127], scale = max|range| / 127
-KL_BINS, KL_LEVELS = 2048, 128  # the TensorRT setting: 2048 |x| bins, 128 levels
-N_BATCHES = 10
-SEED = 20240601
-NAIVE_SUBSET = 16  # thresholds timed on all N values by the chapter's loop
-NAIVE_SUBSAMPLE = 50_000  # values on which the chapter's loop runs over every threshold
-
-
-# -- data ------------------------------------------------------------------------------------------
-
-
-def make_data(n: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(SEED)
-    heavy = rng.standard_t(2, n)
-    heavy[rng.choice(n, 8, replace=False)] = [1e3, -1e3, 1e3, -1e3, 1e3, -1e3, 1e3, 1e3]
-    return {
-        "gaussian": rng.standard_normal(n).astype(np.float32),
-        "relu": np.maximum(rng.standard_normal(n), 0).astype(np.float32),
-        "laplace": rng.laplace(size=n).astype(np.float32),
-        "heavy (t2 + 1e3 outliers)": heavy.astype(np.float32),
-    }
 
 
 def abs_histogram(x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -117,72 +107,6 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[object, float, flo
     return out, statistics.median(times), min(times)
 
 
-# -- KL search: a straightforward loop over the thresholds (TensorRT, as published) --------------
-
-
-def kl_loop(hist: np.ndarray, levels: int) -> tuple[int, np.ndarray]:
-    """For every threshold bin ``i`` in ``[levels, n]``: ``P`` = first ``i`` bins + the outliers
-    in bin ``i-1``; ``Q`` = the first ``i`` bins merged into ``levels`` groups, each group's count
-    spread over the bins where ``P > 0``; ``KL(P‖Q)`` (inf where ``Q = 0 < P``). Returns the best
-    ``i`` (the first minimum) and the KL of every candidate."""
-    n = hist.shape[0]
-    best_i, best_kl, curve = n, math.inf, []
-    for i in range(levels, n + 1):
-        p = hist[:i].copy()
-        p[i - 1] += hist[i:].sum()
-        width = i // levels
-        q = np.zeros(i)
-        for g in range(levels):
-            start = g * width
-            stop = i if g == levels - 1 else start + width
-            nz = p[start:stop] > 0
-            k = int(nz.sum())
-            if k:
-                q[start:stop][nz] = hist[start:stop].sum() / k
-        mask = p > 0
-        if (q[mask] == 0).any():
-            kl = math.inf
-        else:
-            pn, qn = p[mask] / p.sum(), q[mask] / q.sum()
-            kl = float(np.sum(pn * np.log(pn / qn)))
-        curve.append(kl)
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return best_i, np.array(curve)
-
-
-# -- KL search: the chapter's naive loop -----------------------------------------------------------
-
-
-def chapter_kl_step(xt: torch.Tensor, hist: np.ndarray, edges: np.ndarray, i: int) -> float:
-    """One threshold of the chapter's loop: quantize all values with ``T = edges[i]``,
-    histogram the reconstruction on the same edges, KL against the data histogram (with the
-    chapter's ``1e-10`` guards)."""
-    threshold = edges[i]
-    scale = threshold / 127
-    xq = torch.clamp(torch.round(xt / scale), -128, 127)
-    recon, _ = np.histogram((xq * scale).numpy(), bins=edges)
-    recon = recon / (recon.sum() + 1e-10)
-    return float(np.sum(hist * np.log(hist / (recon + 1e-10) + 1e-10)))
-
-
-def chapter_kl(x: np.ndarray, bins: int = KL_BINS, thresholds: list[int] | None = None):
-    """The chapter's ``kl_divergence``: a signed histogram of ``x`` (``bins`` bins over
-    ``[min, max]``); every bin edge ``1..bins-2`` is tried as the threshold. Returns
-    ``(best threshold, seconds per threshold)``."""
-    xt = torch.from_numpy(x)
-    hist, edges = np.histogram(x, bins=bins)
-    hist = hist / hist.sum()
-    idx = thresholds if thresholds is not None else range(1, bins - 1)
-    best_t, best_kl, t0 = None, math.inf, time.perf_counter()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for i in idx:
-            kl = chapter_kl_step(xt, hist, edges, i)
-            if kl < best_kl:
-                best_kl, best_t = kl, float(edges[i])
-    return best_t, (time.perf_counter() - t0) / len(idx)
-
-
 # -- ONNX Runtime --------------------------------------------------------------------------------
 
 
@@ -209,27 +133,6 @@ ORT_PERCENTILE = {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128
 
 
 # -- memory (each measurement in a fresh process) ---------------------------------------------
-
-
-def memory_batches(n_batches: int, size: int) -> list[np.ndarray]:
-    """Heavy-tailed batches whose range keeps growing (as the max of a growing sample does)."""
-    rng = np.random.default_rng(SEED + 1)
-    return [(rng.standard_t(2, size) * (1 + k / 50)).astype(np.float32) for k in range(n_batches)]
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    """Resident memory (``VmRSS``) or its peak (``VmHWM``) of this process, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak_rss() -> None:
-    """Make ``VmHWM`` restart from the current RSS (Linux ≥ 4.0)."""
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def ptqkit_state_bytes(cal) -> int:
@@ -295,7 +198,7 @@ def memory_child(which: str, n_batches: int, size: int) -> dict[str, float]:
                 cal.observe(torch.from_numpy(b))
         _, py_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        peak = rss_bytes("VmHWM")
+        peak = peak_rss_bytes()
     if which.startswith("ort"):
         hists = cal.collector.get_histogram_dict()
         state = sum(h[0].nbytes + h[1].nbytes for h in hists.values())
@@ -321,40 +224,6 @@ def measure_memory(which: str, n_batches: int, size: int) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--memory-child", which, str(n_batches), str(size)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-# -- report ----------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, str]:
-    model = "?"
-    with contextlib.suppress(Exception):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    return {
-        "cpu": f"{model}, {os.cpu_count()} logical CPUs",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "torch threads": str(torch.get_num_threads()),
-    }
-
-
-def fmt_t(s: float) -> str:
-    if s >= 1:
-        return f"{s:.2f} s"
-    return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} µs"
-
-
-def fmt_b(b: float) -> str:
-    for unit, k in (("MiB", 2**20), ("KiB", 2**10)):
-        if abs(b) >= k:
-            return f"{b / k:.1f} {unit}"
-    return f"{b:.0f} B"
 
 
 def main() -> None:
@@ -474,140 +343,6 @@ def main() -> None:
     write_report(Path(args.out), rows, checks, mem, size, n, load0, os.getloadavg(), elapsed,
                  args.quick)  # fmt: skip
     print(f"wrote {args.out} ({elapsed:.0f} s)")
-
-
-def yes(ok: bool) -> str:
-    return "yes" if ok else "no"
-
-
-def write_report(path, rows, checks, mem, size, n, load0, load1, elapsed, quick) -> None:
-    m = machine()
-    out = ["# Calibrator benchmark", ""]
-    if quick:
-        out += ["**Quick run (100k values): for checking the script, not for numbers.**", ""]
-    out += [
-        "Generated by `bench/bench_calibrators.py` (do not edit by hand). Command:",
-        "",
-        "    python bench/bench_calibrators.py" + (" --quick" if quick else ""),
-        "",
-        f"Machine: {m['cpu']}; Python {m['python']}, torch {m['torch']}, numpy {m['numpy']}, "
-        f"onnx {m['onnx']}, onnxruntime {m['onnxruntime']}; torch threads: "
-        f"{m['torch threads']}. Load average at start / end: "
-        f"{load0[0]:.1f} / {load1[0]:.1f} (the machine is shared; times are medians where "
-        f"repeated). Total run: {elapsed:.0f} s.",
-        "",
-        f"Data: {n:,} float32 values per distribution (seed {SEED}), fed as {N_BATCHES} batches "
-        "where a calibrator observes batches. MSE: mean of (x - fake_quant(x))² over all the "
-        "values, 8-bit int8 symmetric grid `[-128, 127]`, scale = max(|lo|, |hi|)/127 "
-        "(`ptqkit.quant.qparams`), with the method's range.",
-        "",
-        "* **KL search rows** run on one 2048-bin histogram of |x| over [0, max|x|] (exact zeros "
-        "left out, as ptqkit's KL solver does), 128 levels; the threshold is the right edge of "
-        "the chosen bin, range = [-T, T] ∩ [min, max]. *Straightforward loop*: the published "
-        "TensorRT algorithm, one candidate at a time, a Python loop over the 128 groups (as "
-        "ONNX Runtime's implementation does). *Chapter's naive loop*: the course chapter's "
-        "`kl_divergence`, which re-quantizes all N values and re-histograms them for each of the "
-        f"{KL_BINS - 2} bin edges (negative edges included): its time is extrapolated from "
-        f"{NAIVE_SUBSET} thresholds on all N values; its threshold comes from a full run on a "
-        f"{NAIVE_SUBSAMPLE:,}-value subsample (a full run on 1M values takes ~10 min per "
-        "tensor).",
-        "* **ptqkit calibrator rows**: a fresh calibrator observes the 10 batches, then "
-        "`compute_range(QuantSpec(bits=8, symmetric=True))` (default 4096 signed bins).",
-        "* **ORT rows**: `onnxruntime.quantization.calibrate.HistogramCollector` (the internals "
-        "of `EntropyCalibrater` / `PercentileCalibrater`) fed the same 10 batches, then "
-        "`compute_collection_result()`; the session that would produce the tensors is not "
-        "timed. ORT's defaults for entropy (128 bins, 128 quantized bins) leave a single "
-        "candidate (the whole range); 4096 signed bins with 256 quantized bins is the same "
-        "resolution as the 2048-bin |x| / 128-level search.",
-        "",
-        "| distribution | method | range [lo, hi] | time | MSE (8-bit) | note |",
-        "|---|---|---|---:|---:|---|",
-    ]
-    for r in rows:
-        out.append(
-            f"| {r['d']} | {r['m']} | [{r['lo']:.5g}, {r['hi']:.5g}] | {fmt_t(r['t'])} | "
-            f"{r['mse']:.4g} | {r['note']} |"
-        )
-    kl_ms = [t * 1e3 for _, t, _ in checks["kl_ms"]]
-    kl_min = [t * 1e3 for *_, t in checks["kl_ms"]]
-    sp_s = [s for _, s in checks["speedup_search"]]
-    sp_f = [s for _, s in checks["speedup_full"]]
-    same = [s for *_, s in checks["same_t"]]
-    mse = checks["mse_vs_ort"]
-    worse = [f"{d} ({a / b - 1:+.1%})" for d, a, b, _ in mse if a > b * (1 + 1e-9)]
-    worse_d = [f"{d} ({a / b - 1:+.1%})" for d, a, _, b in mse if a > b * (1 + 1e-9)]
-    out += [
-        "",
-        "## Targets of the issue",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-        f"| KL search < 10 ms per 2048-bin tensor | median of 50: "
-        f"{', '.join(f'{v:.2f}' for v in kl_ms)} ms; fastest of 50: "
-        f"{', '.join(f'{v:.2f}' for v in kl_min)} ms | median: {yes(max(kl_ms) < 10)}; "
-        f"fastest: {yes(max(kl_min) < 10)} (load average {load0[0]:.1f} on "
-        f"{os.cpu_count()} CPUs) |",
-        f"| ≥ 30× faster than ORT's entropy calibrator | search vs search: "
-        f"{', '.join(f'{v:.0f}×' for v in sp_s)}; full calibrator (observe + compute_range vs "
-        f"collect + compute): {', '.join(f'{v:.0f}×' for v in sp_f)} | "
-        f"search: {yes(min(sp_s) >= 30)}; full: {yes(min(sp_f) >= 30)} |",
-        "| same threshold as the straightforward implementation | "
-        + ", ".join(f"{d}: bin {a} vs {b}" for d, a, b, _ in checks["same_t"])
-        + f" | {'yes' if all(same) else 'no'} |",
-        "| equal or lower MSE: ptqkit kl calibrator vs ORT entropy at 4096/256 bins | "
-        + ", ".join(f"{d}: {a:.4g} vs {b:.4g}" for d, a, b, _ in mse)
-        + f" | {'yes' if not worse else 'no: ' + ', '.join(worse)} |",
-        "| equal or lower MSE: ptqkit kl calibrator vs ORT entropy with its defaults | "
-        + ", ".join(f"{d}: {a:.4g} vs {b:.4g}" for d, a, _, b in mse)
-        + f" | {'yes' if not worse_d else 'no: ' + ', '.join(worse_d)} |",
-        "",
-        "Reading the numbers: the machine is shared with other jobs; a median over repeats "
-        "carries their interference, the fastest run is the closest to the cost on an idle "
-        "core. KL minimizes an information criterion, not the squared error: against ORT's "
-        "entropy calibrator its MSE can land on either side (both are TensorRT's search; they "
-        "differ in the histogram — exact power-of-two bins with exact zeros set apart in "
-        "ptqkit, ORT's bins of the first batch's width that keep the ReLU zero spike — and in "
-        "how an empty `Q` bin is treated: +inf in ptqkit, smoothing in ORT). For the lowest "
-        "MSE use ptqkit's `mse` or `auto_percentile`. The chapter's naive loop scores each "
-        "threshold by comparing the histogram of x with the histogram of its reconstruction on "
-        "the same 2048 fine edges; the reconstruction sits on grid points, and once the grid "
-        "step T/127 is wider than a bin, every bin between two grid points counts as a miss: "
-        "the score favours thresholds whose step is below the bin width, i.e. tiny ones.",
-        "",
-        "## Memory vs number of batches",
-        "",
-        f"Batches of {size:,} heavy-tailed values whose range keeps growing (scale × (1 + k/50) "
-        "at batch k). *State*: the calibrator's statistics (ptqkit: log-scale histogram counts, "
-        "window top, zeros, min/max tensors; ORT: the histograms and edges of its two tensors `x` "
-        "and `y` of an Identity model). *Python-heap peak*: `tracemalloc` during observation "
-        "(sees numpy arrays, not torch tensors). *Peak RSS growth*: peak resident memory of the "
-        "process (a fresh one per row) minus its resident memory before observing.",
-        "",
-        "| calibrator | batches | state | Python-heap peak | peak RSS growth | histogram bins |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    names = {"kl": "ptqkit kl", "minmax": "ptqkit minmax", "ort-entropy": "ORT entropy"}
-    for nb in (10, 1000):
-        for which, name in names.items():
-            r = mem[(which, nb)]
-            bins = r["bins"] if r["bins"] is not None else "—"
-            if which == "ort-entropy":
-                bins = f"{bins} (fed batch by batch: {mem[('ORT collector bins', nb)]})"
-            out.append(
-                f"| {name} | {nb} | {fmt_b(r['state'])} | {fmt_b(r['py_peak'])} | "
-                f"{fmt_b(r['rss'])} | {bins} |"
-            )
-    out += [
-        "",
-        "ptqkit's statistics have a fixed size whatever the number of batches (a log-scale "
-        "histogram of 8,192 bins, 2^-7 relative width, over the 32 binades below max |x|: its "
-        "window slides up exactly, whole bins at a time, when the range grows). ORT's "
-        "`collect_data` keeps every batch's outputs of a pass until the end of the pass before "
-        "histogramming them (memory linear in the number of batches), and its histogram grows "
-        "by whole bins of the first width when the range grows.",
-        "",
-    ]
-    path.write_text("\n".join(out))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,8 +35,6 @@ import threading
 import time
 import tracemalloc
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,136 +42,24 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from pipeline_md import write_report
+from pipeline_runs import (
+    CALIB_BATCH,
+    FMNIST_MODELS,
+    Replay,
+    Row,
+    cfg_for,
+    fp32_seconds,
+    load_model,
+    quantize_timed,
+)
+
 import ptqkit
-from ptqkit import CALIBRATORS, PTQConfig
-from ptqkit.analysis.metrics import size_bytes
-from ptqkit.calibrate import session as calib_session
+from ptqkit import CALIBRATORS
 from ptqkit.quant import sqnr_db
 from ptqkit.quant.modules import act_quants, float_mode, quant_layers
-from ptqkit.zoo import train as zoo_train
 from ptqkit.zoo.data import fashion_mnist, photo_crops
-
-FMNIST_MODELS = {"resnet_fmnist": 0.3, "mobilenetv2_fmnist": 0.5}  # name -> target drop (points)
-HISTOGRAM = {"percentile", "kl", "mse", "auto_percentile"}  # calibrators that keep histograms
-CALIB_BATCH = 64
-
-
-@dataclass
-class Row:
-    model: str
-    calibrator: str
-    fp32: float = float("nan")
-    quantized: float = float("nan")
-    drop: float = float("nan")
-    agreement: float = float("nan")
-    kl: float = float("nan")
-    calib_s: float = float("nan")
-    pass_s: float = float("nan")
-    worst: str = ""  # the activation quantizer with the lowest own SQNR
-    fp32_s: float = float("nan")
-    error: str = ""
-    qmodel: nn.Module | None = None
-
-
-# -- helpers -------------------------------------------------------------------------------------
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux ≥ 4.0); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """The kernel's peak resident set size of this process (``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def load_model(name: str, quick: bool) -> tuple[nn.Module, str]:
-    """The zoo model (trained and cached on first use); in quick mode an untrained one when the
-    cache is cold, so that validating the script never trains."""
-    if name in zoo_train.RECIPES and quick and zoo_train.cached_info(name) is None:
-        torch.manual_seed(0)
-        return zoo_train.MODELS[name]().eval(), "untrained (quick mode, zoo cache cold)"
-    model = zoo_train.pretrained(name)
-    info = zoo_train.cached_info(name) if name in zoo_train.RECIPES else None
-    return model, f"cached zoo weights, test top-1 {info['test_top1']}%" if info else "pretrained"
-
-
-class Replay:
-    """The float model's outputs computed once, replayed batch by batch to :func:`evaluate`
-    (so each calibrator's evaluation runs only the quantized model)."""
-
-    def __init__(self, model: nn.Module, batches: Callable[[], Iterator]) -> None:
-        with torch.no_grad():
-            self.outputs = [model(b[0] if isinstance(b, tuple) else b) for b in batches()]
-        self.size_bytes = size_bytes(model)
-        self.i = 0
-
-    def reset(self) -> Replay:
-        self.i = 0
-        return self
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.outputs[self.i]
-        assert out.shape[0] == x.shape[0], "replayed batches out of order"
-        self.i += 1
-        return out
-
-
-def fp32_seconds(model: nn.Module, batches: Callable[[], Iterator], repeats: int) -> float:
-    """Best wall time of plain float inference over ``batches`` (after one warm-up batch)."""
-    with torch.no_grad():
-        model(next(iter(batches())))
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for b in batches():
-                model(b)
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
-# Instrumentation: the time of the data pass inside the calibration stage (the rest of the stage
-# is the range solvers, a fixed cost per quantizer that does not grow with the data).
-_PASS_SECONDS = [0.0]
-_observe = calib_session.observe
-
-
-def _timed_observe(*args, **kwargs):
-    t0 = time.perf_counter()
-    try:
-        return _observe(*args, **kwargs)
-    finally:
-        _PASS_SECONDS[0] += time.perf_counter() - t0
-
-
-calib_session.observe = _timed_observe
-
-
-def quantize_timed(model, calib, cfg, repeats) -> tuple[nn.Module, float, float]:
-    """Quantize ``repeats`` times on the list of batches ``calib``; the last model, and the best
-    calibration-stage time and data-pass time."""
-    best, best_pass, q = float("inf"), float("inf"), None
-    for _ in range(repeats):
-        _PASS_SECONDS[0] = 0.0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q = ptqkit.quantize(model, calib, cfg)
-        best = min(best, q.ptq_info.stages.get("calibrate", float("nan")))
-        best_pass = min(best_pass, _PASS_SECONDS[0])
-    return q, best, best_pass
 
 
 def sqnr_report(qmodel: nn.Module, batches: list[torch.Tensor]) -> dict[str, list]:
@@ -225,10 +110,6 @@ def sqnr_report(qmodel: nn.Module, batches: list[torch.Tensor]) -> dict[str, lis
         key=lambda r: r[1],
     )
     return {"activations": acts, "weights": weights}
-
-
-def cfg_for(name: str) -> PTQConfig:
-    return PTQConfig(calibration=name, bias_correction=False, progress=False)  # W8 sym/ch, A8 asym
 
 
 # -- Fashion-MNIST ---------------------------------------------------------------------------------
@@ -402,183 +283,9 @@ def bench_memory(args) -> list[dict]:
     return out
 
 
-# -- report --------------------------------------------------------------------------------------
+# -- progress log and entry point ----------------------------------------------------------------
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def fmt(x: float, spec: str = ".2f") -> str:
-    return "—" if x != x else format(x, spec)
-
-
-def write_report(args, fm, eff, mem, started: dict) -> str:
-    rows, notes, diag = fm
-    lines = ["# Pipeline benchmark", ""]
-    if args.quick:
-        lines += [
-            "> **QUICK MODE** — small subsets to validate the script; not the acceptance numbers."
-            " Re-run without `--quick` on a quiet machine.",
-            "",
-        ]
-    load = os.getloadavg()
-    cpu = platform.processor() or platform.machine()
-    lines += [
-        f"Generated by `python bench/bench_pipeline.py {' '.join(sys.argv[1:])}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M')} — torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s) ({cpu}), "
-        f"load average {started['load'][0]:.1f} at start, {load[0]:.1f} at end "
-        "(timings on a busy machine are noisy).",
-        "",
-        "## Fashion-MNIST: W8A8 per-channel, 512 calibration images",
-        "",
-        f"Weights 8-bit symmetric per-channel (min/max), activations 8-bit asymmetric per-tensor; "
-        f"calibration on 512 training images (8 batches of 64), top-1 on "
-        f"{'the first ' + str(args.n_test) if args.quick else 'all 10,000'} test images. "
-        "Calibration time is the calibration stage (the data pass and the range solvers), best "
-        f"of {args.repeats}; FP32 is plain inference of the float model over the same 512 images. "
-        "Worst quantizer: the activation quantizer whose own rounding/clipping has the lowest "
-        "SQNR on 256 test images, with the SQNR of the quantized network's tensor against the "
-        "float network's at that point (all upstream error included).",
-        "",
-    ]
-    for name, note in notes.items():
-        lines.append(f"* `{name}`: {note}")
-    lines += [
-        "",
-        "| model | calibrator | FP32 top-1 | W8A8 top-1 | drop (points) | agreement % | KL "
-        "| calibration s | × FP32 inference | worst quantizer: own / accumulated SQNR dB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.model} | {r.calibrator} | error: {r.error} ||||||||")
-            continue
-        lines.append(
-            f"| {r.model} | {r.calibrator} | {fmt(r.fp32)} | {fmt(r.quantized)} | {fmt(r.drop)} "
-            f"| {fmt(r.agreement)} | {fmt(r.kl, '.2e')} | {fmt(r.calib_s, '.3f')} "
-            f"| {fmt(r.calib_s / r.fp32_s, '.1f')} | {r.worst} |"
-        )
-    lines += ["", "**Acceptance (best calibrator):**", ""]
-    for name, target in FMNIST_MODELS.items():
-        ok = [r for r in rows if r.model == name and not r.error]
-        if not ok:
-            lines.append(f"* {name}: no successful run")
-            continue
-        best = min(ok, key=lambda r: r.drop)
-        verdict = "met" if best.drop <= target else "**missed**"
-        lines.append(
-            f"* {name}: best {best.calibrator}, drop {best.drop:.2f} points "
-            f"(target ≤ {target}) — {verdict}"
-        )
-    lines += ["", "## Where the error comes from", ""]
-    lines += [
-        "For the best calibrator of each model: the activation quantizers with the lowest SQNR "
-        "of their own rounding/clipping (`own`), with the SQNR of the quantized network's tensor "
-        "against the float network's at the same point (`accumulated`, all upstream error "
-        "included), and the layers whose integer weights have the lowest SQNR.",
-        "",
-    ]
-    for name, (cal, rep) in {**diag, **eff[2]}.items():
-        lines += [
-            f"**{name}** ({cal}):",
-            "",
-            "| quantizer | tensor | own SQNR dB | accumulated SQNR dB |",
-            "|---|---|---|---|",
-        ]
-        for n, label, own, cum in rep["activations"][:5]:
-            lines.append(f"| `{n}` | {label} | {own:.1f} | {cum:.1f} |")
-        worst_w = ", ".join(f"`{n}` {db:.1f} dB" for n, db in rep["weights"][:3])
-        acts = rep["activations"]
-        last = acts and min(acts, key=lambda r: r[3])
-        lines += ["", f"Lowest weight SQNR: {worst_w}."]
-        if last:
-            lines += [f"Lowest accumulated SQNR: `{last[0]}` ({last[1]}) {last[3]:.1f} dB.", ""]
-    erows, enote, _ = eff
-    if erows:
-        lines += [
-            "## EfficientNet-Lite0 (ImageNet weights, no ImageNet labels here)",
-            "",
-            f"Model: {enote}. No ImageNet images are available: calibrated on "
-            f"{args.effnet_calib} random crops of the photos bundled with scikit-image, compared "
-            f"with the float model on {args.effnet_eval} *other* random crops of the same photos "
-            "(different seeds): top-1 agreement with FP32 and mean KL(FP32 ‖ W8A8) of the softmax "
-            "outputs. These are agreement numbers, not ImageNet accuracy.",
-            "",
-            "| calibrator | top-1 agreement % | KL | calibration s | × FP32 inference |",
-            "|---|---|---|---|---|",
-        ]
-        for r in erows:
-            if r.error:
-                lines.append(f"| {r.calibrator} | error: {r.error} ||||")
-                continue
-            lines.append(
-                f"| {r.calibrator} | {fmt(r.agreement, '.1f')} | {fmt(r.kl, '.3f')} "
-                f"| {fmt(r.calib_s, '.2f')} | {fmt(r.calib_s / r.fp32_s, '.1f')} |"
-            )
-    lines += [
-        "",
-        "## Calibration peak memory: N vs 10×N batches",
-        "",
-        f"`resnet_fmnist`, batches of {CALIB_BATCH}, each run in a fresh process. RSS: peak "
-        "resident memory during `quantize` (the kernel's peak mark, reset just before, and "
-        "sampled every 2 ms) minus the resident memory before it (model and the batches loaded, "
-        "one warm-up batch run); between batches: the same measured when the next batch is "
-        "requested. Median of the runs, with glibc's mmap threshold fixed at 128 KiB "
-        "(`MALLOC_MMAP_THRESHOLD_`: otherwise freed activations stay resident by chance and the "
-        "numbers drift by tens of MiB). Python: peak of Python-level "
-        "allocations (`tracemalloc`; tensors are not Python allocations). Target: < 10% growth.",
-        "",
-        "| calibrator | batches | peak MiB | between batches: after the first MiB "
-        "| highest later MiB | Python peak MiB | process peak MiB | seconds | peak growth vs N |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    base = {}
-    for m in mem:
-        if "error" in m:
-            lines.append(f"| {m['calibrator']} | {m['batches']} | error: {m['error']} ||||||")
-            continue
-        b = base.setdefault(m["calibrator"], m)
-        d_peak, d_proc = m["peak_mib"] - b["peak_mib"], m["process_mib"] - b["process_mib"]
-        growth = (
-            ""
-            if b is m
-            else f"{100 * d_peak / max(b['peak_mib'], 1e-9):+.0f}% ({d_peak:+.1f} MiB; "
-            f"process peak {100 * d_proc / b['process_mib']:+.1f}%)"
-        )
-        lines.append(
-            f"| {m['calibrator']} | {m['batches']} | {m['peak_mib']:.1f} | {m['first_mib']:.1f} "
-            f"| {fmt(m['later_mib'], '.1f')} | {m['py_mib']:.2f} | {m['process_mib']:.0f} "
-            f"| {m['seconds']:.2f} | {growth} |"
-        )
-    lines += [
-        "",
-        "## Calibration time vs FP32 inference",
-        "",
-        "Targets: ≤ 3× plain FP32 inference over the same data for minmax, ≤ 5× for the "
-        "histogram calibrators (percentile, kl, mse, auto_percentile). `ema` is held to the "
-        "minmax target; `auto` runs extra passes by design and has no target.",
-        "",
-        "| model | calibrator | FP32 s | calibration s | of which data pass s | ratio "
-        "| data pass ratio | target | met |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in [*rows, *erows]:
-        if r.error or r.calibrator == "auto":
-            continue
-        target = 5.0 if r.calibrator in HISTOGRAM else 3.0
-        ratio = r.calib_s / r.fp32_s
-        lines.append(
-            f"| {r.model} | {r.calibrator} | {r.fp32_s:.3f} | {r.calib_s:.3f} | {r.pass_s:.3f} "
-            f"| {ratio:.1f} | {r.pass_s / r.fp32_s:.1f} | ≤ {target:g} "
-            f"| {'yes' if ratio <= target else '**no**'} |"
-        )
-    lines += [
-        "",
-        "The calibration stage is the data pass (every quantizer observing its tensor) plus the "
-        "range solvers (a fixed cost per quantizer, independent of the amount of data); the "
-        "`data pass ratio` column isolates the first.",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

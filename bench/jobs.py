@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from bench_export import latency, ort_quantize, task
-from bench_pipeline import peak_rss_bytes, reset_peak_rss, rss_bytes
+from memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from peers import fx_quantize, import_nncf, nncf_onnx_quantize, nncf_quantize
 
 import ptqkit

@@ -17,7 +17,7 @@ once, the two reconstruction losses on all ``max_rows`` rows (``2·max_rows·|W|
 per sample) steps on fewer; the estimate errs long, which for a time budget is the safe side.
 
 Why it matters: the cost is ``iters × rows × |W|``, not the number of layers. A 19M-weight 1-D
-audio CNN (17 layers, W4 per channel, 256 frames of 1,024 samples) ran 555 s of AdaRound on a
+audio CNN (15 layers, W4 per channel, 256 frames of 1,024 samples) ran 555 s of AdaRound on a
 2-core AVX2 machine: each of its four 1024→1024 k=3 convs steps on 2·1,024·3.1M multiply-adds
 (220 ms a step). The previous prior of :func:`ptqkit.tune` (2 ms per layer per step) expected 17 s
 of it; this estimate says 619 s (the classifier's rows counted at ``B``, see above). Constants
