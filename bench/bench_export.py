@@ -78,6 +78,20 @@ def export_fp32(model: torch.nn.Module, path: Path, example: torch.Tensor) -> Pa
     return path
 
 
+def feed_reader(feeds: list[dict]):
+    """ONNX Runtime's calibration reader over ``feeds`` (input name -> array, one per batch)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    return Reader()
+
+
 def ort_quantize(
     fp32: Path,
     out: Path,
@@ -91,21 +105,8 @@ def ort_quantize(
     u8s8 kernels on x86 CPUs with AVX2 but without VNNI (measured on resnet_fmnist on this
     machine: 86.25% top-1 with 8-bit weights, 92.2% with reduce_range, 92.3% when the same
     QDQ file runs with graph optimizations off, i.e. without the int8 kernels)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter([{"input": b.numpy()} for b in calib])
-
-        def get_next(self):
-            return next(self.it, None)
 
     pre = out.with_name(out.stem + ".pre.onnx")
     try:
@@ -116,7 +117,7 @@ def ort_quantize(
     quantize_static(
         str(pre),
         str(out),
-        Reader(),
+        feed_reader([{"input": b.numpy()} for b in calib]),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         reduce_range=reduce_range,
