@@ -38,6 +38,7 @@ from torch import nn
 from ..analysis.outputs import OutputSelector, as_rows, is_discrete, select
 from ..data import batch_size, fresh_inputs, model_device, run_model, split_batch, to_device
 from ..errors import ConfigError, DataError
+from ..sync import active, add_up, exchange
 
 #: SQNR reported when the quantized output equals the float one
 MAX_SQNR_DB = 200.0
@@ -136,7 +137,10 @@ class HoldOut:
     ) -> None:
         self.batches, self.output = batches, output
         self.inputs = [split_batch(b, i) for i, b in enumerate(batches)]
-        self.samples = sum(batch_size(a, k) for a, k in self.inputs)
+        self.samples = sum(batch_size(a, k) for a, k in self.inputs)  # this rank's
+        # under torch.distributed every rank scores on its own held-out samples and the scores
+        # are summed over the ranks (:meth:`score`): the samples they are means over
+        self.total = int(add_up("tune: held-out samples", {"n": self.samples})["n"])
         self.reference = self._outputs(model, "float")
         ref = self.reference[0]
         classes = ref.dim() >= 2 and ref.shape[1] > 1  # one score per class (per position)
@@ -197,13 +201,22 @@ class HoldOut:
             signal += float(f.double().pow(2).sum())
             noise += float((f.double() - q.double()).pow(2).sum())
         every = torch.cat(hits)
+        if active():  # the same sums, and the same per-sample hits in rank order, on every rank
+            rows = exchange(
+                "tune: score",
+                {"agree": agree, "kl": kl, "signal": signal, "noise": noise, "hits": every},
+            )
+            agree, kl, signal, noise = (
+                sum(r[k] for r in rows) for k in ("agree", "kl", "signal", "noise")
+            )
+            every = torch.cat([r["hits"] for r in rows])
         if is_discrete(self.reference[0]):
-            return Score(100.0 * agree / self.samples, None, None, every)
+            return Score(100.0 * agree / self.total, None, None, every)
         if noise > 0:
             sqnr = min(10.0 * math.log10(max(signal, 1e-300) / noise), MAX_SQNR_DB)
         else:
             sqnr = MAX_SQNR_DB
-        return Score(100.0 * agree / self.samples, kl / self.samples, sqnr, every)
+        return Score(100.0 * agree / self.total, kl / self.total, sqnr, every)
 
     def better(self, a: Score, b: Score) -> bool:
         """Whether ``a`` beats ``b``. For ``agreement``, only a significant difference counts
@@ -214,7 +227,7 @@ class HoldOut:
         vs mse + empirical BC: 90.6 %, KL 0.032 held out; 93.7 % vs 94.0 %, KL 0.042 vs 0.026 on
         300 other crops)."""
         if self.ranking == "agreement":
-            wins = decisive(a, b, self.samples)
+            wins = decisive(a, b, self.total)
             if wins is not None:
                 return wins
             return _none(a.kl, math.inf) < _none(b.kl, math.inf)

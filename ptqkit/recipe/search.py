@@ -17,6 +17,7 @@ from ..data import batch_size, split_batch
 from ..errors import ConfigError, DataError, PTQError, PTQWarning
 from ..info import MIN_CALIBRATION_SAMPLES, info_of, sample_shortfall
 from ..pipeline import quantize
+from ..sync import from_first, guard
 from .candidates import (
     CANDIDATES,
     Candidate,
@@ -107,7 +108,11 @@ def tune(
     Each trial's model is still exactly the one :func:`ptqkit.quantize` gives for its recipe
     (``ema`` and other observers run the whole pipeline; ``calibration_pass`` in each trial's
     record says which: ``built``, ``shared`` or ``own``). Under ``torch.distributed`` every
-    trial runs the whole pipeline.
+    trial runs the whole pipeline; each rank holds out part of its own shard, the scores are
+    summed over the ranks' held-out samples, and each decision on time (does a trial fit, the
+    refit) is rank 0's and sent to the others: every rank runs the same trials and returns the
+    same model, with rank 0's record (two ranks with different shards chose different recipes
+    before, and the second trial's calibration refused the mismatch).
 
     Why refit: the held-out samples were needed to choose, not to calibrate; once the choice is
     made, every sample helps the ranges and the bias estimates (a quarter more data by default),
@@ -155,9 +160,10 @@ def tune(
         raise ConfigError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
     cands = _as_candidates(candidates)
     t_start = time.perf_counter()
-    batches = _materialize(data, config.num_batches)
-    calib, held_batches = split(batches, holdout)
-    held = HoldOut(model, held_batches, score, output)
+    with guard("tune: the data"):  # a rank whose shard cannot be split stops every rank
+        batches = _materialize(data, config.num_batches)
+        calib, held_batches = split(batches, holdout)
+        held = HoldOut(model, held_batches, score, output)
     n_all = sum(batch_size(*split_batch(b, i)) for i, b in enumerate(batches))
     n_cal = n_all - held.samples
     base = config.replace(max_degradation=None, min_sqnr_db=None, progress=False)
@@ -174,18 +180,25 @@ def tune(
         if key in search.seen:
             search.record(name, changes, "skipped", f"same recipe as {search.seen[key]!r}")
             return False
-        q_est = search.quantize_estimate(cfg)
-        expected = q_est + search.score_s
-        left = search.budget_s - search.elapsed()
-        kept = 0.0  # the refit of this candidate or of the best so far, whichever is chosen
-        if reserve:
-            assert search.best is not None
-            kept = max(_refit_s(search, cfg, scale), _refit_s(search, search.best[1], scale))
-        if expected + kept > left:
+
+        def fits() -> tuple[float, str | None]:
+            expected = search.quantize_estimate(cfg) + search.score_s
+            left = search.budget_s - search.elapsed()
+            kept = 0.0  # the refit of this candidate or of the best so far, whichever is chosen
+            if reserve:
+                assert search.best is not None
+                kept = max(_refit_s(search, cfg, scale), _refit_s(search, search.best[1], scale))
+            if expected + kept <= left:
+                return expected, None
             why = f"expected {expected:.1f} s" + (
                 f" + {kept:.1f} s kept for the refit" if kept else ""
             )
-            search.record(name, changes, "skipped", f"{why}, {left:.1f} s left")
+            return expected, f"{why}, {left:.1f} s left"
+
+        # a decision on time is rank 0's (torch.distributed): every rank runs the same trials
+        expected, skip = from_first(f"tune: does {name!r} fit", fits)
+        if skip is not None:
+            search.record(name, changes, "skipped", skip)
             return False
         try:
             rec = search.run(name, changes, cfg, force)
@@ -246,7 +259,10 @@ def _finish(
     final_cfg = best_cfg.replace(progress=config.progress)
     refit_note, refitted = "the best trial model as measured (refit=False)", False
     if refit:
-        expected, left = _refit_s(search, best_cfg, scale), search.budget_s - search.elapsed()
+        expected, left = from_first(
+            "tune: refit",
+            lambda: (_refit_s(search, best_cfg, scale), search.budget_s - search.elapsed()),
+        )
         if expected <= left:
             qmodel = quantize(model, batches, final_cfg)
             refit_note, refitted = f"re-quantized on all {len(batches)} batches", True
@@ -271,7 +287,7 @@ def _finish(
     best_rec = next(t for t in reversed(search.trials) if t.get("best_so_far"))
     info.recipe = (
         f"chosen by ptqkit.tune: {chosen} ({metric} {fmt(best_rec)} on "
-        f"{search.held.samples} held-out samples, base recipe {fmt(base_rec)}); "
+        f"{search.held.total} held-out samples, base recipe {fmt(base_rec)}); "
         f"{ran} of {len(search.trials)} recipes run in {elapsed:.1f} s (budget "
         f"{search.budget_s:g} s); {refit_note}"
     )
@@ -279,7 +295,7 @@ def _finish(
         "chosen": chosen,
         "changes": config_delta(base, best_cfg),
         "score": search.held.ranking,
-        "held_out_samples": search.held.samples,
+        "held_out_samples": search.held.total,
         "held_out_batches": len(search.held.batches),
         "calibration_batches": len(search.calib),
         "budget_s": search.budget_s,
@@ -288,6 +304,10 @@ def _finish(
         "refit": refitted,
         "trials": search.trials,
     }
+    # rank 0's record (times and what it measured) on every rank: the saved files are identical
+    info.recipe, info.details["recipe"] = from_first(
+        "tune: record", lambda: (info.recipe, info.details["recipe"])
+    )
     if not refitted:  # the trial's warnings were held back while searching
         few = sample_shortfall(info.calibration_samples)
         info.warnings = [(info.sample_shortfall() or w) if w == few else w for w in info.warnings]
