@@ -22,6 +22,7 @@ from .config import PTQConfig
 from .errors import ConfigError, DataError
 from .info import PTQInfo
 from .stage import Context, Stage, iterating_again, run_stages, tapping
+from .sync import active
 
 
 # -- the stages, each ``run(ctx)`` -----------------------------------------------------------------
@@ -179,7 +180,7 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
     run_stages(STAGES, ctx)
     from .calibrate import distributed
 
-    if distributed.is_distributed():  # the same model and record on every rank, or an error
+    if active():  # the same model and record on every rank, or an error
         distributed.finish(ctx.qmodel, ctx.info)
     attach(ctx.qmodel, ctx.info, config)
     return ctx.qmodel

@@ -50,7 +50,8 @@ def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
+    """Where collectives put their tensors: the current GPU for nccl, the CPU otherwise."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -63,7 +64,7 @@ def _shared(e: BaseException) -> BaseException:
 
 def all_gather_bytes(payload: bytes) -> list[bytes]:
     """Every rank's ``payload``, in rank order (two collectives: the sizes, then the bytes)."""
-    dev, world = _comm_device(), dist.get_world_size()
+    dev, world = comm_device(), dist.get_world_size()
     local = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(dev)
     try:
         size = torch.tensor([local.numel()], dtype=torch.int64, device=dev)
@@ -182,6 +183,7 @@ __all__ = [
     "active",
     "add_up",
     "all_gather_bytes",
+    "comm_device",
     "empty_shard",
     "exchange",
     "from_data",

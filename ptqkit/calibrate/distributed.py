@@ -52,22 +52,11 @@ from ..data import model_device
 from ..errors import CalibrationError, DataError
 from ..info import PTQInfo
 from ..quant.modules import act_quants, quant_layers
-from ..sync import all_gather_bytes
+from ..sync import all_gather_bytes, comm_device
 
 #: relative tolerance of the weight checksum comparison (ranks on different device types sum in
 #: different orders)
 WEIGHT_RTOL = 1e-9
-
-
-def is_distributed() -> bool:
-    """``True`` when a default process group with more than one rank is initialized."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class _Counted:
@@ -150,7 +139,7 @@ def agree(
             float(counts[1]),
         ],
         dtype=torch.float64,
-        device=_comm_device(),
+        device=comm_device(),
     )
     rows = [torch.empty_like(header) for _ in range(world)]
     dist.all_gather(rows, header)
@@ -198,7 +187,7 @@ def all_reduce_max(tensors: list[torch.Tensor]) -> None:
     """Element-wise maximum over ranks of each tensor, in place (one collective for all)."""
     if not tensors:
         return
-    dev = _comm_device()
+    dev = comm_device()
     flat = torch.cat([t.reshape(-1).float().to(dev) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.MAX)
     for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):

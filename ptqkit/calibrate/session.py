@@ -15,6 +15,7 @@ from ..data import batch_size, iter_batches, model_device, run_model, to_device
 from ..info import PTQInfo, sample_shortfall
 from ..progress import progress
 from ..quant.modules import act_quants, set_act_mode
+from ..sync import active
 from . import distributed, outliers
 from .calibrators import make_calibrator
 
@@ -68,7 +69,7 @@ def observe_all(
     tracker = outliers.BatchMaxTracker({n: q.calibrator for n, q in quants.items()})
     set_act_mode(model, "observe")
     try:
-        if distributed.is_distributed():  # each rank observes its shard, then all merge
+        if active():  # each rank observes its shard, then all merge
             observe_tracked = functools.partial(observe, on_batch=tracker)
             distributed.observe_and_merge(observe_tracked, model, data, config, info, tracker)
         else:

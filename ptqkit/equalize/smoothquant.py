@@ -50,6 +50,7 @@ from ..errors import ConfigError, ModelError
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import ActQuant, QuantLayer, act_quants, quant_layers
+from ..sync import active
 from ..typed import input_node, optional_tensor_attr, submodule, target_name, tensor_attr
 
 MIN_SCALE, MAX_SCALE = 1e-5, 1e5
@@ -196,7 +197,7 @@ def collect_stats(
 
     try:
         with torch.no_grad():
-            if distributed.is_distributed():
+            if active():
                 error = distributed.run_on_shard(run, data)
                 distributed.agree(model, "smoothquant", config, error, (batches, 0))
                 distributed.all_reduce_max([*(absmax[n] for n in names), fed])

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibrate.distributed import is_distributed
 from ..config import PTQConfig
 from ..correct.cost import LayerWork, Machine, adaround_seconds, layer_work, probe
 from ..errors import PTQWarning
 from ..info import info_of
 from ..pipeline import quantize
+from ..sync import active
 from .candidates import measured_stages, stage_seconds, stages_of
 from .holdout import HoldOut, Score
 from .prefix import Prefix, build_prefix, can_serve, quantize_from, servable
@@ -61,7 +61,7 @@ class Search:
         self.work: list[LayerWork] = []  # the base trial's layers, for AdaRound's estimate
         self.machine: Machine | None = None  # probed when AdaRound is first estimated
         self.best: tuple[str, PTQConfig, nn.Module, Score] | None = None
-        self.share = not is_distributed()  # prefixes: one calibration pass for many recipes
+        self.share = not active()  # prefixes: one calibration pass for many recipes
         self.prefixes: list[Prefix] = []
         self.prefix_s = 0.0  # what building a prefix cost (the first one)
 
