@@ -18,19 +18,17 @@ ONNX file as ONNX Runtime's rows, run by ONNX Runtime. Every ptqkit row uses per
 (the ``PTQConfig`` default). ``--quick`` skips some rows; ``--rows`` runs exactly the rows it
 names, ``--quick`` or not.
 
-NNCF is not a project dependency: ``pip install nncf`` (3.4.0 adds only ninja,
-openvino-telemetry, psutil, pydot and tabulate, and keeps torch, onnx and onnxruntime), or
-``pip install --no-deps --target DIR nncf`` plus those five, found through
-``PTQKIT_NNCF_PATH=DIR``. Without it, or with ``--no-nncf``, the NNCF rows say "not run" or
-"failed" and why; so does any row whose tool fails.
+NNCF is not a project dependency: ``pip install nncf`` (3.4.0 adds only ninja, openvino-telemetry,
+psutil, pydot, tabulate), or ``pip install --no-deps --target DIR nncf`` plus those five, found
+through ``PTQKIT_NNCF_PATH=DIR``. Without it (or ``--no-nncf``), or when a tool fails, its rows
+say so and why.
 
 Every tool's calibration + quantization runs in its own fresh process (``--worker``), so its
 wall time and peak resident memory are its own: the kernel's peak-RSS mark is reset after the
 model and data are loaded and one warm-up batch has run, and read after the tool returns. ONNX
 variants (ptqkit's export, ONNX Runtime's quantizer) are timed in this process, interleaved so a
 load spike hits every variant alike; FX's int8 model is timed in its worker (eager PyTorch).
-The worker is ``jobs.py``, the peers' calls ``peers.py``, the page ``benchmarks_md.py``. Not
-collected by pytest.
+Worker: ``jobs.py``; peers' calls: ``peers.py``; the page: ``benchmarks_md.py``. Not in pytest.
 """
 
 from __future__ import annotations
@@ -47,9 +45,8 @@ from pathlib import Path
 
 #: the environment this script was started in: what the timed rows' processes get (see run_job)
 CALLER_ENV = dict(os.environ)
-if "--worker" not in sys.argv:  # the parent only (its ONNX latencies), never a timed worker:
-    # this line once ran in every worker too, before torch loaded (W4A8 AdaRound on
-    # MobileNetV2-style in a worker: 14.1 s with it, 10.9 s without)
+if "--worker" not in sys.argv:  # the parent's ONNX latencies only, never a timed worker (it
+    # once ran in every worker: W4A8 AdaRound on MobileNetV2-style 14.1 s instead of 10.9 s)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
@@ -75,15 +72,12 @@ TUNE_BUDGET_S = 120.0
 
 
 def run_job(job: dict, timeout: float, memory: bool = False) -> dict:
-    """``job`` in a fresh process: its result, or ``{"error": why}``.
-
-    The table's rows run in the environment this script was started in (:data:`CALLER_ENV`),
-    what a user's process gets: no ``OMP_WAIT_POLICY=PASSIVE`` (sleeping OpenMP threads: measured,
-    W4A8 AdaRound on MobileNetV2-style 20.3 s instead of 15.5 s) and no fixed mmap threshold.
-    Only the memory-flatness rows (``memory``) run with :data:`PROBE_ENV`'s fixed glibc mmap
-    threshold, which makes RSS follow live memory but makes every allocation of 128 KiB and
-    more a fresh ``mmap`` (page faults): measured, it slowed the same AdaRound from 24 s to 73 s.
-    Both were the environment of every timed row before."""
+    """``job`` in a fresh process: its result, or ``{"error": why}``. Rows run in the caller's
+    environment (:data:`CALLER_ENV`, what a user's process gets): no ``OMP_WAIT_POLICY=PASSIVE``
+    (W4A8 AdaRound on MobileNetV2-style: 20.3 s with it, 15.5 s without) and no fixed mmap
+    threshold; only the memory-flatness rows (``memory``) get :data:`PROBE_ENV`'s, which makes
+    RSS follow live memory but every allocation of 128 KiB or more a fresh ``mmap`` (the same
+    AdaRound: 24 s → 73 s)."""
     env = (
         {**CALLER_ENV, "MALLOC_MMAP_THRESHOLD_": PROBE_ENV["MALLOC_MMAP_THRESHOLD_"]}
         if memory
