@@ -3,13 +3,17 @@ distributed tests share."""
 
 from __future__ import annotations
 
+import datetime
+import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -17,6 +21,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def join(rank: int, port: int, world: int, timeout_s: float) -> None:
+    """In a spawned worker: one thread, warnings off, and this process in the gloo group on the
+    loopback (``timeout_s``: a hung collective fails the test instead of hanging CI)."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def run_ranks(

@@ -8,7 +8,6 @@ All scenarios run in one pair of spawned processes (starting them is the slow pa
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import time
@@ -18,7 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from _ranks import run_ranks
+from _ranks import join, run_ranks
 from torch import nn
 
 import ptqkit
@@ -117,16 +116,7 @@ def state(q: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+    join(rank, port, WORLD, TIMEOUT_S)
     results = {}
     for name, (data, cfg, *make) in SCENARIOS.items():
         t0 = time.perf_counter()

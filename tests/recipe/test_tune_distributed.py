@@ -4,16 +4,14 @@ scores on its own shard, the scores are summed over the ranks and every decision
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import traceback
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-from _ranks import run_ranks
+from _ranks import join, run_ranks
 from torch import nn
 
 import ptqkit
@@ -47,16 +45,7 @@ def shard(rank: int) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+    join(rank, port, WORLD, TIMEOUT_S)
     res: dict = {}
     try:
         cfg = ptqkit.PTQConfig(weights=ptqkit.QuantSpec(bits=4, per_channel=True), progress=False)
