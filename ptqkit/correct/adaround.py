@@ -161,13 +161,18 @@ def _announce(qmodel: nn.Module, config: PTQConfig) -> None:
     work = layer_work(qmodel)
     dev = next(iter(quant_layers(qmodel).values())).weight_fp.device
     expected = adaround_seconds(work, config, probe(dev))
+    took = (
+        f"{expected:.2g} s"
+        if expected < 10
+        else (f"{expected:.0f} s" if expected < 600 else f"{expected / 60:.0f} min")
+    )
     logger.info(
-        "adaround: %d layers, %.2fM weights, %d steps each: about %.0f s of optimization "
-        "expected on this machine (fewer adaround_iters or rows_per_step cost less)",
+        "adaround: %d layers, %s weights, %d steps each: about %s of optimization expected on "
+        "this machine (fewer adaround_iters or rows_per_step cost less)",
         len(work),
-        sum(w.weights for w in work) / 1e6,
+        f"{sum(w.weights for w in work):,}",
         config.adaround_iters,
-        expected,
+        took,
     )
 
 
