@@ -58,17 +58,21 @@ class Machine:
     elem_s: float
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the work queued on an accelerator (CUDA, MPS, XPU, ...: kernels run async)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
 def _timed(fn: Callable[[], object], device: torch.device, repeat: int = 5) -> float:
     """The median of ``repeat`` calls of ``fn`` (after one warm-up), in seconds."""
     fn()
     times = []
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         t = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         times.append(time.perf_counter() - t)
     return max(statistics.median(times), 1e-9)
 
