@@ -235,7 +235,11 @@ class HistogramStats:
             rows = torch.arange(c, device=xc.device)[:, None] * (2 * _N)
             flat = (key.to(torch.int64) + rows).reshape(-1)
         counts += torch.bincount(flat, minlength=c * 2 * _N).reshape(c, -1)
-        zeros += (xc.shape[1] - torch.count_nonzero(xc, dim=1)).double()
+        # one row: the flat count (all threads; count_nonzero(dim=1) over one row runs on one
+        # thread: 61 vs 30 ms on 9.6M values, 2 threads; 3.2 s of 16 s of EfficientNet-Lite0's
+        # KL calibration went to it)
+        nonzero = torch.count_nonzero(xc).reshape(1) if c == 1 else torch.count_nonzero(xc, dim=1)
+        zeros += (xc.shape[1] - nonzero).double()
         self.counts, self.zeros = counts, zeros
 
     def merge(self, other: HistogramStats) -> None:
