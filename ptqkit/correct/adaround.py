@@ -63,7 +63,7 @@ from torch import nn
 
 from ..calibrate.weights import weight_range
 from ..config import AdaRoundOptions, PTQConfig
-from ..data import Batch
+from ..data import Batch, model_device
 from ..graph import activation_after
 from ..info import PTQInfo
 from ..progress import progress
@@ -159,8 +159,7 @@ def _announce(qmodel: nn.Module, config: PTQConfig) -> None:
     if not logger.isEnabledFor(logging.INFO):
         return
     work = layer_work(qmodel)
-    dev = next(iter(quant_layers(qmodel).values())).weight_fp.device
-    expected = adaround_seconds(work, config, probe(dev))
+    expected = adaround_seconds(work, config, probe(model_device(qmodel)))
     took = (
         f"{expected:.2g} s"
         if expected < 10

@@ -9,11 +9,11 @@ import time
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..config import PTQConfig
 from ..correct.cost import LayerWork, Machine, adaround_seconds, layer_work, probe
+from ..data import model_device
 from ..errors import PTQWarning
 from ..info import info_of
 from ..pipeline import quantize
@@ -91,8 +91,7 @@ class Search:
         """Expected seconds of AdaRound's optimization for ``config`` on the base trial's layers
         (:mod:`ptqkit.correct.cost`; the machine is probed on first use)."""
         if self.machine is None:
-            dev = next((t.device for t in self.model.parameters()), torch.device("cpu"))
-            self.machine = probe(dev)
+            self.machine = probe(model_device(self.model))
         return adaround_seconds(self.work, config, self.machine)
 
     def _quantize(self, config: PTQConfig) -> tuple[nn.Module, float, str]:
