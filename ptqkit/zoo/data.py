@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .extras import require
+
 __all__ = [
     "EXTRA_PHOTO_NAMES",
     "FASHION_MNIST_CLASSES",
@@ -101,9 +103,7 @@ def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- digits
 @functools.lru_cache(maxsize=1)
 def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = require("sklearn.datasets", "the digits data set").load_digits()
     return d.images.astype(np.float32), d.target.astype(np.int64)
 
 
@@ -136,12 +136,11 @@ def split(
 @functools.lru_cache(maxsize=16)
 def _photo_uint8(name: str) -> torch.Tensor:
     """One bundled scikit-image photo as a uint8 ``3×H×W`` tensor."""
-    import skimage.data
-
+    skdata = require("skimage.data", "the bundled photos")
     if name == "motorcycle":
-        img = skimage.data.stereo_motorcycle()[0]  # left view of the stereo pair
+        img = skdata.stereo_motorcycle()[0]  # left view of the stereo pair
     elif name in PHOTO_NAMES + EXTRA_PHOTO_NAMES:
-        img = getattr(skimage.data, name)()
+        img = getattr(skdata, name)()
     else:
         raise ValueError(f"unknown photo {name!r}; choose from {PHOTO_NAMES + EXTRA_PHOTO_NAMES}")
     img = np.ascontiguousarray(img[..., :3])

