@@ -45,6 +45,7 @@ _LAZY = {
     "write_report": "ptqkit.report.html",
     "run_job": "ptqkit.job",
     "JobResult": "ptqkit.job",
+    "JobOptions": "ptqkit.job",
     "tune": "ptqkit.recipe",
 }
 
@@ -66,6 +67,7 @@ __all__ = [
     "DataError",
     "EvalResult",
     "ExportError",
+    "JobOptions",
     "JobResult",
     "LoadError",
     "ModelError",

@@ -13,37 +13,32 @@ through :mod:`warnings` (:class:`~ptqkit.errors.PTQWarning`), results into :clas
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
+from .analysis.metrics import evaluate
+from .analysis.sensitivity import sensitivity
+from .compare import compare as compare_methods
+from .compare import detect_metric
 from .config import PTQConfig
 from .data import split_batch
-from .errors import PTQWarning, SaveError, one_line
+from .errors import ConfigError, PTQWarning, SaveError
 from .info import info_of
-
-
-class JobLog(Protocol):
-    """Where :func:`run_job` reports its progress (the CLI's console is one)."""
-
-    def step(self, what: str) -> contextlib.AbstractContextManager[Any]: ...
-
-    def log(self, message: str) -> None: ...
-
-
-class _Silent:
-    def step(self, what: str) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext()
-
-    def log(self, message: str) -> None:
-        return None
+from .io import save
+from .pipeline import quantize
+from .recipe import tune
+from .report.html import write_report
+from .report.measure import collect
+from .report.table import result_table
+from .report.timing import JobLog, _batch_of, _Silent, export_and_time, latency_ms
 
 
 @dataclass
@@ -77,121 +72,6 @@ def example_input(batches: Iterable[Any], n: int = 1) -> tuple | None:
             return None
         return tuple(a[:n] for a in args)
     return None
-
-
-def _batch_of(example: tuple | None) -> int:
-    return len(example[0]) if example else 1
-
-
-def latency_ms(fn: Callable[..., Any], example: tuple, repeat: int = 10) -> float:
-    """Best wall time of ``repeat`` calls of ``fn(*example)`` in milliseconds, after two warm-up
-    calls (the best, not the median: on a shared machine the other runs measure the others)."""
-    times = []
-    with torch.no_grad():
-        for i in range(repeat + 2):
-            t0 = time.perf_counter()
-            fn(*example)
-            if i >= 2:
-                times.append(1000 * (time.perf_counter() - t0))
-    return min(times)
-
-
-def export_and_time(
-    log: JobLog,
-    model: nn.Module,
-    qmodel: nn.Module,
-    example: tuple | None,
-    out: Path | None,
-    export: bool = True,
-    latency: bool = True,
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """Latencies (ms, on ``example``'s batch) of the float and simulated models and, when
-    exported, of the ONNX Runtime float and int8 models; plus what the export wrote. An export
-    failure is recorded (``onnx["error"]``) and warned about, not raised: the model is quantized
-    and saved already."""
-    lat: dict[str, float] = {}
-    onnx: dict[str, Any] = {}
-    if example is None:
-        onnx["skipped"] = "the model takes keyword inputs; ONNX export needs positional tensors"
-        return lat, onnx
-    if latency:
-        with log.step(f"timing FP32 and simulated INT8 (PyTorch, batch {_batch_of(example)})"):
-            lat["FP32 PyTorch"] = latency_ms(model, example)
-            lat["INT8 simulated PyTorch"] = latency_ms(qmodel, example)
-    if not export or out is None:
-        return lat, onnx
-    from .export import OrtModule, export_onnx, kernel_report
-
-    try:
-        with log.step("exporting to ONNX (QDQ int8 and float)"):
-            int8 = export_onnx(qmodel, out / "model.int8.onnx", example)
-            fp32 = export_onnx(qmodel, out / "model.fp32.onnx", example, format="fp32+encodings")
-        onnx["int8"], onnx["fp32"] = str(int8), str(fp32)
-        onnx["size_bytes"] = {"int8": int8.stat().st_size, "fp32": fp32.stat().st_size}
-        rep = kernel_report(int8)
-        onnx["int_kernels"], onnx["float_kernels"] = rep.int_kernels, rep.float_kernels
-        if latency:
-            with log.step(f"timing ONNX Runtime float and int8 (batch {_batch_of(example)})"):
-                threads = torch.get_num_threads()  # the same as PyTorch's, for a fair comparison
-                lat["FP32 ONNX Runtime"] = latency_ms(OrtModule(fp32, threads), example)
-                lat["INT8 ONNX Runtime"] = latency_ms(OrtModule(int8, threads), example)
-    except Exception as e:  # the model is still quantized and saved: report, do not fail
-        onnx["error"] = one_line(e)
-        warnings.warn(f"ONNX export failed: {one_line(e)}", PTQWarning, stacklevel=2)
-    return lat, onnx
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
-
-
-def _speed(fp32_ms: float, int8_ms: float) -> str:
-    """``int8 kernels, 1.27x faster`` or, when the int8 model is the slower one, ``... slower``
-    (it can be: on x86 CPUs without VNNI int8 convolutions gain little, and small or depthwise
-    layers pay for their QuantizeLinear / DequantizeLinear nodes)."""
-    if not (fp32_ms > 0 and int8_ms > 0):
-        return ""
-    if int8_ms <= fp32_ms:
-        return f"int8 kernels, {fp32_ms / int8_ms:.2f}x faster"
-    return f"int8 kernels, {int8_ms / fp32_ms:.2f}x slower than FP32 on this machine"
-
-
-def result_table(res: Any, lat: dict[str, float], batch: int = 1) -> str:
-    """The short FP32 vs INT8 table of an :class:`~ptqkit.EvalResult` and latencies (measured on
-    batches of ``batch`` samples)."""
-    unit = "%" if res.metric in ("top1", "top5", "agreement") else ""
-    rows = [
-        ("", "FP32", "INT8", ""),
-        (
-            res.metric,
-            f"{res.fp32:.2f}{unit}",
-            f"{res.quantized:.2f}{unit}",
-            f"degradation {res.degradation:+.2f} points",
-        ),
-        ("top-1 agreement", "", f"{res.agreement:.2f}%", f"KL {res.kl:.3g} nats"),
-        (
-            "size",
-            _size(res.size_bytes_fp32),
-            _size(res.size_bytes_quantized),
-            f"{res.compression:.2f}x smaller" if res.compression else "",
-        ),
-    ]
-    for label, f_key, q_key, note in (
-        ("latency PyTorch", "FP32 PyTorch", "INT8 simulated PyTorch", None),
-        ("latency ONNX Runtime", "FP32 ONNX Runtime", "INT8 ONNX Runtime", "kernels"),
-    ):
-        if q_key in lat:
-            f, q = lat[f_key], lat[q_key]
-            text = "int8 simulated in float (fake-quant)"
-            if note:
-                text = _speed(f, q)
-            rows.append((label, f"{f:.2f} ms", f"{q:.2f} ms", text))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
-    lines.append(f"({res.samples} evaluation samples; latency: best of 10 runs, batch {batch})")
-    return "\n".join(lines)
 
 
 def _summary(command: str, qmodel: Any, res: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -234,74 +114,153 @@ def _quiet_ptq_warnings() -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class JobOptions:
+    """What :func:`run_job` produces besides the quantized model and its evaluation.
+
+    Fields:
+        out_dir: where ``model.ptq.safetensors``, the ONNX models, ``summary.json`` and the
+            report go (``None``: nothing is written).
+        report_path: the HTML report (default ``out_dir/report.html``).
+        metric: ``"auto"`` (top-1 with labels, agreement without), or a metric of
+            :func:`ptqkit.evaluate`.
+        compare: also quantize with every method and compare them (:func:`ptqkit.compare`).
+        sensitivity: also measure per-layer sensitivity (:func:`ptqkit.sensitivity`).
+        export: export and time the ONNX models (needs ``out_dir``).
+        latency: time the models.
+        example: positional input of the export and the latencies (default: the first sample of
+            the first calibration batch; a program exported with a static batch size needs a
+            whole batch).
+        layer_sqnr: put the per-layer SQNR in the report (it runs sub-batches, which a program
+            with a static batch size refuses); with ``sensitivity`` it is measured anyway.
+        tune_budget_s: search the recipe with :func:`ptqkit.tune` within that many seconds
+            (the config is the base recipe) instead of taking it as given.
+        title, notes: the report's title and its notes.
+        descriptions: how the calibration and the evaluation data are described.
+        command: what the summary says produced it.
+        max_plots: most histograms and weight plots in the report.
+        report_batches: batches the report's histograms and SQNR are measured on.
+        extra_summary: more entries for ``summary.json``.
+    """
+
+    out_dir: str | Path | None = None
+    report_path: str | Path | None = None
+    metric: str = "auto"
+    compare: bool = False
+    sensitivity: bool = False
+    export: bool = True
+    latency: bool = True
+    example: tuple | None = None
+    layer_sqnr: bool = True
+    tune_budget_s: float | None = None
+    title: str = "ptqkit report"
+    notes: Sequence[str] = ()
+    descriptions: tuple[str, str] = ("calibration data", "evaluation data")
+    command: str = "run_job"
+    max_plots: int = 24
+    report_batches: int = 2
+    extra_summary: dict[str, Any] | None = None
+
+    @property
+    def out(self) -> Path | None:
+        return Path(self.out_dir) if self.out_dir is not None else None
+
+    @property
+    def report(self) -> Path | None:
+        if self.report_path is not None:
+            return Path(self.report_path)
+        return self.out / "report.html" if self.out is not None else None
+
+
+def _options(options: JobOptions | None, fields: dict[str, Any]) -> JobOptions:
+    """``options`` with ``fields`` changed; an unknown field is a :class:`ConfigError` that
+    lists the valid ones."""
+    if options is not None and not isinstance(options, JobOptions):
+        raise ConfigError(f"options must be a JobOptions, got {type(options).__name__}")
+    names = {f.name for f in dataclasses.fields(JobOptions)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ConfigError(f"unknown run_job option(s) {unknown}; valid: {sorted(names)}")
+    return dataclasses.replace(options or JobOptions(), **fields)
+
+
 def run_job(
     model: nn.Module,
     calib_data: Iterable[Any],
     eval_data: Iterable[Any] | None = None,
     config: PTQConfig | None = None,
+    options: JobOptions | None = None,
     *,
-    out_dir: str | Path | None = None,
-    report_path: str | Path | None = None,
-    metric: str = "auto",
-    compare: bool = False,
-    sensitivity: bool = False,
-    export: bool = True,
-    latency: bool = True,
-    example: tuple | None = None,
-    layer_sqnr: bool = True,
     qmodel: nn.Module | None = None,
-    tune_budget_s: float | None = None,
-    title: str = "ptqkit report",
-    notes: Sequence[str] = (),
-    descriptions: tuple[str, str] = ("calibration data", "evaluation data"),
-    command: str = "run_job",
-    max_plots: int = 24,
-    report_batches: int = 2,
     log: JobLog | None = None,
-    extra_summary: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> JobResult:
     """Quantize ``model`` on ``calib_data`` (unless ``qmodel`` is given), evaluate it against
     ``model`` on ``eval_data`` (on the calibration data when ``None``, and the report says so),
-    optionally compare every method and measure per-layer sensitivity, then, with ``out_dir``,
-    save ``model.ptq.safetensors``, export ``model.int8.onnx`` and ``model.fp32.onnx``, time
-    them in ONNX Runtime, and write ``summary.json``; with ``report_path`` (default
-    ``out_dir/report.html``) the HTML report. Returns a :class:`JobResult`.
+    then do what ``options`` (a :class:`JobOptions`) asks: compare every method, measure
+    per-layer sensitivity and, with ``out_dir``, save ``model.ptq.safetensors``, export
+    ``model.int8.onnx`` and ``model.fp32.onnx``, time them in ONNX Runtime, write
+    ``summary.json`` and the HTML report. Returns a :class:`JobResult`.
 
-    ``example`` is the positional input of the export and the latencies (default: the first
-    sample of the first calibration batch; a program exported with a static batch size needs a
-    whole batch). ``layer_sqnr=False`` leaves the per-layer SQNR out of the report (it runs
-    sub-batches, which such a program refuses); with ``sensitivity`` it is measured anyway.
-    With ``tune_budget_s``, the recipe is searched by :func:`ptqkit.tune` within that many
-    seconds (``config`` is the base recipe) instead of taken as given."""
-    import ptqkit
-
-    from .compare import compare as compare_methods
-    from .compare import detect_metric
-    from .report.html import write_report
-    from .report.measure import collect
-
+    ``fields`` are :class:`JobOptions` fields given by name, a shorthand for
+    ``options=JobOptions(...)`` (``run_job(model, calib, test, cfg, out_dir="out/")``); they
+    override ``options``. ``log`` receives the progress (the CLI's console is one)."""
+    opts = _options(options, fields)
     log = log or _Silent()
     config = PTQConfig() if config is None else config
-    out = Path(out_dir) if out_dir is not None else None
-    if report_path is None and out is not None:
-        report_path = out / "report.html"
-    calib_desc, eval_desc = descriptions
-    if qmodel is None and tune_budget_s:
-        with log.step(f"searching the best recipe (ptqkit.tune, {tune_budget_s:g} s budget)"):
-            qmodel = ptqkit.tune(model, calib_data, config, budget_s=tune_budget_s)
-        log.log(info_of(qmodel).recipe)
-    elif qmodel is None:
-        with log.step(f"quantizing ({calib_desc})"):
-            qmodel = ptqkit.quantize(model, calib_data, config)
+    if qmodel is None:
+        qmodel = _quantized(model, calib_data, config, opts, log)
     on_calib = eval_data is None
     evald = calib_data if eval_data is None else eval_data
-    eval_desc = calib_desc if on_calib else eval_desc
-    metric = metric if metric != "auto" else detect_metric(evald)
+    eval_desc = opts.descriptions[0] if on_calib else opts.descriptions[1]
+    metric = opts.metric if opts.metric != "auto" else detect_metric(evald)
     # evaluate's own advice warnings are part of the advice of the report
     with log.step(f"evaluating ({metric} on {eval_desc})"), _quiet_ptq_warnings():
-        res = ptqkit.evaluate(model, qmodel, evald, metric, progress_bar=config.progress)
+        res = evaluate(model, qmodel, evald, metric, progress_bar=config.progress)
     job = JobResult(qmodel=qmodel, result=res)
-    if compare:
+    _analyses(job, model, calib_data, evald, config, metric, opts, log)
+    out = opts.out
+    if out is not None:
+        _mkdir(out)
+        with log.step("saving the quantized model"):
+            save(qmodel, out / "model.ptq.safetensors")
+        job.files["quantized_model"] = str(out / "model.ptq.safetensors")
+    example = example_input(calib_data) if opts.example is None else opts.example
+    job.latency_batch = _batch_of(example)
+    job.latency_ms, job.onnx = export_and_time(
+        log, model, qmodel, example, out, export=opts.export, latency=opts.latency
+    )
+    _report(job, model, calib_data, None if on_calib else evald, eval_desc, opts, log)
+    _write_summary(job, on_calib, eval_desc, opts)
+    return job
+
+
+def _quantized(
+    model: nn.Module, calib_data: Iterable[Any], config: PTQConfig, opts: JobOptions, log: JobLog
+) -> nn.Module:
+    """The model quantized with ``config``, or with the recipe ``tune`` finds in its budget."""
+    if opts.tune_budget_s:
+        budget = opts.tune_budget_s
+        with log.step(f"searching the best recipe (ptqkit.tune, {budget:g} s budget)"):
+            qmodel = tune(model, calib_data, config, budget_s=budget)
+        log.log(info_of(qmodel).recipe)
+        return qmodel
+    with log.step(f"quantizing ({opts.descriptions[0]})"):
+        return quantize(model, calib_data, config)
+
+
+def _analyses(
+    job: JobResult,
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    evald: Iterable[Any],
+    config: PTQConfig,
+    metric: str,
+    opts: JobOptions,
+    log: JobLog,
+) -> None:
+    """The optional comparison of every method and per-layer sensitivity."""
+    if opts.compare:
         with log.step("comparing methods"):
             job.comparison = compare_methods(
                 model,
@@ -315,36 +274,39 @@ def run_job(
                 ),
                 progress_bar=config.progress,
             )
-    if sensitivity:
+    if opts.sensitivity:
         with log.step("per-layer sensitivity"):
-            job.sensitivity = ptqkit.sensitivity(qmodel, evald, config)
-    if out is not None:
-        _mkdir(out)
-        with log.step("saving the quantized model"):
-            ptqkit.save(qmodel, out / "model.ptq.safetensors")
-        job.files["quantized_model"] = str(out / "model.ptq.safetensors")
-    example = example_input(calib_data) if example is None else example
-    job.latency_batch = _batch_of(example)
-    job.latency_ms, job.onnx = export_and_time(
-        log, model, qmodel, example, out, export=export, latency=latency
-    )
-    with log.step("writing the report" if report_path is not None else "collecting advice"):
+            job.sensitivity = sensitivity(job.qmodel, evald, config)
+
+
+def _report(
+    job: JobResult,
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    eval_data: Iterable[Any] | None,
+    eval_desc: str,
+    opts: JobOptions,
+    log: JobLog,
+) -> None:
+    """Collect the report (and its advice); write it where ``opts`` says."""
+    path = opts.report
+    with log.step("writing the report" if path is not None else "collecting advice"):
         rep = collect(
-            qmodel,
+            job.qmodel,
             model=model,
             data=calib_data,
-            eval_data=None if on_calib else evald,
-            result=res,
-            sensitivity=job.sensitivity if job.sensitivity is not None or layer_sqnr else {},
+            eval_data=eval_data,
+            result=job.result,
+            sensitivity=job.sensitivity if job.sensitivity is not None or opts.layer_sqnr else {},
             comparison=job.comparison,
             latency=job.latency_ms,
-            title=title,
-            notes=notes,
-            evaluated_on_calibration_data=on_calib,
-            extra=[("calibration data", calib_desc), ("evaluation data", eval_desc)],
-            max_histograms=max_plots,
-            max_weights=max_plots,
-            batches=report_batches,
+            title=opts.title,
+            notes=opts.notes,
+            evaluated_on_calibration_data=eval_data is None,
+            extra=[("calibration data", opts.descriptions[0]), ("evaluation data", eval_desc)],
+            max_histograms=opts.max_plots,
+            max_weights=opts.max_plots,
+            batches=opts.report_batches,
         )
         if job.onnx.get("int8"):
             rep.summary.append(
@@ -354,33 +316,45 @@ def run_job(
                     f"{job.onnx['float_kernels']} float conv/matmul/gemm",
                 )
             )
-        if report_path is not None:
-            write_report(None, report_path, report=rep)
-            job.files["report"] = str(report_path)
+        if path is not None:
+            write_report(None, path, report=rep)
+            job.files["report"] = str(path)
     job.report, job.advice = rep, list(rep.advice)
     job.files.update({f"onnx_{k}": v for k, v in job.onnx.items() if k in ("int8", "fp32")})
+
+
+def _write_summary(job: JobResult, on_calib: bool, eval_desc: str, opts: JobOptions) -> None:
+    """``job.summary``, and ``summary.json`` in ``out_dir``."""
     job.summary = _summary(
-        command,
-        qmodel,
-        res,
+        opts.command,
+        job.qmodel,
+        job.result,
         {
-            **(extra_summary or {}),
-            "calibration_data": calib_desc,
+            **(opts.extra_summary or {}),
+            "calibration_data": opts.descriptions[0],
             "evaluation_data": eval_desc,
             "evaluated_on_calibration_data": on_calib,
             "latency_ms": job.latency_ms,
             "onnx": job.onnx,
             "files": job.files,
-            "advice": [a.to_dict() for a in rep.advice],
+            "advice": [a.to_dict() for a in job.advice],
             "comparison": job.comparison.to_dict() if job.comparison is not None else None,
         },
     )
+    out = opts.out
     if out is not None:
         path = out / "summary.json"
         text = json.dumps(job.summary, indent=1, default=str, allow_nan=True) + "\n"
         path.write_text(text, encoding="utf-8")
         job.files["summary"] = str(path)
-    return job
 
 
-__all__ = ["JobLog", "JobResult", "example_input", "latency_ms", "result_table", "run_job"]
+__all__ = [
+    "JobLog",
+    "JobOptions",
+    "JobResult",
+    "example_input",
+    "latency_ms",
+    "result_table",
+    "run_job",
+]

@@ -90,6 +90,25 @@ def test_run_job_is_public():
     ],
 )
 def test_the_latency_line_says_slower_when_int8_is_slower(fp32, int8, text):
-    from ptqkit.job import _speed
+    from ptqkit.report.table import _speed
 
     assert _speed(fp32, int8) == text
+
+
+def test_run_job_takes_an_options_object(digits_cnn, calib_batches):
+    """A small options object (or its fields by name), at most 8 parameters, unknown field named."""
+    import inspect
+
+    from ptqkit.job import JobOptions
+
+    assert len(inspect.signature(run_job).parameters) <= 8
+    opts = ptqkit.JobOptions(export=False, latency=False, title="t")
+    by_object = run_job(digits_cnn, calib_batches, None, CFG, opts)
+    by_name = run_job(digits_cnn, calib_batches, None, CFG, opts, title="u")
+    assert by_object.report.title == "t" and by_name.report.title == "u"
+    assert by_object.result.agreement == by_name.result.agreement
+    with pytest.raises(ptqkit.ConfigError, match=r"'out_dirr'.*out_dir"):
+        run_job(digits_cnn, calib_batches, None, CFG, out_dirr="x")
+    with pytest.raises(ptqkit.ConfigError, match="JobOptions"):
+        run_job(digits_cnn, calib_batches, None, CFG, {"export": False})
+    assert JobOptions(out_dir="o").report is not None and JobOptions().report is None

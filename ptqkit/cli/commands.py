@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PTQConfig
-from ..job import JobResult, example_input, run_job
+from ..job import JobOptions, JobResult, example_input, run_job
 from .config_file import load_config
 from .console import Console
 from .inputs_data import Data, load_data
@@ -52,11 +52,7 @@ def run(
     """:func:`ptqkit.run_job` with the command's arguments; prints the FP32 vs INT8 table, the
     ONNX Runtime kernels, the comparison of methods, the advice and the files written."""
     size = static_batch_size(model)
-    job = run_job(
-        model,
-        calib.batches,
-        None if evald is None else evald.batches,
-        config.replace(progress=not console.quiet),
+    options = JobOptions(
         out_dir=out_dir,
         report_path=report_path,
         metric=args.metric,
@@ -66,7 +62,6 @@ def run(
         latency=not getattr(args, "no_latency", False),
         example=None if size is None else example_input(calib.batches, size),
         layer_sqnr=size is None,
-        qmodel=qmodel,
         tune_budget_s=_tune_budget(getattr(args, "tune", None)),
         title=title,
         notes=notes if size is None else [*notes, STATIC_SQNR_NOTE],
@@ -74,8 +69,16 @@ def run(
         command=command,
         max_plots=getattr(args, "max_plots", 24),
         report_batches=getattr(args, "report_batches", 2),
-        log=console,
         extra_summary={"model": getattr(args, "model", None)},
+    )
+    job = run_job(
+        model,
+        calib.batches,
+        None if evald is None else evald.batches,
+        config.replace(progress=not console.quiet),
+        options,
+        qmodel=qmodel,
+        log=console,
     )
     console.out(job.table())
     if job.onnx.get("int8"):
