@@ -30,12 +30,14 @@ def _capture(ctx: Context) -> None:
     from .capture import prepare
     from .capture.guards import refuse_stages
     from .capture.prepare import capture_reference
+    from .capture.state import hold
     from .capture.verify import first_batch
 
     example, ctx.data = first_batch(ctx.data)  # a one-shot iterator gets its first batch back
     ctx.ref = capture_reference(ctx.model, example, ctx.info)
     ctx.qmodel = prepare(ctx.model, ctx.config, ctx.info, ctx.ref)
     refuse_stages(ctx.qmodel, ctx.config)
+    hold(ctx.qmodel)  # every later forward starts from the user's state; attach() releases it
 
 
 def _cle(ctx: Context) -> None:
@@ -196,7 +198,14 @@ def _is_one_shot(data: Any) -> bool:
 
 def attach(qmodel: nn.Module, info: PTQInfo, config: PTQConfig) -> None:
     """Set ``qmodel.ptq_info`` and ``qmodel.ptq_config``. A ``GraphModule`` also lists them as
-    attributes to preserve: its ``copy.deepcopy`` rebuilds it from the graph and would drop them."""
+    attributes to preserve: its ``copy.deepcopy`` rebuilds it from the graph and would drop them.
+    The user's state the stages' forwards changed (a ``calls`` counter, a running mean) is put
+    back first (:func:`ptqkit.capture.state.release`): the model starts as the user's did."""
+    from .capture.state import release
+
+    restored = release(qmodel)
+    if restored:
+        info.details["state_restored"] = restored
     # nn.Module keeps any attribute; torch's stubs type Module.__setattr__'s value Tensor | Module
     qmodel.ptq_info, qmodel.ptq_config = info, config  # type: ignore[assignment]
     if isinstance(qmodel, fx.GraphModule):

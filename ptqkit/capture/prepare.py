@@ -30,6 +30,7 @@ from .export import export_capture
 from .guards import refuse, unparametrize
 from .inplace import functionalize
 from .placement import place_in_graph, place_on_inputs, skipped, wrap_layers
+from .state import StateRestore
 from .trace import fold_batchnorms, trace
 from .verify import Reference, check
 from .verify import reference as run_reference
@@ -211,10 +212,12 @@ def prepare(
             continue
         if ref is not None:
             t1 = time.perf_counter()
+            state = StateRestore(candidate)  # the check's forward must not advance the copy
             try:
                 err, where, tol = check(candidate, ref)
             except Exception as e:  # the copy cannot even run the batch the model runs
                 err, where, tol = float("inf"), f"{type(e).__name__}: {str(e)[:200]}", -1.0
+            state.restore(candidate)
             info.stages["verify"] = info.stages.get("verify", 0.0) + time.perf_counter() - t1
             if tol < 0:
                 info.capture_attempts.append(f"{method}: the copy fails on the batch ({where})")

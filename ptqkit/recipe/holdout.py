@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analysis.outputs import OutputSelector, as_rows, is_discrete, select
+from ..capture.state import hold, release
 from ..data import batch_size, fresh_inputs, model_device, run_model, split_batch, to_device
 from ..errors import ConfigError, DataError
 from ..sync import active, add_up, exchange
@@ -166,12 +167,14 @@ class HoldOut:
         with contextlib.suppress(NotImplementedError):
             model.train(False)
         device, outs = model_device(model), []
+        hold(model)  # a stateful forward: every batch from the model's state, kept as it was
         try:
             with torch.no_grad():
                 for i, (args, kwargs) in enumerate(self.inputs):
                     a, k = to_device(*fresh_inputs(args, kwargs), device)
                     outs.append(select(run_model(model, i, a, k), self.output, who))
         finally:
+            release(model)
             with contextlib.suppress(NotImplementedError):
                 model.train(was)
         return outs
