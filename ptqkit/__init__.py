@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 from .calibrate import CALIBRATORS, register_calibrator
-from .config import AdaRoundOptions, BiasCorrectionOptions, PTQConfig, QuantSpec
+from .config import AdaRoundOptions, BiasCorrectionOptions, PTQConfig, QuantSpec, Scope
 from .errors import (
     CalibrationError,
     ConfigError,
@@ -78,6 +78,7 @@ __all__ = [
     "QuantSpec",
     "Report",
     "SaveError",
+    "Scope",
     "SensitivityReport",
     "__version__",
     "evaluate",

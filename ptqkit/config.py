@@ -6,7 +6,9 @@ them field by field; unknown keys are an error."""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +78,97 @@ def _default_activations() -> QuantSpec:
     return QuantSpec(bits=8, symmetric=False, per_channel=False)
 
 
+#: what a scope can override (see :class:`Scope`)
+SCOPE_KEYS = ("weights", "float")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Per-layer settings: the Conv/Linear layers that ``pattern`` matches get these overrides.
+
+    ``pattern`` matches a layer by its module name (``fnmatch`` glob, e.g. ``"_blocks.1*"``;
+    ``"re:..."`` for a regular expression, matched in full) or by its class name (``"Linear"``;
+    from Python also a module type, ``nn.Linear``, which matches subclasses). Overrides:
+
+    * ``weights``: the layer's weight spec (e.g. ``QuantSpec(bits=4, per_channel=True)``);
+    * ``float``: ``True`` leaves the layer in float (as ``skip`` does).
+
+    In :attr:`PTQConfig.scopes` the scopes apply in order, the last match winning per override;
+    a pattern that matches no quantizable layer of the model is a :class:`ConfigError` (raised
+    by :func:`ptqkit.quantize`, which knows the model). Every layer's effective settings are in
+    ``ptq_info.layer_settings``.
+    """
+
+    pattern: Any  # str, or an nn.Module subclass
+    weights: QuantSpec | None = None
+    float: bool = False
+
+    def __post_init__(self) -> None:
+        p = self.pattern
+        if not (isinstance(p, str) and p) and not isinstance(p, type):
+            raise ConfigError(f"Scope.pattern must be a non-empty string or a type, got {p!r}")
+        if isinstance(p, str) and p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ConfigError(f"Scope pattern {p!r}: invalid regular expression: {e}") from None
+        if isinstance(self.weights, dict):
+            object.__setattr__(self, "weights", QuantSpec.from_dict(self.weights))
+        if self.weights is not None and not isinstance(self.weights, QuantSpec):
+            raise ConfigError(f"Scope {p!r}: weights must be a QuantSpec, got {self.weights!r}")
+        if not isinstance(self.float, bool):
+            raise ConfigError(f"Scope {p!r}: float must be a bool, got {self.float!r}")
+
+    @property
+    def label(self) -> str:
+        """The pattern as text (a type by its class name)."""
+        return self.pattern.__name__ if isinstance(self.pattern, type) else self.pattern
+
+    def matches(self, name: str, module: Any) -> bool:
+        """Whether the layer ``name`` (the module ``module``) is in this scope."""
+        p = self.pattern
+        if isinstance(p, type):
+            return isinstance(module, p)
+        if p.startswith("re:"):
+            return re.fullmatch(p[3:], name) is not None
+        return fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(type(module).__name__, p)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"pattern": self.label}
+        if self.weights is not None:
+            d["weights"] = self.weights.to_dict()
+        if self.float:
+            d["float"] = True
+        return d
+
+    @classmethod
+    def of(cls, value: Any) -> Scope:
+        """A scope from a :class:`Scope`, a ``(pattern, overrides)`` pair or a dict with a
+        ``pattern`` key (a TOML ``[[scopes]]`` table)."""
+        if isinstance(value, Scope):
+            return value
+        if isinstance(value, dict):
+            value = dict(value)
+            if "pattern" not in value:
+                raise ConfigError(f"a scope needs a 'pattern', got {value!r}")
+            pattern, overrides = value.pop("pattern"), value
+        elif isinstance(value, (tuple, list)) and len(value) == 2:
+            pattern, overrides = value
+        else:
+            raise ConfigError(
+                f"a scope is (pattern, overrides) or a Scope, got {value!r}; e.g. "
+                "('_blocks.1*', {'weights': QuantSpec(bits=4, per_channel=True)})"
+            )
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"scope {pattern!r}: overrides must be a dict, got {overrides!r}")
+        unknown = sorted(set(overrides) - set(SCOPE_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"scope {pattern!r}: unknown override(s) {unknown}; valid: {list(SCOPE_KEYS)}"
+            )
+        return cls(pattern, **overrides)
+
+
 @dataclass(frozen=True)
 class PTQConfig:
     """Everything :func:`ptqkit.quantize` needs to know.
@@ -93,6 +186,9 @@ class PTQConfig:
             (e.g. ``{"percentile": 99.9}``).
         num_batches: calibration batches to use (``None`` = all of them).
         skip: fnmatch patterns of module names, or module class names, left in float.
+        scopes: per-layer settings, in order, the last match winning: :class:`Scope` objects or
+            ``(pattern, overrides)`` pairs, e.g. ``[("_blocks.1*", {"weights": W4}),
+            ("fc", {"float": True})]``.
         fold_bn: fold BatchNorm into the preceding conv/linear.
         cle: cross-layer equalization (Nagel et al. 2019) before calibration.
         bias_correction: ``False``, ``"empirical"`` (each output channel's mean, on the
@@ -122,6 +218,7 @@ class PTQConfig:
     calibrator_options: dict[str, Any] = field(default_factory=dict)
     num_batches: int | None = None
     skip: tuple[str, ...] = ()
+    scopes: tuple[Scope, ...] = ()
     fold_bn: bool = True
     cle: bool = False
     bias_correction: bool | str = "auto"
@@ -180,6 +277,9 @@ class PTQConfig:
             object.__setattr__(self, "skip", tuple(self.skip))
         if not isinstance(self.skip, tuple) or not all(isinstance(s, str) for s in self.skip):
             raise ConfigError(f"skip must be a tuple of strings, got {self.skip!r}")
+        if not isinstance(self.scopes, (tuple, list)):
+            raise ConfigError(f"scopes must be a list of scopes, got {self.scopes!r}")
+        object.__setattr__(self, "scopes", tuple(Scope.of(v) for v in self.scopes))
         for name in ("fold_bn", "cle", "adaround", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"PTQConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -221,6 +321,7 @@ class PTQConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
+        d["scopes"] = [sc.to_dict() for sc in self.scopes]
         return d
 
     @classmethod

@@ -54,6 +54,8 @@ class PTQInfo:
     layers: list[str] = field(default_factory=list)  # quantized Conv/Linear
     skipped: list[str] = field(default_factory=list)  # modules with weights left in float
     skip_reasons: dict[str, str] = field(default_factory=dict)  # skipped module -> why
+    # with PTQConfig.scopes: layer -> {"weights": spec dict | "float": True, "scopes": [...]}
+    layer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     quantizers: dict[str, str] = field(default_factory=dict)  # activation quantizer -> label
     disabled: dict[str, str] = field(default_factory=dict)  # quantizer -> why it stays float
     calibration_batches: int = 0

@@ -51,8 +51,10 @@ def account(qmodel: nn.Module, info: PTQInfo, skip_patterns: dict[str, str]) -> 
         if n == 0:
             continue
         floats[name] = n
-        if name in skip_patterns:
+        if skip_patterns.get(name):
             info.skip_reasons[name] = f"matches skip pattern {skip_patterns[name]!r}"
+        elif name in info.skip_reasons:  # a scope's ``float`` (capture.scopes)
+            pass
         else:
             info.skip_reasons[name] = _reason(m)
             if name not in info.skipped:

@@ -19,13 +19,14 @@ Without a graph (untraceable model) each layer gets a quantizer on its input ins
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Iterable
 
 import torch
 from torch import fx, nn
 
-from ..config import QuantSpec
+from ..config import QuantSpec, Scope
 from ..graph import (  # noqa: F401  (op registries: placement.* names kept for callers)
     ACT_FUNCTIONS,
     ACT_METHODS,
@@ -71,29 +72,40 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def wrap_layers(
-    root: nn.Module, spec: QuantSpec, patterns: tuple[str, ...]
-) -> tuple[list[str], list[str], set[str]]:
-    """Replace every Conv/Linear (not skipped) by a :class:`QuantLayer`.
+    root: nn.Module, spec: QuantSpec, patterns: tuple[str, ...], scopes: tuple[Scope, ...] = ()
+) -> tuple[list[str], list[str], set[str], dict[str, list[str]]]:
+    """Replace every Conv/Linear (not skipped) by a :class:`QuantLayer`, with the weight spec
+    its scopes give it (the last matching scope that sets one; ``spec`` otherwise); a layer
+    whose last matching ``float`` scope says so stays float, like a skipped one.
 
-    Returns ``(wrapped names, skipped names, patterns that matched)``.
+    Returns ``(wrapped names, skipped names, skip patterns that matched, the labels of the
+    scopes that matched each quantizable layer)``.
     """
     wrapped: list[str] = []
     skip: list[str] = []
     used: set[str] = set()
+    scoped: dict[str, list[str]] = {}
     for name, m in list(root.named_modules()):
         if not isinstance(m, WEIGHT_LAYERS) or not name or isinstance(m, QuantLayer):
             continue
         if any(name.startswith(w + ".") for w in wrapped):
             continue
+        matched = [sc for sc in scopes if sc.matches(name, m)]
+        if matched:
+            scoped[name] = [sc.label for sc in matched]
+        layer_spec = next((sc.weights for sc in reversed(matched) if sc.weights), spec)
+        as_float = any(sc.float for sc in matched)
         p = skipped(name, m, patterns)
-        if p is not None:
+        if p is not None or as_float:
             skip.append(name)
-            used.add(p)
+            if p is not None:
+                used.add(p)
             continue
-        layer_spec = spec if not spec.per_channel else QuantSpec(spec.bits, spec.symmetric, True, 0)
+        if layer_spec.per_channel:
+            layer_spec = dataclasses.replace(layer_spec, axis=0)
         _set_submodule(root, name, QuantLayer(m, layer_spec, name))
         wrapped.append(name)
-    return wrapped, skip, used
+    return wrapped, skip, used, scoped
 
 
 # -- placement -----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from ..config import PTQConfig
 from ..data import iter_batches, model_device, to_device
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..info import PTQInfo
 from ..quant.modules import act_quants
 from .coverage import account
@@ -30,6 +30,7 @@ from .export import export_capture
 from .guards import refuse, unparametrize
 from .inplace import functionalize
 from .placement import place_in_graph, place_on_inputs, skipped, wrap_layers
+from .scopes import record_scopes
 from .state import StateRestore
 from .trace import fold_batchnorms, trace
 from .verify import Reference, check
@@ -105,8 +106,9 @@ def _wrap(qmodel: nn.Module, config: PTQConfig, info: PTQInfo, name: str) -> Non
     qmodel.eval()
     for p in qmodel.parameters():
         p.requires_grad_(False)
-    wrapped, skip, used = wrap_layers(qmodel, config.weights, config.skip)
+    wrapped, skip, used, scoped = wrap_layers(qmodel, config.weights, config.skip, config.scopes)
     info.layers, info.skipped, info.skip_reasons = wrapped, skip, {}
+    record_scopes(qmodel, config, info, scoped)
     if not wrapped:
         raise ModelError(
             f"{name} has no quantizable layer (Conv1d/2d/3d, Linear or "
@@ -203,7 +205,7 @@ def prepare(
             continue
         try:
             candidate, reason = run(model, config, info, ref)
-        except ModelError:
+        except (ModelError, ConfigError):  # the model or the config, whatever the capture
             raise
         except Exception as e:  # a rewrite of this capture failed: the next one may work
             candidate, reason = None, f"failed ({type(e).__name__}: {str(e)[:200]})"

@@ -60,12 +60,29 @@ def summary_rows(
                 f"{len(info.layers)} / {len(info.quantizers) - len(info.disabled)}",
             ),
         ]
+        rows += _scope_rows(c, info.layer_settings)
         if info.skipped:
             rows.append(("layers left in float", ", ".join(info.skipped)))
         if info.stages:
             rows.append(
                 ("time per stage", ", ".join(f"{k} {v:.2f} s" for k, v in info.stages.items()))
             )
+    return rows
+
+
+def _scope_rows(
+    config: dict[str, Any], settings: dict[str, dict[str, Any]]
+) -> list[tuple[str, str]]:
+    """One row per scope (``PTQConfig.scopes``): what it set and on how many layers it won."""
+    rows = []
+    for sc in config.get("scopes") or []:
+        label = sc["pattern"]
+        won = [n for n, s in settings.items() if s.get("scopes") and s["scopes"][-1] == label]
+        hit = [n for n, s in settings.items() if label in s.get("scopes", [])]
+        what = "float" if sc.get("float") else _spec(sc.get("weights"))
+        shown = ", ".join(won[:6]) + (f", ... ({len(won)})" if len(won) > 6 else "")
+        text = f"{what}: matches {len(hit)} layer(s), the last match of {len(won)}: {shown}"
+        rows.append((f"scope {label!r}", text))
     return rows
 
 
