@@ -48,6 +48,7 @@ PREFIX_FIELDS = (
     "activations",
     "num_batches",
     "skip",
+    "scopes",
     "fold_bn",
     "cle",
     "smoothquant",
