@@ -133,6 +133,8 @@ def size_bytes(model: Any) -> int | None:
     bits = {f"{n}.weight_int": m.spec.bits for n, m in quant_layers(model).items()}
     total, seen = 0, set()
     for key, t in model.state_dict(keep_vars=False).items():
+        if key.endswith(".ptq_flags") and t.dtype == torch.uint8 and t.dim() == 0:
+            continue  # a quantized module's state (quant.state), not what a deployment stores
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
         if t.numel() and ident in seen:
             continue

@@ -145,9 +145,11 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         raise _mismatch(path, "activation quantizers", set(quant_meta), set(quants))
 
     extra = {k: v for k, v in tensors.items() if k.startswith(restore.PREFIXES)}
-    state = {k: v for k, v in tensors.items() if k not in extra}
+    # the modules' flags (quantized, mode) are in the metadata, which is what counts; a file
+    # written before they were in the state dict has none
+    state = {k: v for k, v in tensors.items() if k not in extra and not restore.is_flags(k)}
     restore.install_biases(path, layers, extra)
-    expected = set(qmodel.state_dict())
+    expected = {k for k in qmodel.state_dict() if not restore.is_flags(k)}
     if set(state) != expected:
         raise _mismatch(path, "tensors", set(state), expected)
     try:
@@ -165,6 +167,8 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     except RuntimeError as e:
         raise LoadError(f"{path}: the model does not match the file: {one_line(e)}") from None
     restore.check_structural(path, qmodel)
+    for layer in layers.values():  # the file carried the float reference of every layer
+        layer.float_stale = False
 
     known = {f.name for f in dataclasses.fields(PTQInfo)}
     restored = PTQInfo(**{k: v for k, v in saved_info.items() if k in known})

@@ -41,6 +41,12 @@ def float_reference(layers: dict[str, QuantLayer]) -> dict[str, torch.Tensor]:
     return out
 
 
+def is_flags(key: str) -> bool:
+    """A module's ``ptq_flags`` entry (:mod:`ptqkit.quant.state`): its state, which the file's
+    metadata also holds."""
+    return key.rsplit(".", 1)[-1] == "ptq_flags"
+
+
 def _bad(path: Path, entry: str, what: str) -> LoadError:
     return LoadError(f"{path}: {entry}: {what} (an edited or corrupt file)")
 

@@ -26,6 +26,7 @@ from torch import nn
 from ..config import QuantSpec
 from ..errors import CalibrationError, ModelError
 from ..typed import optional_tensor_attr, tensor_attr
+from . import state
 from .primitives import dequantize, fake_quant, qparams, quantize
 
 #: Transposed convolutions: weight ``[in, out/groups, k...]``, output channels on axis 1.
@@ -94,6 +95,8 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("range", torch.zeros(2))  # the calibrated (lo, hi), for reports
+        # mode and calibrated, written at state_dict() time: load_state_dict round-trips them
+        self.register_buffer("ptq_flags", torch.zeros((), dtype=torch.uint8))
 
     def extra_repr(self) -> str:
         spec = self.spec
@@ -109,6 +112,16 @@ class ActQuant(nn.Module):
         self.range = torch.stack([lo_t.min(), hi_t.max()]).to(dev)
         self.calibrated = True
         self.mode = "quant"
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self.ptq_flags = state.quantizer_flags(self)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        """Scale, zero point and range replaced, mode restored (:mod:`ptqkit.quant.state`)."""
+        if state.prepare_quantizer(self, state_dict, prefix, args[-1]):
+            super()._load_from_state_dict(state_dict, prefix, *args)
+            state.finish_quantizer(self, state_dict, prefix, args[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # non-tensors pass through: fx sees a Python number (a float keyword input, `x.size(1)`)
@@ -177,6 +190,11 @@ class QuantLayer(nn.Module):
         del layer.weight
         layer.register_buffer("weight", self.weight_fp, persistent=False)
         self.quantized = False
+        # whether it computes with its integers, written at state_dict() time
+        self.register_buffer("ptq_flags", torch.zeros((), dtype=torch.uint8, device=w.device))
+        #: set when load_state_dict brought integers or a bias this float weight is not the
+        #: reference of (a state dict carries the quantized model, not its float reference)
+        self.float_stale = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -187,6 +205,7 @@ class QuantLayer(nn.Module):
         """Replace the float weight (before quantization: CLE, SmoothQuant, ...); the layer
         computes in float until quantized again."""
         self.weight_fp = w.detach().clone().to(self.weight_fp.device)
+        self.float_stale = False
         self.use_float()
 
     def use_float(self) -> None:
@@ -228,6 +247,19 @@ class QuantLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return optional_tensor_attr(self.layer, "bias")
 
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self.ptq_flags = state.layer_flags(self)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        """Integers, scales and zero points replaced, checked against this layer's spec, then
+        computed with (:mod:`ptqkit.quant.state`); the wrapped layer's bias, a child, is loaded
+        next into the bias this selects."""
+        plan = state.prepare_layer(self, state_dict, prefix, args[-1])
+        if plan is not None:
+            super()._load_from_state_dict(state_dict, prefix, *args)
+            state.finish_layer(self, state_dict, prefix, plan)
+
     def extra_repr(self) -> str:
         state = "int" if self.quantized else "float"
         return f"{self.name!r}, w{self.spec.bits}{'/ch' if self.spec.per_channel else ''} {state}"
@@ -263,6 +295,14 @@ def float_mode(model: nn.Module) -> Iterator[None]:
     """Temporarily run ``model`` as the float network it approximates: activation quantizers
     off, layers on their float weights. Everything is restored on exit, even on error."""
     quants, layers = act_quants(model).values(), quant_layers(model).values()
+    stale = [layer.name or type(layer.layer).__name__ for layer in layers if layer.float_stale]
+    if stale:
+        raise ModelError(
+            f"the float reference of {', '.join(stale[:5])} is not known: load_state_dict "
+            "brought integer weights or biases that this copy's float weights are not the "
+            "reference of (a state dict holds the quantized model only); ptqkit.save and "
+            "ptqkit.load keep both"
+        )
     modes = [q.mode for q in quants]
     states = [
         (layer.quantized, layer.layer._buffers["weight"], layer.layer._parameters.get("bias"))
