@@ -40,17 +40,16 @@ input of ``L2`` adds ``W2·c`` to every output position (checked numerically: Li
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ModelError
-from ..graph import ChannelClamp, activation_bounds, input_channel_view, is_flatten_1
+from ..graph import ChannelClamp, input_channel_view
 from ..info import PTQInfo
-from ..quant.modules import CONV_LAYERS, ActQuant, QuantLayer, quant_layers
-from ..typed import submodule, target_name
+from ..quant.modules import CONV_LAYERS, QuantLayer, quant_layers
+from ..typed import submodule
+from .pairs import Pair, find_pairs
 
 #: at most this many sweeps over all pairs
 MAX_SWEEPS = 100
@@ -58,68 +57,6 @@ MAX_SWEEPS = 100
 TOL = 1e-3
 #: scales are clipped to ``[1/S_MAX, S_MAX]`` (dead channels and unused inputs get ``s = 1``)
 S_MAX = 1e4
-
-
-# -- the ops a pair may have between its two layers ------------------------------------------------
-_TRANSPARENT = (ActQuant, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_TRANSPARENT_FN = {F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, "contiguous"}
-_POOL_TO_ONE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_INF = math.inf
-
-
-def _transparent(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node`` commutes with a positive per-channel scale and a per-channel shift
-    (activation quantizers are still off while CLE runs)."""
-    if node.op == "call_module":
-        return isinstance(submodule(gm, node), (*_TRANSPARENT, *_POOL_TO_ONE))
-    return node.op in ("call_function", "call_method") and node.target in _TRANSPARENT_FN
-
-
-@dataclass
-class _Pair:
-    first: str
-    second: str
-    channels: int
-    axis: int  # channel axis of the tensor between them (1 for convs, -1 for Linear)
-    lo: torch.Tensor  # current activation bounds per channel (float64)
-    hi: torch.Tensor
-    lo0: torch.Tensor  # the bounds before CLE
-    hi0: torch.Tensor
-    scale_total: torch.Tensor
-    act: fx.Node | None = None
-    act_kind: str = "identity"
-    absorbed: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-
-def _walk(
-    node: fx.Node, gm: fx.GraphModule, calls: dict[str, int]
-) -> tuple[fx.Node, fx.Node | None, tuple | None, bool] | str:
-    """From the output of a wrapped layer to the next wrapped layer: ``(second node, activation
-    node, bounds, flattened)``, or a reason string when the chain does not qualify."""
-    cur, act, bounds, flat = node, None, None, False
-    while True:
-        if len(cur.users) != 1:
-            return (
-                "its output has several users" if cur is node else f"{cur.name} has several users"
-            )
-        u = next(iter(cur.users))
-        if u.op == "call_module" and isinstance(submodule(gm, u), QuantLayer):
-            if not u.args or u.args[0] is not cur or calls.get(target_name(u), 0) != 1:
-                return f"{u.target} is called more than once or on another input"
-            return u, act, bounds, flat
-        b = activation_bounds(u, gm)
-        if b is not None:
-            if act is not None:
-                return "two activations in a row"
-            if flat:
-                return "an activation after flatten"
-            act, bounds = u, b
-        elif is_flatten_1(u, gm):
-            flat = True
-        elif not _transparent(u, gm):
-            return f"{u.name} ({u.op} {getattr(u.target, '__name__', u.target)}) is in between"
-        cur = u
 
 
 def _out_view(w: torch.Tensor) -> torch.Tensor:
@@ -156,74 +93,6 @@ def _shift_exact(layer: nn.Module) -> bool:
     return bool((flat.amax(-1) - flat.amin(-1)).abs().max() <= 1e-6 * flat.abs().max())
 
 
-def _as_vec(v: torch.Tensor | float, n: int) -> torch.Tensor:
-    if isinstance(v, torch.Tensor):
-        return v.double().clone()
-    return torch.full((n,), float(v), dtype=torch.float64)
-
-
-def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], dict[str, str]]:
-    """The equalizable pairs of ``gm`` in graph order, and why other layers are not in one."""
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            called = target_name(n)
-            calls[called] = calls.get(called, 0) + 1
-    pairs: list[_Pair] = []
-    why: dict[str, str] = {}
-    for n in gm.graph.nodes:
-        q1 = submodule(gm, n) if n.op == "call_module" else None
-        if not isinstance(q1, QuantLayer):
-            continue
-        name = target_name(n)
-        if calls[name] != 1:
-            why[name] = "called more than once"
-            continue
-        got = _walk(n, gm, calls)
-        if isinstance(got, str):
-            why[name] = got
-            continue
-        second, act, bounds, flat = got
-        q2 = _quant_layer(gm, second)
-        l1, l2 = q1.layer, q2.layer
-        c = q1.weight.shape[0]
-        if isinstance(l1, nn.Linear) and not isinstance(l2, nn.Linear):
-            why[name] = "Linear followed by a conv"
-            continue
-        if flat != (isinstance(l2, nn.Linear) and not isinstance(l1, nn.Linear)):
-            why[name] = "conv into Linear without flatten(x, 1), or flatten between Linears"
-            continue
-        if input_channel_view(l2, q2.weight, c) is None:
-            why[name] = f"its {c} output channels do not line up with {second.target}'s input"
-            continue
-        axis = -1 if isinstance(l1, nn.Linear) else 1
-        lo, hi = bounds if bounds is not None else (-_INF, _INF)
-        lo, hi = _as_vec(lo, c), _as_vec(hi, c)
-        pairs.append(
-            _Pair(
-                first=name,
-                second=target_name(second),
-                channels=c,
-                axis=axis,
-                act=act,
-                act_kind=_act_name(act, gm),
-                lo=lo,
-                hi=hi,
-                lo0=lo.clone(),
-                hi0=hi.clone(),
-                scale_total=torch.ones(c, dtype=torch.float64),
-            )
-        )
-    return pairs, why
-
-
-def _quant_layer(gm: fx.GraphModule, node: fx.Node) -> QuantLayer:
-    q = submodule(gm, node)
-    if not isinstance(q, QuantLayer):
-        raise ModelError(f"CLE: {node.target} is a {type(q).__name__}, not a QuantLayer")
-    return q
-
-
 def _clamp_name(gm: fx.GraphModule, base: str) -> str:
     name = f"cle_clamp_{base.replace('.', '_')}"
     i = 0
@@ -232,7 +101,7 @@ def _clamp_name(gm: fx.GraphModule, base: str) -> str:
     return name if i == 0 else f"{name}_{i}"
 
 
-def _install_clamp(gm: fx.GraphModule, p: _Pair) -> None:
+def _install_clamp(gm: fx.GraphModule, p: Pair) -> None:
     """Point ``p.act`` at a fresh :class:`ChannelClamp` with the pair's current bounds."""
     node = p.act
     if node is None:
@@ -262,7 +131,6 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
             "with a single consumer); nothing was changed"
         )
         return qmodel
-
     all_layers = quant_layers(qmodel)
     layers = {n: all_layers[n] for p in pairs for n in (p.first, p.second)}
     w = {n: q.weight_fp.double().clone() for n, q in layers.items()}
@@ -275,8 +143,29 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
         m, s = getattr(q.layer, "bn_mean", None), getattr(q.layer, "bn_std", None)
         if isinstance(m, torch.Tensor) and isinstance(s, torch.Tensor):
             stats[n] = [m.double().clone(), s.double().clone()]
+    sweeps = _sweep(pairs, layers, w, b, stats)
+    absorbed_pairs = _absorb(pairs, layers, w, b, stats)
+    _write_back(layers, w, b, stats)
+    clamps = _clamp_activations(qmodel, pairs)
+    info.details["cle"] = {
+        "pairs": [_record(p) for p in pairs],
+        "sweeps": sweeps,
+        "absorbed_pairs": absorbed_pairs,
+        "clamps_installed": clamps,
+        "not_paired": why,
+    }
+    return qmodel
 
-    # -- equalization sweeps ----------------------------------------------------------------
+
+Weights = dict[str, torch.Tensor]
+Biases = dict[str, torch.Tensor | None]
+Stats = dict[str, list[torch.Tensor]]
+
+
+def _sweep(
+    pairs: list[Pair], layers: dict[str, QuantLayer], w: Weights, b: Biases, stats: Stats
+) -> int:
+    """The equalization sweeps over every pair (in float64, in place); returns how many ran."""
     sweeps = 0
     for sweeps in range(1, MAX_SWEEPS + 1):  # noqa: B007 - reported below
         worst = 0.0
@@ -302,8 +191,13 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
             worst = max(worst, float((s.log().abs()).max()))
         if worst < math.log1p(TOL):
             break
+    return sweeps
 
-    # -- high-bias absorption ------------------------------------------------------------------
+
+def _absorb(
+    pairs: list[Pair], layers: dict[str, QuantLayer], w: Weights, b: Biases, stats: Stats
+) -> int:
+    """High-bias absorption into each pair's second layer; returns how many pairs absorbed."""
     absorbed_pairs = 0
     for p in pairs:
         if p.first not in stats:
@@ -330,8 +224,11 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
         p.lo, p.hi = p.lo - c, p.hi - c
         p.absorbed = float(c.abs().max())
         absorbed_pairs += 1
+    return absorbed_pairs
 
-    # -- write back once ---------------------------------------------------------------------
+
+def _write_back(layers: dict[str, QuantLayer], w: Weights, b: Biases, stats: Stats) -> None:
+    """The equalized weights, biases and BatchNorm statistics into the layers, once."""
     for n, q in layers.items():
         q.set_float_weight(w[n].float())
         if (bn := b[n]) is not None:
@@ -339,6 +236,10 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
         if n in stats:
             q.layer.bn_mean = stats[n][0].float().to(q.weight_fp.device)
             q.layer.bn_std = stats[n][1].float().to(q.weight_fp.device)
+
+
+def _clamp_activations(qmodel: fx.GraphModule, pairs: list[Pair]) -> int:
+    """Scale each changed clipping activation with its channels; returns how many changed."""
     clamps = 0
     for p in pairs:
         if p.act is None:
@@ -355,40 +256,24 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
     qmodel.graph.lint()
     qmodel.delete_all_unused_submodules()
     qmodel.recompile()
+    return clamps
 
-    info.details["cle"] = {
-        "pairs": [
-            {
-                "first": p.first,
-                "second": p.second,
-                "activation": p.act_kind,
-                "scale_min": float(p.scale_total.min()),
-                "scale_max": float(p.scale_total.max()),
-                "absorbed_max": p.absorbed,
-                **({"notes": p.notes} if p.notes else {}),
-            }
-            for p in pairs
-        ],
-        "sweeps": sweeps,
-        "absorbed_pairs": absorbed_pairs,
-        "clamps_installed": clamps,
-        "not_paired": why,
+
+def _record(p: Pair) -> dict[str, object]:
+    return {
+        "first": p.first,
+        "second": p.second,
+        "activation": p.act_kind,
+        "scale_min": float(p.scale_total.min()),
+        "scale_max": float(p.scale_total.max()),
+        "absorbed_max": p.absorbed,
+        **({"notes": p.notes} if p.notes else {}),
     }
-    return qmodel
 
 
 def _private(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether no other node calls the same module as ``node``."""
     return sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes) == 1
-
-
-def _act_name(node: fx.Node | None, gm: fx.GraphModule) -> str:
-    if node is None:
-        return "identity"
-    t = node.target
-    if node.op == "call_module":
-        return type(submodule(gm, node)).__name__
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
 __all__ = ["ChannelClamp", "equalize", "find_pairs"]
