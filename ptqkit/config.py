@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .options import (
     AdaRoundOptions,
     BiasCorrectionOptions,
+    GPTQOptions,
     _positive_number,
 )
 
@@ -36,12 +37,22 @@ class QuantSpec:
 
     ``per_channel`` quantizes each slice along ``axis`` with its own scale (weights: axis 0, the
     output channels, for Conv and Linear alike).
+
+    ``group_size`` (weights only; needs ``per_channel``): each output channel's weights, flattened
+    to ``K`` input elements (a Linear's ``in_features``; a Conv's ``in_channels/groups·kh·kw`` in
+    ``weight.reshape(out, -1)`` order), are cut into groups of ``group_size`` consecutive elements,
+    each with its own scale (and zero point): ``scale`` has shape ``[out, ceil(K / group_size)]``.
+    A ``group_size`` that does not divide ``K`` leaves a **last, shorter group** (the layout ONNX
+    ``DequantizeLinear`` with ``block_size`` and ``MatMulNBits`` pad to), so every layer of a
+    model takes the same spec; ``K <= group_size`` is one group, i.e. per-channel. ``None``:
+    per-channel (or per-tensor) as without groups. Transposed convs refuse it (ConfigError).
     """
 
     bits: int = 8
     symmetric: bool = True
     per_channel: bool = False
     axis: int = 0
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
@@ -53,6 +64,15 @@ class QuantSpec:
                 raise ConfigError(f"QuantSpec.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.axis, bool) or not isinstance(self.axis, int):
             raise ConfigError(f"QuantSpec.axis must be an int, got {self.axis!r}")
+        g = self.group_size
+        if g is not None:
+            if isinstance(g, bool) or not isinstance(g, int) or g < 2:
+                raise ConfigError(f"QuantSpec.group_size must be None or an int >= 2, got {g!r}")
+            if not self.per_channel:
+                raise ConfigError(
+                    f"QuantSpec.group_size={g} gives each output channel's groups their own "
+                    "scales: it needs per_channel=True"
+                )
 
     @property
     def qmin(self) -> int:
@@ -63,7 +83,10 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["group_size"] is None:  # the dict (and a saved file's) of a spec without groups
+            del d["group_size"]  # stays as it was before group_size existed
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
@@ -201,6 +224,11 @@ class PTQConfig:
         adaround_iters: optimization steps per layer for AdaRound.
         adaround_options: AdaRound's other hyperparameters (:class:`AdaRoundOptions`).
         bias_correction_options: empirical bias correction's (:class:`BiasCorrectionOptions`).
+        gptq: GPTQ (Frantar et al. 2022, :mod:`ptqkit.correct.gptq`) picks the integer weights
+            instead of nearest rounding: its :class:`GPTQOptions`, or ``None`` (off). One field
+            holding the technique's options, ``None`` meaning off, so that there is no flag to
+            keep in step with an options field (``True`` means ``GPTQOptions()``, ``False``
+            ``None``; a dict is read as its fields). Not with ``adaround``.
         smoothquant: SmoothQuant migration strength alpha in [0, 1], or ``None``.
         max_degradation: accuracy target (points) for automatic float fallback, with labeled data.
         min_sqnr_db: output-SQNR target (dB) for automatic fallback without labels.
@@ -226,6 +254,7 @@ class PTQConfig:
     adaround_iters: int = 500
     adaround_options: AdaRoundOptions = field(default_factory=AdaRoundOptions)
     bias_correction_options: BiasCorrectionOptions = field(default_factory=BiasCorrectionOptions)
+    gptq: GPTQOptions | None = None
     smoothquant: float | None = None
     max_degradation: float | None = None
     min_sqnr_db: float | None = None
@@ -250,6 +279,7 @@ class PTQConfig:
                 raise ConfigError(f"PTQConfig.{name} must be a {kind.__name__}, got {value!r}")
         if not isinstance(self.weights, QuantSpec):
             raise ConfigError(f"PTQConfig.weights must be a QuantSpec, got {self.weights!r}")
+        self._check_gptq()
         if self.activations is not None and not isinstance(self.activations, QuantSpec):
             raise ConfigError(
                 f"PTQConfig.activations must be a QuantSpec or None, got {self.activations!r}"
@@ -318,8 +348,31 @@ class PTQConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an int, got {self.seed!r}")
 
+    def _check_gptq(self) -> None:
+        """``gptq``: True/False/dict spellings, its type, and what it cannot be combined with;
+        ``group_size`` is a weight setting only."""
+        g: Any = self.gptq
+        if g is True or g is False:
+            object.__setattr__(self, "gptq", GPTQOptions() if g else None)
+        elif isinstance(g, dict):
+            object.__setattr__(self, "gptq", _from_dict(GPTQOptions, g, "GPTQOptions"))
+        elif g is not None and not isinstance(g, GPTQOptions):
+            raise ConfigError(f"PTQConfig.gptq must be None or a GPTQOptions, got {g!r}")
+        if self.gptq is not None and self.adaround is True:
+            raise ConfigError(
+                "gptq and adaround both choose the integer weights: set one of them "
+                "(gptq=None or adaround=False)"
+            )
+        if isinstance(self.activations, QuantSpec) and self.activations.group_size is not None:
+            raise ConfigError(
+                "PTQConfig.activations: group_size is for weights only (group-wise scales "
+                "along a layer's input dimension); set activations.group_size=None"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["weights"] = self.weights.to_dict()
+        d["activations"] = None if self.activations is None else self.activations.to_dict()
         d["skip"] = list(self.skip)
         d["scopes"] = [sc.to_dict() for sc in self.scopes]
         return d

@@ -127,8 +127,37 @@ class AdaRoundOptions:
             _positive_int(getattr(self, name), f"AdaRoundOptions.{name}")
 
 
+@dataclass(frozen=True)
+class GPTQOptions:
+    """Hyperparameters of GPTQ (:mod:`ptqkit.correct.gptq`; Frantar et al. 2022, "GPTQ: Accurate
+    Post-Training Quantization for Generative Pre-trained Transformers"), the paper's defaults.
+
+    Fields:
+        damp: ``λ`` of the damping ``H + λ·mean(diag H)·I`` (relative to the mean diagonal).
+        block_size: columns per lazy batch update (the paper's ``B = 128``).
+        act_order: quantize the columns in order of decreasing ``diag(H)`` (the paper's
+            "act-order"); group-wise scales stay those of consecutive input groups (the stored
+            layout), each chosen when the first of its columns comes up.
+        samples: calibration samples (at most) whose layer inputs build each ``H``.
+        memory_budget: bytes of cached layer inputs kept in memory; past it they spill to disk.
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    samples: int = 128
+    memory_budget: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        _positive_number(self.damp, "GPTQOptions.damp")
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"GPTQOptions.act_order must be a bool, got {self.act_order!r}")
+        for name in ("block_size", "samples", "memory_budget"):
+            _positive_int(getattr(self, name), f"GPTQOptions.{name}")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["GRANULARITIES", "AdaRoundOptions", "BiasCorrectionOptions"]
+__all__ = ["GRANULARITIES", "AdaRoundOptions", "BiasCorrectionOptions", "GPTQOptions"]

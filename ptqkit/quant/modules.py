@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from ..config import QuantSpec
-from ..errors import CalibrationError, ModelError
+from ..errors import CalibrationError, ConfigError, ModelError
 from ..typed import optional_tensor_attr, tensor_attr
 from . import state
-from .primitives import dequantize, fake_quant, qparams, quantize
+from .primitives import dequantize, fake_quant, qparams, quantize, weight_qparam_shape
 
 #: Transposed convolutions: weight ``[in, out/groups, k...]``, output channels on axis 1.
 TRANSPOSED_LAYERS = (
@@ -167,6 +167,13 @@ class QuantLayer(nn.Module):
             raise TypeError(f"QuantLayer wraps {WEIGHT_LAYERS}, got {type(layer).__name__}")
         if spec.per_channel and spec.axis != weight_axis(layer):
             spec = dataclasses.replace(spec, axis=weight_axis(layer))
+        if spec.group_size is not None and isinstance(layer, TRANSPOSED_LAYERS):
+            raise ConfigError(
+                f"{name or type(layer).__name__}: group-wise weights (group_size="
+                f"{spec.group_size}) are for Linear and Conv layers; a {type(layer).__name__}'s "
+                "weight has its output channels on axis 1: give it a spec without group_size "
+                "(a scope) or leave it float (skip)"
+            )
         self.name = name
         self.spec = spec
         self.layer = layer
@@ -177,8 +184,7 @@ class QuantLayer(nn.Module):
                 f"({type(getattr(layer, 'weight', None)).__name__}); remove parametrizations first"
             )
         w = tensor_attr(layer, "weight").detach()
-        nch = w.shape[spec.axis] if spec.per_channel else 1
-        shape = (nch,) if spec.per_channel else ()
+        shape = weight_qparam_shape(w.shape, spec)
         self.register_buffer("weight_scale", torch.ones(shape, device=w.device))
         self.register_buffer(
             "weight_zero_point", torch.zeros(shape, dtype=torch.int32, device=w.device)
@@ -238,7 +244,11 @@ class QuantLayer(nn.Module):
         """Compute with the dequantized integer weight ``(q - z)·s``."""
         # in the float weight's dtype: a half / double model computes in its own dtype
         self.layer._buffers["weight"] = dequantize(
-            self.weight_int, self.weight_scale, self.weight_zero_point, self.spec.axis
+            self.weight_int,
+            self.weight_scale,
+            self.weight_zero_point,
+            self.spec.axis,
+            self.spec.group_size,
         ).to(self.weight_fp.dtype)
         self.select_bias("bias_q")
         self.quantized = True
@@ -262,7 +272,9 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         state = "int" if self.quantized else "float"
-        return f"{self.name!r}, w{self.spec.bits}{'/ch' if self.spec.per_channel else ''} {state}"
+        spec = self.spec
+        gran = f"/g{spec.group_size}" if spec.group_size else ("/ch" if spec.per_channel else "")
+        return f"{self.name!r}, w{spec.bits}{gran} {state}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:

@@ -9,10 +9,16 @@ integer zero point ``z`` inside the grid.
 
 ``round`` is round-half-to-even, as ONNX ``QuantizeLinear`` specifies, and ``x / s`` is a true
 division (not ``x · (1/s)``), so that the simulation and ONNX Runtime agree bit for bit.
-Per-channel parameters are 1-D tensors applied along ``axis``.
+Per-channel parameters are 1-D tensors applied along ``axis``. Group-wise weight parameters
+(``spec.group_size = g``) are ``[out, ceil(K/g)]`` tensors: output channel ``o``'s flattened
+weight ``w[o].reshape(-1)`` (``K`` elements) is cut into groups of ``g`` consecutive elements
+(the last one shorter when ``g`` does not divide ``K``), and element ``k`` uses
+``s[o, k // g]`` (:func:`expand_groups`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -40,6 +46,45 @@ def broadcast_along(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor
     shape = [1] * x.dim()
     shape[axis % x.dim()] = -1
     return t.reshape(shape)
+
+
+def weight_qparam_shape(shape: tuple[int, ...] | torch.Size, spec: QuantSpec) -> tuple[int, ...]:
+    """The shape of a weight's scale / zero point: ``()`` per tensor, ``(C,)`` per channel
+    (``C = shape[axis]``), ``(out, ceil(K / group_size))`` group-wise (``K`` = the elements of
+    one output channel, ``prod(shape[1:])``)."""
+    if not spec.per_channel:
+        return ()
+    if spec.group_size is None:
+        return (int(shape[spec.axis]),)
+    k = math.prod(shape[1:])
+    return (int(shape[0]), max(1, math.ceil(k / spec.group_size)))
+
+
+def expand_groups(
+    t: torch.Tensor, shape: tuple[int, ...] | torch.Size, group_size: int
+) -> torch.Tensor:
+    """Group-wise parameters ``t [out, n]`` spread to the weight's ``shape``: element ``k`` of
+    output channel ``o`` (flattened) gets ``t[o, k // group_size]``."""
+    k = math.prod(shape[1:])
+    return t.repeat_interleave(group_size, dim=1)[:, :k].reshape(shape)
+
+
+def _along(t: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    t = t.to(x.device, torch.float32)
+    if spec.group_size is not None and t.dim() == 2:
+        return expand_groups(t, x.shape, spec.group_size)
+    return broadcast_along(t, x, spec.axis)
+
+
+def group_rows(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``w`` as ``[out · n, group_size]``, one row per group (output channel-major), the last
+    group of each channel padded with zeros: zero changes no range (ranges always contain 0)
+    and quantizes exactly (0 is on every grid), so a row's range or rounding error is its
+    group's."""
+    flat = w.reshape(w.shape[0], -1)
+    n = max(1, math.ceil(flat.shape[1] / group_size))
+    flat = torch.nn.functional.pad(flat, (0, n * group_size - flat.shape[1]))
+    return flat.reshape(w.shape[0] * n, group_size)
 
 
 def qparams(
@@ -77,19 +122,27 @@ def qparams(
 def quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
 ) -> torch.Tensor:
-    """``q = clamp(round_half_even(x / s) + z, qmin, qmax)`` as the storage integer dtype."""
-    s = broadcast_along(scale.to(x.device, torch.float32), x, spec.axis)
-    z = broadcast_along(zero_point.to(x.device, torch.float32), x, spec.axis)
+    """``q = clamp(round_half_even(x / s) + z, qmin, qmax)`` as the storage integer dtype
+    (group-wise ``[out, n]`` parameters with ``spec.group_size``: see the module docstring)."""
+    s, z = _along(scale, x, spec), _along(zero_point, x, spec)
     q = torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax)
     return q.to(storage_dtype(spec))
 
 
 def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int = 0
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int = 0,
+    group_size: int | None = None,
 ) -> torch.Tensor:
-    """``x̂ = (q - z) · s`` in float32."""
-    s = broadcast_along(scale.to(q.device, torch.float32), q, axis)
-    z = broadcast_along(zero_point.to(q.device, torch.float32), q, axis)
+    """``x̂ = (q - z) · s`` in float32 (``group_size``: ``[out, n]`` group-wise parameters)."""
+    if group_size is not None and scale.dim() == 2:
+        s = expand_groups(scale.to(q.device, torch.float32), q.shape, group_size)
+        z = expand_groups(zero_point.to(q.device, torch.float32), q.shape, group_size)
+    else:
+        s = broadcast_along(scale.to(q.device, torch.float32), q, axis)
+        z = broadcast_along(zero_point.to(q.device, torch.float32), q, axis)
     return (q.float() - z) * s
 
 
@@ -101,8 +154,7 @@ def fake_quant(
     Equal to ``dequantize(quantize(x))``; non-finite inputs: NaN stays NaN, ±Inf saturates to
     the ends of the grid.
     """
-    s = broadcast_along(scale.to(x.device, torch.float32), x, spec.axis)
-    z = broadcast_along(zero_point.to(x.device, torch.float32), x, spec.axis)
+    s, z = _along(scale, x, spec), _along(zero_point, x, spec)
     if x.requires_grad and torch.is_grad_enabled():
         q = torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax)
         return ((q - z) * s).to(x.dtype)

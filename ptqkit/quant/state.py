@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..config import QuantSpec
-from .primitives import storage_dtype
+from .primitives import storage_dtype, weight_qparam_shape
 
 #: ``ActQuant.mode`` values by their code in ``ptq_flags`` (bits 0-1); bit 3: calibrated
 MODES = ("off", "quant", "observe")
@@ -106,9 +106,10 @@ def bad_weights(layer: Any, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -
         return f"{q.dtype}, but this layer's {spec.bits}-bit spec stores {storage_dtype(spec)}"
     if q.numel() and (int(q.min()) < spec.qmin or int(q.max()) > spec.qmax):
         return f"integers outside this layer's grid [{spec.qmin}, {spec.qmax}]"
-    bad = bad_qparams(s, z, spec, 1 if spec.per_channel else 0)
-    if not bad and spec.per_channel and s.numel() != shape[spec.axis]:
-        bad = f"{s.numel()} scales for {shape[spec.axis]} channels"
+    want = weight_qparam_shape(shape, spec)
+    bad = bad_qparams(s, z, spec, len(want))
+    if not bad and tuple(s.shape) != want:
+        bad = f"scales of shape {tuple(s.shape)}, but this layer's spec has {want}"
     return bad
 
 
