@@ -49,3 +49,8 @@ def one_line(e: BaseException, limit: int = 500) -> str:
     error is shown where a traceback is too much (the command line, a summary)."""
     msg = " ".join(str(e).split())
     return msg[:limit] if msg else type(e).__name__
+
+
+class NonFiniteDataError(CalibrationError, DataError):
+    """The calibration data holds NaN or Inf values (at the model input or after a layer that
+    overflows); the message names the quantizer, the batch and the sample."""

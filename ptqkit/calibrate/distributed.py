@@ -35,6 +35,7 @@ calibration ends in that timeout's error, not a hang.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -53,6 +54,7 @@ from ..errors import CalibrationError, DataError
 from ..info import PTQInfo
 from ..quant.modules import act_quants, quant_layers
 from ..sync import all_gather_bytes, comm_device
+from .watch import Flag
 
 #: relative tolerance of the weight checksum comparison (ranks on different device types sum in
 #: different orders)
@@ -277,6 +279,13 @@ def _global_batches(tracker: Any, batches_per_rank: list[int]) -> None:
         top = max(m for m, _, _ in found)
         _, r, i = next(f for f in found if f[0] == top)  # the lowest rank holding it
         tracker.best[name] = (torch.tensor(top), torch.tensor(offsets[r] + i))
+    # the outlier samples (ptqkit.calibrate.watch) of every rank, numbered the same way
+    flags = tracker.samples.flags
+    rows = exchange("calibrate: outlier samples", [dataclasses.astuple(f) for f in flags])
+    flags.clear()
+    for r, row in enumerate(rows):
+        for q, label, b, s, m, typical, left_out in row:
+            flags.append(Flag(q, label, offsets[r] + b, s, m, typical, left_out))
 
 
 def observe_and_merge(

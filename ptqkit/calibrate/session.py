@@ -3,7 +3,6 @@ flows through the (float) model once; memory does not grow with the number of ba
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,7 +15,7 @@ from ..info import PTQInfo, sample_shortfall
 from ..progress import progress
 from ..quant.modules import act_quants, set_act_mode
 from ..sync import active
-from . import distributed, outliers
+from . import distributed, outliers, watch
 from .calibrators import make_calibrator
 
 #: the calibrator that collects statistics when the choice is made per layer (``"auto"``)
@@ -30,9 +29,10 @@ def observe(
     info: PTQInfo,
     desc: str = "calibrate",
     on_batch: Callable[[int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> int:
     """Run ``data`` through ``model`` with every quantizer in observe mode; returns batches seen.
-    ``on_batch(i)`` is called after batch ``i``."""
+    ``on_start(i, samples)`` is called before batch ``i``, ``on_batch(i)`` after it."""
     device = model_device(model)
     batches = samples = 0
     with torch.no_grad():
@@ -40,6 +40,8 @@ def observe(
             iter_batches(data, config.num_batches), config.progress, desc
         ):
             args, kwargs = to_device(args, kwargs, device)
+            if on_start is not None:
+                on_start(i, batch_size(args, kwargs))
             run_model(model, i, args, kwargs)
             if on_batch is not None:
                 on_batch(i)
@@ -67,13 +69,25 @@ def observe_all(
     for q in quants.values():
         q.calibrator = make_calibrator(name, axis=axis, **options)
     tracker = outliers.BatchMaxTracker({n: q.calibrator for n, q in quants.items()})
+    shared = tracker.samples
+
+    def watched(m: nn.Module, d: Iterable[Any], c: PTQConfig, i: PTQInfo) -> int:
+        watch.wrap(quants, shared)  # outlier samples left out, named (ptqkit.calibrate.watch)
+        try:
+            seen = observe(m, d, c, i, on_batch=tracker, on_start=shared.start)
+        except BaseException:
+            for q in quants.values():  # (the calibrators are dropped: no decision to finish)
+                q.calibrator = getattr(q.calibrator, "inner", q.calibrator)
+            raise
+        watch.unwrap(quants)
+        return seen
+
     set_act_mode(model, "observe")
     try:
         if active():  # each rank observes its shard, then all merge
-            observe_tracked = functools.partial(observe, on_batch=tracker)
-            distributed.observe_and_merge(observe_tracked, model, data, config, info, tracker)
+            distributed.observe_and_merge(watched, model, data, config, info, tracker)
         else:
-            observe(model, data, config, info, on_batch=tracker)
+            watched(model, data, config, info)
     finally:
         set_act_mode(model, "off")
     calibrators = {}
@@ -96,16 +110,18 @@ def set_ranges(
     spec = config.activations
     if not calibrators or spec is None:
         return {}
-    solved = {}
+    solved, ranges = {}, {}
     for qname, cal in calibrators.items():
         q = quants[qname]
         if getattr(cal, "stats", cal).lo is None:
             info.disabled[qname] = "never executed on the calibration data"
             info.warn(f"{q.label}: no calibration data reached it; it stays in float")
             continue
-        q.set_range(*cal.compute_range(spec))
+        ranges[qname] = cal.compute_range(spec)
+        q.set_range(*ranges[qname])
         solved[qname] = cal
-    outliers.record(solved, {n: q.label or n for n, q in quants.items()}, info, tracker)
+    labels = {n: q.label or n for n, q in quants.items()}
+    outliers.record(solved, labels, info, tracker, ranges)
     few = sample_shortfall(info.calibration_samples)
     if few:
         info.warn(few)

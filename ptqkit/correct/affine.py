@@ -56,9 +56,11 @@ class Paired:
     def __init__(self, channels: int) -> None:
         self.sums: dict[str, Any] = {k: torch.zeros(channels, dtype=torch.float64) for k in _KEYS}
         self.sums["n"] = 0
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch, for the check
 
     def add(self, q: torch.Tensor, y: torch.Tensor) -> None:
         """``q``, ``y``: ``[N, k, C]`` (the quantized and float outputs at the same rows)."""
+        self.rows.append((q.detach().float().cpu(), y.detach().float().cpu()))
         q, y = q.reshape(-1, q.shape[-1]).double().cpu(), y.reshape(-1, y.shape[-1]).double().cpu()
         new = {"q": q.sum(0), "y": y.sum(0), "qq": (q * q).sum(0), "qy": (q * y).sum(0)}
         for k, v in new.items():
@@ -110,6 +112,14 @@ def bias_q(layer: QuantLayer) -> torch.Tensor:
     return tensor_attr(layer, "bias_q")
 
 
+def add_to_bias(layer: QuantLayer, delta: torch.Tensor) -> None:
+    """``bias_q ← bias_q + delta`` (:func:`bias_q`)."""
+    delta = delta.to(layer.weight_fp.device, torch.float32)
+    old = bias_q(layer)  # summed in float32, kept in the layer's dtype (half...)
+    layer.bias_q = (old.float() + delta).to(old.dtype)
+    layer.select_bias("bias_q" if layer.quantized else "bias_fp")
+
+
 def rescale(layer: QuantLayer, a: torch.Tensor, shift: torch.Tensor) -> None:
     """Make ``layer`` compute ``a·ỹ + shift`` per output channel: its weight scale times ``a``
     (the integer weights unchanged) and its quantized bias ``a·b̃ + shift``. The float bias
@@ -123,4 +133,4 @@ def rescale(layer: QuantLayer, a: torch.Tensor, shift: torch.Tensor) -> None:
     layer.refresh()  # the dequantized weight (q - z)·s·a, and bias_q selected
 
 
-__all__ = ["SCALE_BOUNDS", "Paired", "bias_q", "can_scale", "pair", "rescale"]
+__all__ = ["SCALE_BOUNDS", "Paired", "add_to_bias", "bias_q", "can_scale", "pair", "rescale"]

@@ -33,26 +33,26 @@ layer's (float) bias removes the systematic part of the error.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from ..config import BiasCorrectionOptions, PTQConfig
 from ..data import channels_last, run_model
 from ..errors import DataError, ModelError
-from ..graph import activation_bounds, input_channel_view, is_flatten_1
 from ..info import PTQInfo
 from ..progress import progress
-from ..quant.modules import ActQuant, QuantLayer, float_mode, out_channels, quant_layers
+from ..quant.modules import QuantLayer, float_mode, out_channels, quant_layers
 from ..sync import add_up, empty_shard, from_data, guard
-from ..typed import submodule, target_name
 from ..walk import batches, can_propagate, layer_order, propagate, run_until, stop_after
-from .affine import Paired, bias_q, can_scale, pair, rescale
-from .means import FloatMeans, Mean, over_ranks
+from .affine import Paired, can_scale, pair, rescale
+from .affine import add_to_bias as _add_to_bias
+from .analytic import analytic as _analytic
+from .analytic import clipped_normal_mean
+from .check import LayerCheck, check
+from .means import FloatMeans, Mean, left_out, over_ranks, without_samples
 
 #: the modes that read the calibration data (and so the tap of the calibration pass)
 DATA_MODES = ("empirical", "affine", "auto")
@@ -74,14 +74,6 @@ def _shift(
     return (y if a is None else y.mul_(a)).add_(d)
 
 
-def _add_to_bias(layer: QuantLayer, delta: torch.Tensor) -> None:
-    """``bias_q ← bias_q + delta`` (:func:`ptqkit.correct.affine.bias_q`)."""
-    delta = delta.to(layer.weight_fp.device, torch.float32)
-    old = bias_q(layer)  # summed in float32, kept in the layer's dtype (half...)
-    layer.bias_q = (old.float() + delta).to(old.dtype)
-    layer.select_bias("bias_q" if layer.quantized else "bias_fp")
-
-
 # -- empirical ---------------------------------------------------------------------------------
 def _empirical(
     qmodel: nn.Module,
@@ -98,18 +90,15 @@ def _empirical(
             "bias_correction='analytic' (data-free, from BatchNorm statistics)"
         )
     layers = quant_layers(qmodel)
-    passes = 1  # the float means were tapped from the calibration pass
-    rows = options.rows if affine else 0
-    if (
-        float_means is None
-        or float_means.samples != options.samples
-        or (affine and float_means.rows != rows)
-    ):  # a float pass of its own
-        float_means, passes = FloatMeans(qmodel, options.samples, rows), 2
-        if not empty_shard(data):  # (torch.distributed: a rank with no data only sums)
-            with torch.no_grad(), float_mode(qmodel), float_means:
-                for i, args, kwargs in batches(data, config, qmodel, options.samples):
-                    run_model(qmodel, i, args, kwargs)
+    rows = options.rows  # (the rows the check of every correction runs on; affine: its fit)
+    drop = left_out(info)  # the outlier samples calibration left out: left out here too
+    tapped = float_means is not None and float_means.samples == options.samples
+    if not tapped or float_means is None or float_means.rows != rows or drop:
+        source = float_means.feeds if tapped and float_means is not None else None
+        float_means = _float_pass(qmodel, data, config, options, drop, source)
+        passes = 2  # a float pass of its own
+    else:
+        passes = 1  # the float means were tapped from the calibration pass
     feeds = [channels_last(*b) for b in float_means.feeds]  # (faster convs, same statistics)
     if can_propagate(qmodel):  # the order is read off the graph, not the data
         order = layer_order(qmodel, data, config)
@@ -128,30 +117,38 @@ def _empirical(
     scales: dict[str, list[float]] = {}
     picks = float_means.picks
 
+    checks: dict[str, dict[str, Any]] = {}
+    rejected: dict[str, str] = {}
+
     def correct(name: str, got: Mean, paired: Paired | None) -> Any:
-        """Correct layer ``name`` from its quantized output's mean ``got`` (and the pairs);
-        returns what it does to the layer's output (``_shift``)."""
+        """Correct layer ``name`` from its quantized output's mean ``got`` (and the pairs),
+        if that passes the check (:mod:`ptqkit.correct.check`); returns what it does to the
+        layer's output (``_shift``, or ``None``: nothing)."""
         want, have = ref[name].value, got.value
         if want is None or have is None:
             raise ModelError(f"bias correction: {name} did not run on the calibration data")
         if paired is not None:
             paired.over_ranks(f"bias correction: {name} (pairs)")
-        a = None if paired is None else paired.scale()
         layer = layers[name]
+        a = paired.scale() if paired is not None and affine and can_scale(layer) else None
+        delta = want - have if a is None else want - a * have
+        verdict = check(paired, delta, a, f"bias correction: {name} (check)")
+        if verdict is not None:
+            checks[name] = verdict.as_dict()
+        if verdict is not None and not verdict.kept:
+            rejected[name] = _why_rejected(verdict)
+            return None
         if a is None:
-            delta = want - have
             _add_to_bias(layer, delta)
             shifts[name] = float(delta.abs().max())
             return lambda y: _shift(y, layer.layer, delta)
-        delta = want - a * have
         rescale(layer, a, delta)
         shifts[name] = float((want - have).abs().max())
         scales[name] = [float(a.min()), float(a.max())]
         return lambda y: _shift(y, layer.layer, delta, a)
 
-    def pairs(name: str) -> Paired | None:  # the same answer on every rank
-        ok = affine and can_scale(layers[name])
-        return Paired(out_channels(layers[name].layer)) if ok else None
+    def pairs(name: str) -> Paired:  # the same answer on every rank
+        return Paired(out_channels(layers[name].layer))
 
     if can_propagate(qmodel, order):
         bar = iter(progress(order, config.progress, "bias correction"))
@@ -177,6 +174,9 @@ def _empirical(
             "passes": passes,
             "engine": walked,
             **_not_corrected(shared),
+            "checked": checks,
+            "rejected": rejected,
+            "left_out_samples": sum(len(v) for v in drop.values()),
         }
     for n in progress(order, config.progress, "bias correction"):  # untraced: prefix re-runs
         got, paired = Mean(), pairs(n)
@@ -196,7 +196,45 @@ def _empirical(
         **_scaled(scales, affine, layers, order),
         "passes": len(shifts) + passes - 1,
         **_not_corrected(shared),
+        "checked": checks,
+        "rejected": rejected,
+        "left_out_samples": sum(len(v) for v in drop.values()),
     }
+
+
+def _float_pass(
+    qmodel: nn.Module,
+    data: Iterable[Any],
+    config: PTQConfig,
+    options: BiasCorrectionOptions,
+    drop: dict[int, set[int]],
+    source: list[Any] | None,
+) -> FloatMeans:
+    """The float means (and rows) of a float pass of bias correction's own, over ``source``
+    (the batches the calibration tap recorded) or the first samples of ``data``, without the
+    samples ``drop`` (``{batch: samples}``: the outlier samples calibration left out)."""
+    means = FloatMeans(qmodel, options.samples, options.rows)
+    if empty_shard(data):  # (torch.distributed: a rank with no data only sums)
+        return means
+    feed = (
+        enumerate(source)
+        if source is not None
+        else ((i, (a, k)) for i, a, k in batches(data, config, qmodel, options.samples))
+    )
+    with torch.no_grad(), float_mode(qmodel), means:
+        for i, batch in feed:
+            kept = without_samples(batch, drop.get(i, set()))
+            if kept is not None:
+                run_model(qmodel, i, *kept)
+    return means
+
+
+def _why_rejected(v: LayerCheck) -> str:
+    return (
+        f"the correction would raise the layer's error against the float output (trimmed mean "
+        f"{v.trimmed_before:.3g} -> {v.trimmed_after:.3g}, mean {v.mean_before:.3g} -> "
+        f"{v.mean_after:.3g}, over {v.samples} samples): not written"
+    )
 
 
 def _recorder(got: Mean, paired: Paired | None, picks: list[Any]) -> Any:
@@ -232,109 +270,6 @@ def _not_corrected(shared: dict[str, int]) -> dict[str, Any]:
     return {"not_corrected": {n: why.format(k) for n, k in shared.items()}}
 
 
-# -- analytic ----------------------------------------------------------------------------------
-def clipped_normal_mean(
-    mu: torch.Tensor, sigma: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-) -> torch.Tensor:
-    """``E[clamp(X, lo, hi)]`` for ``X ~ N(mu, sigma²)``, per channel (``±inf`` bounds allowed)."""
-    mu, sigma = mu.double(), sigma.double()
-    lo, hi = torch.broadcast_to(lo.double(), mu.shape), torch.broadcast_to(hi.double(), mu.shape)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    safe = sigma.clamp_min(1e-12)
-    a, b = (lo - mu) / safe, (hi - mu) / safe
-    cdf_a, cdf_b = normal.cdf(a), normal.cdf(b)
-    pdf = lambda t: torch.where(torch.isfinite(t), normal.log_prob(t).exp(), 0.0)  # noqa: E731
-    term_lo = torch.where(torch.isfinite(lo), lo * cdf_a, 0.0)
-    term_hi = torch.where(torch.isfinite(hi), hi * (1 - cdf_b), 0.0)
-    e = term_lo + term_hi + mu * (cdf_b - cdf_a) + sigma * (pdf(a) - pdf(b))
-    return torch.where(sigma > 1e-12, e, torch.minimum(torch.maximum(mu, lo), hi))
-
-
-_PASS = (ActQuant, nn.Identity, nn.Dropout)
-_MEAN_PASS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten)
-
-
-def _input_means(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Expected input per channel of every :class:`QuantLayer` where BatchNorm statistics
-    allow it (see the module docstring), and why the others have none."""
-    env: dict[fx.Node, tuple[torch.Tensor, torch.Tensor | None] | None] = {}
-    means, why = {}, {}
-    for node in gm.graph.nodes:
-        val: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        inp = env.get(src) if src is not None else None
-        mod = submodule(gm, node) if node.op == "call_module" else None
-        if isinstance(mod, QuantLayer):
-            if inp is not None:
-                means[target_name(node)] = inp[0]
-            else:
-                why[target_name(node)] = "its input has no BatchNorm statistics upstream"
-            m, s = getattr(mod.layer, "bn_mean", None), getattr(mod.layer, "bn_std", None)
-            if isinstance(m, torch.Tensor) and isinstance(s, torch.Tensor):
-                val = (m.double(), s.double())
-        elif isinstance(mod, _PASS) or (node.op == "call_function" and node.target is F.dropout):
-            val = inp
-        elif isinstance(mod, _MEAN_PASS) or is_flatten_1(node, gm):
-            val = None if inp is None else (inp[0], None)
-        elif node.op in ("call_function", "call_method") and node.target in (
-            operator.add,
-            torch.add,
-            "add",
-        ):
-            vals = [
-                v for a in node.args[:2] if isinstance(a, fx.Node) and (v := env.get(a)) is not None
-            ]
-            if len(vals) == 2:  # both inputs have statistics
-                (m1, s1), (m2, s2) = vals
-                std = None if s1 is None or s2 is None else torch.sqrt(s1**2 + s2**2)
-                val = (m1 + m2, std)
-        elif node.op != "placeholder" and inp is not None and inp[1] is not None:
-            bounds = activation_bounds(node, gm)
-            if bounds is not None:
-                lo, hi = (torch.as_tensor(v, dtype=torch.float64) for v in bounds)
-                val = (clipped_normal_mean(inp[0], inp[1], lo, hi), None)
-        env[node] = val
-    return means, why
-
-
-def _analytic(qmodel: nn.Module, info: PTQInfo) -> dict[str, Any]:
-    if not isinstance(qmodel, fx.GraphModule):
-        raise ModelError(
-            "analytic bias correction propagates BatchNorm statistics through the graph, but the "
-            "model could not be traced; use bias_correction='empirical' with calibration data"
-        )
-    layers = quant_layers(qmodel)
-    if not any(
-        isinstance(getattr(q.layer, "bn_mean", None), torch.Tensor) for q in layers.values()
-    ):
-        raise ModelError(
-            "analytic (data-free) bias correction needs BatchNorm statistics, and this model has "
-            "no BatchNorm folded into its layers (no BatchNorm, or fold_bn=False); use "
-            "bias_correction='empirical' with calibration data"
-        )
-    means, why = _input_means(qmodel)
-    shifts = {}
-    for name, mu in means.items():
-        q = layers[name]
-        if not q.quantized:
-            continue
-        eps = (q.weight.double() - q.weight_fp.double()).cpu()
-        view = input_channel_view(q.layer, eps, mu.numel())
-        if view is None:
-            why[name] = "its input channels do not match the statistics"
-            continue
-        g, _, cpg, _ = view.shape
-        delta = (view * mu.reshape(g, 1, cpg, 1)).sum(dim=(2, 3)).reshape(-1)
-        _add_to_bias(q, -delta)
-        shifts[name] = float(delta.abs().max())
-    if not shifts:
-        info.warn(
-            "analytic bias correction found no layer whose input statistics follow from "
-            "BatchNorm statistics; nothing was corrected"
-        )
-    return {"mode": "analytic", "corrected": shifts, "not_corrected": why}
-
-
 def float_means_tap(qmodel: nn.Module, config: PTQConfig) -> FloatMeans | None:
     """What empirical bias correction takes from the calibration pass (its *tap*): the float
     layers' per-channel output means over the first ``samples`` samples, so that it runs no
@@ -344,8 +279,7 @@ def float_means_tap(qmodel: nn.Module, config: PTQConfig) -> FloatMeans | None:
     if config.bias_correction == "auto" and not can_propagate(qmodel):
         return None  # it will not run (see correct_bias)
     opts = config.bias_correction_options
-    rows = opts.rows if config.bias_correction in ("affine", "auto") else 0
-    return FloatMeans(qmodel, opts.samples, rows)
+    return FloatMeans(qmodel, opts.samples, opts.rows)  # (rows: what each correction is checked on)
 
 
 def correct_bias(

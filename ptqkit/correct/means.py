@@ -64,6 +64,35 @@ class Mean:
         return None if self.total is None else self.total / max(self.count, 1)
 
 
+def left_out(info: Any) -> dict[int, set[int]]:
+    """The calibration samples the robust calibrators left out as outliers
+    (:mod:`ptqkit.calibrate.watch`), ``{batch: {sample, ...}}``, from ``info.outliers``."""
+    out: dict[int, set[int]] = {}
+    for o in getattr(info, "outliers", {}).values():
+        if o.get("kind") == "sample" and o.get("left_out"):
+            for b, s in o.get("samples", []):
+                out.setdefault(int(b), set()).add(int(s))
+    return out
+
+
+def without_samples(batch: Batch, samples: set[int]) -> Batch | None:
+    """``batch`` without the samples ``samples`` (rows of dim 0 of every top-level tensor whose
+    first dimension is the batch's); ``None`` when none is left."""
+    args, kwargs = batch
+    n = batch_size(args, kwargs)
+    keep = torch.tensor([i not in samples for i in range(n)])
+    if bool(keep.all()):
+        return batch
+    if not bool(keep.any()):
+        return None
+
+    def cut(t: Any) -> Any:
+        ok = isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
+        return t[keep.to(t.device)] if ok else t
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
 def over_ranks(tag: str, means: dict[str, Mean]) -> None:
     """Under ``torch.distributed``, every mean's sum and count summed over the ranks (in rank
     order: identical on every rank; a per-channel mean is a sum over a count, so this is the
@@ -138,4 +167,12 @@ class FloatMeans:
         self._hooks.clear()
 
 
-__all__ = ["FloatMeans", "Mean", "channel_sum", "over_ranks", "position_rows"]
+__all__ = [
+    "FloatMeans",
+    "Mean",
+    "channel_sum",
+    "left_out",
+    "over_ranks",
+    "position_rows",
+    "without_samples",
+]

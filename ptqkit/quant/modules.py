@@ -132,7 +132,7 @@ class ActQuant(nn.Module):
             try:
                 self.calibrator.observe(x)
             except CalibrationError as e:
-                raise CalibrationError(f"{self.label}: {e}") from None
+                raise type(e)(f"{self.label}: {e}") from None  # (NonFiniteDataError stays one)
             return x
         if torch.onnx.is_in_onnx_export():
             if self.scale.dim() == 0:

@@ -124,11 +124,13 @@ def test_quantized_model_ignores_and_reports_one_outlier(name):
     # one corrupt sample reaches its row of the hidden layer too: reported there, same batch
     assert all(o["batch"] == 7 for o in found.values())
     ours = [w for w in caught if issubclass(w.category, PTQWarning) and "outlier" in str(w.message)]
-    assert len(ours) == 1 and "calibration batch 7 holds 1e+06" in str(ours[0].message)
+    assert len(ours) == 1 and "calibration batch 7 (sample 5) holds 1e+06" in str(ours[0].message)
+    assert "left out" in str(ours[0].message) and "NOT left out" not in str(ours[0].message)
+    assert all(o["kind"] == "sample" and o["left_out"] for o in found.values())
     tips = [a for a in advise(gather(q_dirty)) if a.rule == "calibration_outliers"]
     assert len(tips) == 1 and tips[0].level == "warning"
-    assert "calibration batch 7 holds 1e+06 at input" in tips[0].message
-    assert "99.9th percentile" in tips[0].message and "check the data" in tips[0].message
+    assert "calibration batch 7 (sample 5) holds 1e+06 at input" in tips[0].message
+    assert "median sample" in tips[0].message and "check the data" in tips[0].message
     assert not [a for a in advise(gather(q_clean)) if a.rule == "calibration_outliers"]
 
 
