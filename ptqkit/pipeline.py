@@ -1,7 +1,7 @@
 """``ptqkit.quantize``: the stages of post-training quantization, in order (:data:`STAGES`).
 
     capture (fx → torch.export → hooks, checked) ─► CLE ─► SmoothQuant ─► calibrate (one
-    streaming pass) ─► auto ranges ─► range margin ─► weights (nearest or AdaRound) ─► bias
+    streaming pass) ─► auto ranges ─► range margin ─► weights (nearest, AdaRound or GPTQ) ─► bias
     correction ─► fallback (target)
 
 Every stage has the shape of :class:`ptqkit.stage.Stage` and reads and writes the typed
@@ -96,6 +96,13 @@ def _adaround(ctx: Context) -> None:
     _quantized_activations(ctx)
 
 
+def _gptq(ctx: Context) -> None:
+    from .correct.gptq import gptq
+
+    gptq(ctx.qmodel, ctx.data, ctx.config, ctx.info)
+    _quantized_activations(ctx)
+
+
 def _bias_correction(ctx: Context) -> None:
     from .correct.bias import correct_bias
 
@@ -130,8 +137,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("calibrate", _calibrate),
     Stage("auto", _auto, lambda c: c.calibration == "auto", _always),
     Stage("range_margin", _range_margin, lambda c: c.range_margin > 0),
-    Stage("weights", _weights, lambda c: not c.adaround),
+    Stage("weights", _weights, lambda c: not c.adaround and c.gptq is None),
     Stage("adaround", _adaround, lambda c: c.adaround, _always),
+    Stage("gptq", _gptq, lambda c: c.gptq is not None, _always),
     Stage(
         "bias_correction",
         _bias_correction,
