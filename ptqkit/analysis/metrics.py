@@ -20,23 +20,26 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import batch_size, batch_target, iter_batches, model_device, run_model, to_device
-from ..errors import DataError, PTQWarning
+from ..errors import ConfigError, DataError, ModelError, PTQWarning
 from ..info import PTQInfo
 from ..progress import progress
-from .coverage import Coverage, CoverageMeter, coverage_message
-from .outputs import (
+from ..scorer import (
     OutputSelector,
+    Pair,
     as_rows,
+    compare,
     discrete_hits,
-    equal_share,
     is_discrete,
+    nonfinite_message,
     select,
+    take,
     topk_hits,
 )
+from .coverage import Coverage, CoverageMeter, coverage_message
+from .size import size_bytes
 
 #: degradation (points) above which :func:`evaluate` advises remedies (the chapter's 2-3 %)
 MAX_DEGRADATION = 2.0
@@ -102,48 +105,6 @@ class EvalResult:
         )
 
 
-# -- sizes ---------------------------------------------------------------------------------------
-def _tensor_bytes(t: torch.Tensor, bits: int | None = None) -> int:
-    if bits is None:
-        return t.numel() * t.element_size()
-    return math.ceil(t.numel() * bits / 8)
-
-
-def size_bytes(model: Any) -> int | None:
-    """Bytes a model needs in storage.
-
-    * an object with a ``size_bytes`` attribute (an int, or a method returning one), such as
-      an ONNX Runtime session wrapper: that value;
-    * otherwise an ``nn.Module``: every tensor of its state dict (parameters and persistent
-      buffers; non-persistent caches such as the dequantized weights of a quantized layer are
-      not stored), each shared tensor counted once. A quantized layer's integer weights count
-      at their bit width (``ceil(n·bits/8)`` bytes: at 8 bits, their real ``int8`` storage;
-      below 8 bits the packed size a deployment format stores — ptqkit's own file keeps one
-      byte per value);
-      scales, zero points, float biases and activation ranges count at their dtype;
-    * otherwise ``None``.
-    """
-    size = getattr(model, "size_bytes", None)
-    if size is not None:
-        return int(size() if callable(size) else size)
-    if not isinstance(model, nn.Module):
-        return None
-    from ..quant.modules import quant_layers
-
-    bits = {f"{n}.weight_int": m.spec.bits for n, m in quant_layers(model).items()}
-    total, seen = 0, set()
-    for key, t in model.state_dict(keep_vars=False).items():
-        if key.endswith(".ptq_flags") and t.dtype == torch.uint8 and t.dim() == 0:
-            continue  # a quantized module's state (quant.state), not what a deployment stores
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-        if t.numel() and ident in seen:
-            continue
-        seen.add(ident)
-        total += _tensor_bytes(t, bits.get(key))
-    return total
-
-
-# -- outputs -------------------------------------------------------------------------------------
 # -- advice --------------------------------------------------------------------------------------
 def _remedies(config: dict[str, Any]) -> str:
     """The chapter's remedies for a large degradation, minus what the config already does."""
@@ -245,11 +206,12 @@ def evaluate(
     else:
         raise DataError(f"metric must be a name or a callable, got {type(metric).__name__}")
 
+    _check_roles(fp32_model, qmodel)
     modes = [(m, m.training) for m in (fp32_model, qmodel) if isinstance(m, nn.Module)]
     for m, _ in modes:
         _set_training(m, False)
-    score_f = score_q = agree = kl = 0.0
-    samples = 0
+    score_f = score_q = agree = kl = samples = 0.0
+    bad = [0, 0, 0]  # samples: non-finite input, float output, quantized output only
     meter = CoverageMeter(qmodel)
     try:
         with torch.no_grad(), meter:
@@ -271,21 +233,26 @@ def evaluate(
                         f"batch {i}: the float model returned {tuple(raw_f.shape)} "
                         f"{raw_f.dtype} but the quantized model {tuple(raw_q.shape)} {raw_q.dtype}"
                     )
-                n = batch_size(args, kwargs)
-                batch_fn = _discrete_batch if is_discrete(raw_f) else _scores_batch
-                f, q, same, kl_sum = batch_fn(name, metric, raw_f, raw_q, target, n)
+                p = compare(raw_f, raw_q, batch_size(args, kwargs), (args, kwargs))
+                f, q, same, kl_sum = _batch_sums(name, metric, p, take(target, p.keep))
                 score_f, score_q, agree, kl = score_f + f, score_q + q, agree + same, kl + kl_sum
-                samples += n
+                samples += p.samples
+                bad = [bad[0] + p.bad_input, bad[1] + p.bad_float, bad[2] + p.bad_quant]
     finally:
         for m, training in modes:
             _set_training(m, training)
+    nonfinite = nonfinite_message(bad[0], bad[1], bad[2], round(samples))
+    if samples == 0:
+        err = ModelError if bad[1] else DataError
+        raise err(f"evaluate: no sample can be scored: {nonfinite}")
 
     scale = 1.0 if callable(metric) and not isinstance(metric, str) else 100.0
     fp32 = scale * score_f / samples
     quantized = scale * score_q / samples
     degradation = fp32 - quantized
     coverage = meter.results()
-    msgs = _advice(degradation if isinstance(metric, str) else None, name, qmodel)
+    msgs = [nonfinite] if nonfinite else []
+    msgs += _advice(degradation if isinstance(metric, str) else None, name, qmodel)
     msg = coverage_message(coverage)
     if msg is not None:
         msgs.append(msg)
@@ -300,48 +267,74 @@ def evaluate(
         kl=kl / samples,
         size_bytes_fp32=size_bytes(fp32_model),
         size_bytes_quantized=size_bytes(qmodel),
-        samples=samples,
+        samples=round(samples),
         warnings=msgs,
         coverage=coverage,
     )
 
 
-def _scores_batch(
-    name: str, metric: Any, raw_f: torch.Tensor, raw_q: torch.Tensor, target: Any, n: int
-) -> tuple[float, float, float, float]:
-    """``(score_f, score_q, agreement, KL)`` sums of one batch of float scores, each row of
-    ``[rows, classes]`` weighing ``n / rows`` samples."""
-    out_f, out_q = as_rows(raw_f), as_rows(raw_q)
-    rows = out_f.shape[0]
-    same = float((out_f.argmax(1) == out_q.argmax(1)).sum()) * n / rows
-    logp, logq = F.log_softmax(out_f, 1), F.log_softmax(out_q, 1)
-    kl = float((logp.exp() * (logp - logq)).sum(1).clamp(min=0.0).sum()) * n / rows
+def _batch_sums(name: str, metric: Any, p: Pair, target: Any) -> tuple[float, float, float, float]:
+    """``(score_f, score_q, agreement, KL)`` sums of one batch (:func:`ptqkit.scorer.compare`
+    made ``p``: its scored samples only, each prediction row weighing ``samples / rows``)."""
+    ns = p.samples
+    if not ns:  # every sample of the batch left out (non-finite)
+        return 0.0, 0.0, 0.0, 0.0
+    if is_discrete(p.f):
+        return _discrete_sums(name, metric, p, target)
     if name == "agreement":
-        return float(n), same, same, kl
+        return ns, p.agree, p.agree, p.kl
     if name in ("top1", "top5"):
-        k = 1 if name == "top1" else 5
-        hits_f, hits_q = topk_hits(out_f, target, k), topk_hits(out_q, target, k)
-        return hits_f * n / rows, hits_q * n / rows, same, kl
-    return float(metric(raw_f, target)) * n, float(metric(raw_q, target)) * n, same, kl
+        out_f, out_q = as_rows(p.f), as_rows(p.q)
+        k, w = (1 if name == "top1" else 5), ns / out_f.shape[0]
+        hits_f, hits_q = topk_hits(out_f, target, k), topk_hits(out_q, target, k, p.q_ok)
+        return hits_f * w, hits_q * w, p.agree, p.kl
+    return float(metric(p.f, target)) * ns, float(metric(p.q, target)) * ns, p.agree, p.kl
 
 
-def _discrete_batch(
-    name: str, metric: Any, raw_f: torch.Tensor, raw_q: torch.Tensor, target: Any, n: int
+def _discrete_sums(
+    name: str, metric: Any, p: Pair, target: Any
 ) -> tuple[float, float, float, float]:
     """The same sums for integer/bool outputs, compared by equality (KL is ``nan``)."""
-    equal, total = equal_share(raw_f, raw_q)
-    same = equal * n / total if total else float(n)
+    ns = p.samples
     if name == "agreement":
-        return float(n), same, same, math.nan
+        return ns, p.agree, p.agree, math.nan
     if name == "top5":
         raise DataError(
-            f"top5 needs class scores, but the models return {raw_f.dtype} predictions; use "
+            f"top5 needs class scores, but the models return {p.f.dtype} predictions; use "
             "metric='top1' or 'agreement', or select a float output with output=..."
         )
     if name == "top1":
-        (hits_f, count), (hits_q, _) = discrete_hits(raw_f, target), discrete_hits(raw_q, target)
-        return hits_f * n / count, hits_q * n / count, same, math.nan
-    return float(metric(raw_f, target)) * n, float(metric(raw_q, target)) * n, same, math.nan
+        (hits_f, count), (hits_q, _) = discrete_hits(p.f, target), discrete_hits(p.q, target)
+        return hits_f * ns / count, hits_q * ns / count, p.agree, math.nan
+    return float(metric(p.f, target)) * ns, float(metric(p.q, target)) * ns, p.agree, math.nan
+
+
+def _quantized(model: Any) -> bool:
+    """Whether ``model`` holds ptqkit's quantized layers or activation quantizers."""
+    if not isinstance(model, nn.Module):
+        return False
+    from ..quant.modules import act_quants, quant_layers
+
+    return bool(quant_layers(model) or act_quants(model))
+
+
+def _check_roles(fp32_model: Any, qmodel: Any) -> None:
+    """The first argument of :func:`evaluate` is the float reference: a ptqkit-quantized model
+    there would be reported as "fp32" (its degradation negated, its size ratio inverted)."""
+    if not _quantized(fp32_model):
+        return
+    if not _quantized(qmodel):
+        raise ConfigError(
+            "evaluate(fp32_model, qmodel, data): the first argument holds ptqkit's quantized "
+            "layers and the second does not: the arguments look swapped; call "
+            "evaluate(float_model, quantized_model, data)"
+        )
+    raise ConfigError(
+        "evaluate(fp32_model, qmodel, data): both models hold ptqkit's quantized layers, but "
+        "the first must be the float reference (its metric is reported as fp32, the "
+        "degradation against it); evaluate each quantized model against the float model it "
+        "was made from: evaluate(float_model, qA, data), evaluate(float_model, qB, data)"
+    )
 
 
 def _set_training(model: nn.Module, training: bool) -> None:

@@ -13,8 +13,10 @@ measures on the given data:
 * the output SQNR of the network in both configurations.
 
 The metric is top-1 accuracy when the batches carry labels (``(input, label)``), otherwise
-top-1 agreement with the float network (both in percent); for outputs that are not
-``[N, classes]`` logits it is the output SQNR in dB.
+top-1 agreement with the float network (both in percent), integer/bool outputs (an ``argmax``)
+compared by equality; for other outputs that are not ``[N, classes]`` logits it is the output
+SQNR in dB. The output is selected and scored as :func:`ptqkit.evaluate` does
+(:mod:`ptqkit.scorer`).
 
 Cost: two passes over the data per layer plus two; the float reference outputs of the network
 (``N × classes`` values) are kept between passes, activations never are (the per-layer SQNR pass
@@ -31,11 +33,12 @@ import torch
 from torch import nn
 
 from ..config import PTQConfig
-from ..correct.scoring import Evaluator, Score, db_ratio
+from ..correct.scoring import Evaluator, Score
 from ..correct.units import layer_quantizers
 from ..data import fresh_inputs, model_device, run_model, split_batch, to_device
 from ..progress import progress
 from ..quant.modules import QuantLayer, float_mode, quant_layers
+from ..scorer import OutputSelector, db_ratio
 
 #: bytes of layer outputs kept at once by the per-layer SQNR pass
 SQNR_BUDGET = 256 * 2**20
@@ -160,12 +163,18 @@ def _kind(layer: QuantLayer) -> str:
 
 
 def sensitivity(
-    model: nn.Module, data: Iterable[Any], config: PTQConfig | None = None
+    model: nn.Module,
+    data: Iterable[Any],
+    config: PTQConfig | None = None,
+    output: OutputSelector = None,
 ) -> SensitivityReport:
     """Per-layer sensitivity of ``model`` quantized with ``config`` on ``data``.
 
     ``model`` is a float model (quantized here with ``config``, without fallback targets) or a
     model already returned by :func:`ptqkit.quantize` (measured as it is, and left as it was).
+    ``output`` selects the tensor of the model's output to score, as in :func:`ptqkit.evaluate`
+    (the same rule: :mod:`ptqkit.scorer`); integer/bool outputs (an ``argmax``) are compared by
+    equality (metric ``agreement``/``accuracy``, output SQNR ``nan``).
     """
     from ..pipeline import quantize
 
@@ -177,7 +186,7 @@ def sensitivity(
     from ..data import FreshBatches
     from ..walk import layer_order
 
-    ev = Evaluator(qmodel, data, config)
+    ev = Evaluator(qmodel, data, config, output, "sensitivity")
     full = ev.measure()
     sq = layer_sqnr(qmodel, data, config)
     units = layer_quantizers(qmodel)

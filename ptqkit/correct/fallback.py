@@ -44,6 +44,38 @@ def _describe(s: Score, metric: str) -> dict[str, float]:
     return out
 
 
+def _targets(ev: Evaluator, config: PTQConfig, info: PTQInfo) -> tuple[float | None, ...]:
+    """``(max_degradation, min_sqnr_db)`` that this model's output can be scored on (a target
+    that cannot is dropped with a warning), warning too about samples left out."""
+    max_deg, min_sqnr, metric = config.max_degradation, config.min_sqnr_db, ev.metric_name
+    bad_in, bad_f = ev.excluded
+    if bad_in or bad_f:
+        info.warn(
+            f"fallback: {bad_in + bad_f} calibration sample(s) left out of the scores "
+            f"({bad_in} with a NaN/Inf input, {bad_f} where the float model itself returns "
+            f"NaN/Inf); {ev.samples} scored"
+        )
+    if max_deg is not None and metric == "sqnr_db":
+        info.warn(
+            "fallback: max_degradation needs classification outputs ([N, classes]); this model's "
+            "output is not, so only min_sqnr_db (if set) is used"
+        )
+        max_deg = None
+    if min_sqnr is not None and ev.discrete:
+        info.warn(
+            "fallback: min_sqnr_db needs float outputs; this model returns integer/bool "
+            "predictions (compared by equality: the SQNR of class indices means nothing), so "
+            "only max_degradation (if set) is used"
+        )
+        min_sqnr = None
+    if max_deg is not None and metric == "agreement":
+        info.warn(
+            "fallback: the data has no labels; max_degradation is applied to the top-1 agreement "
+            "with the float model (degradation = 100 - agreement)"
+        )
+    return max_deg, min_sqnr
+
+
 def fallback(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo) -> nn.Module:
     """Keep layers of ``qmodel`` in float until ``config``'s target holds (see the module
     docstring); records ``info.details["fallback"]``. Returns ``qmodel``.
@@ -66,18 +98,7 @@ def _fallback(
     else:
         ev = Evaluator(qmodel, data, config)
     metric = ev.metric_name
-    max_deg, min_sqnr = config.max_degradation, config.min_sqnr_db
-    if max_deg is not None and metric == "sqnr_db":
-        info.warn(
-            "fallback: max_degradation needs classification outputs ([N, classes]); this model's "
-            "output is not, so only min_sqnr_db (if set) is used"
-        )
-        max_deg = None
-    if max_deg is not None and metric == "agreement":
-        info.warn(
-            "fallback: the data has no labels; max_degradation is applied to the top-1 agreement "
-            "with the float model (degradation = 100 - agreement)"
-        )
+    max_deg, min_sqnr = _targets(ev, config, info)
 
     def meets(s: Score) -> bool:
         ok = True
@@ -89,7 +110,7 @@ def _fallback(
 
     def goodness(s: Score) -> tuple[float, ...]:
         if max_deg is not None:
-            return (s.metric, s.sqnr_db)
+            return (s.metric,) if ev.discrete else (s.metric, s.sqnr_db)
         return (s.sqnr_db,)
 
     target = {"max_degradation": max_deg, "min_sqnr_db": min_sqnr, "metric": metric}
@@ -159,7 +180,7 @@ def _fallback(
                 info.disabled[q] = f"fallback: {n} kept in float"
         s = single[n]
         why = f"left alone in float: {metric} {base.metric:.2f} -> {s.metric:.2f}"
-        if metric != "sqnr_db":
+        if metric != "sqnr_db" and not ev.discrete:
             why += f", output SQNR {base.sqnr_db:.1f} -> {s.sqnr_db:.1f} dB"
         kept.append(
             {"layer": n, "params": int(size[n]), "quantizers": units.get(n, []), "why": why}

@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..analysis.outputs import OutputSelector, as_rows, is_discrete, select
 from ..capture.state import hold, release
 from ..data import batch_size, fresh_inputs, model_device, run_model, split_batch, to_device
 from ..errors import ConfigError, DataError
+from ..scorer import OutputSelector, compare, db_ratio, is_discrete, kind, nonfinite_message, select
 from ..sync import active, add_up, exchange
 
 #: SQNR reported when the quantized output equals the float one
@@ -138,16 +137,27 @@ class HoldOut:
     ) -> None:
         self.batches, self.output = batches, output
         self.inputs = [split_batch(b, i) for i, b in enumerate(batches)]
+        self.reference = self._outputs(model, "float")
+        # the samples that can be scored: a non-finite input or float output is left out
+        pairs = [
+            compare(f, f, batch_size(a, k), (a, k))
+            for (a, k), f in zip(self.inputs, self.reference, strict=True)
+        ]
         self.samples = sum(batch_size(a, k) for a, k in self.inputs)  # this rank's
         # under torch.distributed every rank scores on its own held-out samples and the scores
         # are summed over the ranks (:meth:`score`): the samples they are means over
-        self.total = int(add_up("tune: held-out samples", {"n": self.samples})["n"])
-        self.reference = self._outputs(model, "float")
+        sums = {"n": round(sum(p.samples for p in pairs))}
+        sums.update(bad_in=sum(p.bad_input for p in pairs), bad_f=sum(p.bad_float for p in pairs))
+        total = add_up("tune: held-out samples", sums)
+        self.total = int(total["n"])
+        #: the warning for held-out samples left out (``None`` when every one is scored)
+        self.excluded = nonfinite_message(int(total["bad_in"]), int(total["bad_f"]), 0, self.total)
+        if self.total == 0:
+            raise DataError(f"no held-out sample can be scored: {self.excluded}")
         ref = self.reference[0]
         classes = ref.dim() >= 2 and ref.shape[1] > 1  # one score per class (per position)
-        classifier = is_discrete(ref) or (ref.dim() == 2 and classes)
         if ranking == "auto":
-            ranking = "agreement" if classifier else "sqnr"
+            ranking = "sqnr" if kind(ref) == "values" else "agreement"
         if ranking not in RANKINGS:
             raise ConfigError(f"unknown score {ranking!r}; use 'auto' or one of {sorted(RANKINGS)}")
         if is_discrete(ref) and ranking != "agreement":
@@ -180,6 +190,9 @@ class HoldOut:
         return outs
 
     def score(self, qmodel: nn.Module) -> Score:
+        """The candidate's scores against the float outputs (:func:`ptqkit.scorer.compare`,
+        the rule evaluate, sensitivity and the fallback use); a held-out sample with a
+        non-finite input or float output is left out of every candidate's score alike."""
         agree = kl = signal = noise = 0.0
         hits = []
         for (args, kwargs), f, q in zip(
@@ -190,19 +203,10 @@ class HoldOut:
                     f"the float model returned {tuple(f.shape)} but the quantized model "
                     f"{tuple(q.shape)} on the same held-out batch"
                 )
-            n = batch_size(args, kwargs)
-            if is_discrete(f):
-                hits.append((f == q).reshape(-1).cpu())
-                agree += float(hits[-1].sum()) * n / max(f.numel(), 1)
-                continue
-            rf, rq = as_rows(f), as_rows(q)
-            w = n / rf.shape[0]
-            hits.append((rf.argmax(1) == rq.argmax(1)).cpu())
-            agree += float(hits[-1].sum()) * w
-            logp, logq = F.log_softmax(rf.double(), 1), F.log_softmax(rq.double(), 1)
-            kl += float((logp.exp() * (logp - logq)).sum(1).clamp(min=0.0).sum()) * w
-            signal += float(f.double().pow(2).sum())
-            noise += float((f.double() - q.double()).pow(2).sum())
+            p = compare(f, q, batch_size(args, kwargs), (args, kwargs))
+            hits.append(p.hits.cpu())
+            agree, kl = agree + p.agree, kl + p.kl
+            signal, noise = signal + p.signal, noise + p.noise
         every = torch.cat(hits)
         if active():  # the same sums, and the same per-sample hits in rank order, on every rank
             rows = exchange(
@@ -215,10 +219,7 @@ class HoldOut:
             every = torch.cat([r["hits"] for r in rows])
         if is_discrete(self.reference[0]):
             return Score(100.0 * agree / self.total, None, None, every)
-        if noise > 0:
-            sqnr = min(10.0 * math.log10(max(signal, 1e-300) / noise), MAX_SQNR_DB)
-        else:
-            sqnr = MAX_SQNR_DB
+        sqnr = min(db_ratio(max(signal, 1e-300), noise), MAX_SQNR_DB)
         return Score(100.0 * agree / self.total, kl / self.total, sqnr, every)
 
     def better(self, a: Score, b: Score) -> bool:

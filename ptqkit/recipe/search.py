@@ -164,6 +164,8 @@ def tune(
         batches = _materialize(data, config.num_batches)
         calib, held_batches = split(batches, holdout)
         held = HoldOut(model, held_batches, score, output)
+    if held.excluded:
+        warnings.warn(f"tune: held-out {held.excluded}", PTQWarning, stacklevel=2)
     n_all = sum(batch_size(*split_batch(b, i)) for i, b in enumerate(batches))
     n_cal = n_all - held.samples
     base = config.replace(max_degradation=None, min_sqnr_db=None, progress=False)
