@@ -206,12 +206,16 @@ def test_invalid_entry_is_a_load_error_naming_it(tiny_file, tmp_path, case):
 
 
 def test_integer_weight_outside_its_grid_is_a_load_error(tmp_path):
-    q = _quantize(_tiny(), [X], CFG.replace(weights=QuantSpec(bits=4, per_channel=True)))
-    ptqkit.save(q, tmp_path / "w4.safetensors")
+    from ptqkit.io.packing import pack
+
+    spec = QuantSpec(bits=3, per_channel=True)
+    q = _quantize(_tiny(), [X], CFG.replace(weights=spec))
+    ptqkit.save(q, tmp_path / "w3.safetensors")
     w = q.a.weight_int.clone()
-    w[0, 0] = 100  # fits int8 storage, not the 4-bit grid [-8, 7]
-    path = _edit(tmp_path / "w4.safetensors", tmp_path / "e.safetensors", _put("a.weight_int", w))
-    with pytest.raises(LoadError, match=r"a\.weight_int: integer weight 100 outside the grid"):
+    w[0, 0] = 11  # fits a packed nibble (11 + 4 = 15), not the 3-bit grid [-4, 3]
+    put = _put("a.weight_int", pack(w, spec))
+    path = _edit(tmp_path / "w3.safetensors", tmp_path / "e.safetensors", put)
+    with pytest.raises(LoadError, match=r"a\.weight_int: integer weight 11 outside the grid"):
         ptqkit.load(path, Tiny())
 
 

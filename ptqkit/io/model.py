@@ -15,7 +15,7 @@ from ..config import PTQConfig
 from ..errors import ConfigError, LoadError, ModelError, PTQError, SaveError, one_line
 from ..info import PTQInfo
 from ..quant.modules import act_quants, quant_layers
-from . import container, replay, restore
+from . import container, packing, replay, restore
 
 
 def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
@@ -38,6 +38,10 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
     tensors = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
     tensors.update(restore.float_reference(layers))
     info = getattr(qmodel, "ptq_info", None)
+    layer_doc: dict[str, dict[str, Any]] = {
+        n: {"spec": m.spec.to_dict(), "quantized": m.quantized} for n, m in layers.items()
+    }
+    packing.pack_layers(tensors, layers, layer_doc)  # 4 bits or fewer: two per byte
     doc = {
         "format": container.FORMAT,
         "format_version": container.FORMAT_VERSION,
@@ -45,9 +49,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
         "torch_version": torch.__version__,
         "model_class": type(qmodel).__name__,
         "config": config.to_dict(),
-        "layers": {
-            n: {"spec": m.spec.to_dict(), "quantized": m.quantized} for n, m in layers.items()
-        },
+        "layers": layer_doc,
         "quantizers": {
             n: {
                 "label": q.label,
@@ -117,6 +119,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     except ConfigError as e:
         raise LoadError(f"{path}: invalid config in the file: {e}") from None
     layer_meta: dict[str, dict[str, Any]] = _field(doc, "layers", path)
+    packing.unpack_layers(path, tensors, layer_meta)
     quant_meta: dict[str, dict[str, Any]] = _field(doc, "quantizers", path)
     saved_info: dict[str, Any] = _field(doc, "info", path)
 

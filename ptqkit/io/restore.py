@@ -21,7 +21,7 @@ from torch import fx, nn
 from ..config import QuantSpec
 from ..errors import LoadError
 from ..quant.modules import ActQuant, QuantLayer
-from ..quant.primitives import storage_dtype
+from ..quant.primitives import storage_dtype, weight_qparam_shape
 from ..typed import submodule, target_name, tensor_attr
 
 #: prefixes of the float-reference tensors (not in the state dict): the float weight of every
@@ -119,9 +119,9 @@ def restore_layers(
                     f"{storage_dtype(spec)} for {spec.bits}-bit weights"
                 )
             _in_grid(path, f"{name}.weight_int", "integer weight", q, spec)
-            nch = w_shape[spec.axis] if spec.per_channel else None
-            check_shape(path, f"{name}.weight_scale", s, (nch,) if nch else ())
-            check_shape(path, f"{name}.weight_zero_point", z, (nch,) if nch else ())
+            want = weight_qparam_shape(w_shape, spec)  # () / (C,) / (out, groups)
+            check_shape(path, f"{name}.weight_scale", s, want)
+            check_shape(path, f"{name}.weight_zero_point", z, want)
             check_qparams(path, f"{name}.weight_scale/zero_point", s, z, spec)
         dev, dtype = layer.weight_fp.device, layer.weight_fp.dtype
         w = _float_tensor(path, FLOAT_WEIGHT + name, extra.pop(FLOAT_WEIGHT + name, None), w_shape)
