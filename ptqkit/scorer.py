@@ -328,3 +328,27 @@ def db_ratio(signal: float, noise: float) -> float:
     if signal <= 0 or math.isinf(noise):
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def nonfinite_outputs(out: Any, path: str = "output") -> list[str]:
+    """``"output[0]: 32 of 32 rows"`` for every float tensor of a (nested) model output that
+    holds NaN/Inf (rows: the first dimension's entries with a non-finite value)."""
+    if isinstance(out, torch.Tensor):
+        if not (out.is_floating_point() or out.is_complex()) or out.layout != torch.strided:
+            return []
+        bad = ~torch.isfinite(out.detach())
+        if not bool(bad.any()):
+            return []
+        if out.dim() == 0:
+            return [f"{path}: {out.item()}"]
+        rows = int(bad.reshape(out.shape[0], -1).any(1).sum())
+        return [f"{path}: {rows} of {out.shape[0]} rows"]
+    if isinstance(out, Mapping):
+        items: list[tuple[Any, Any]] = list(out.items())
+    elif isinstance(out, (tuple, list)):
+        items = list(enumerate(out))
+    elif hasattr(out, "to_tuple"):  # a transformers ModelOutput
+        items = list(enumerate(out.to_tuple()))
+    else:
+        return []
+    return [m for k, v in items for m in nonfinite_outputs(v, f"{path}[{k!r}]")]

@@ -25,6 +25,7 @@ from ..data import iter_batches, model_device, to_device
 from ..errors import ConfigError, ModelError
 from ..info import PTQInfo
 from ..quant.modules import act_quants
+from ..scorer import nonfinite_outputs
 from .coverage import account
 from .export import export_capture
 from .guards import refuse, unparametrize
@@ -142,6 +143,13 @@ def capture_reference(model: nn.Module, example: Any, info: PTQInfo) -> Referenc
         return None
     info.stages["verify"] = info.stages.get("verify", 0.0) + ref.seconds
     info.capture_inputs = input_specs(args, kwargs)
+    bad = nonfinite_outputs(ref.output)
+    if bad:  # the quantized copy can only be as finite as the model it copies: say so
+        info.warn(
+            f"the float model itself returns NaN/Inf on the first calibration batch "
+            f"({'; '.join(bad)}), before any quantization: check its parameters (e.g. an Inf "
+            "bias) and inputs; scores against it leave those samples out"
+        )
     return ref
 
 

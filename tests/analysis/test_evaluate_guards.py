@@ -109,3 +109,18 @@ def test_compare_by_hand():
     assert p.samples == 2 and p.agree == 1.0 and p.kl == math.inf and p.noise == math.inf
     assert p.hits.tolist() == [True, False]
     assert nonfinite_message(0, 0, 0, 4) is None
+
+
+def test_quantize_says_when_the_float_model_is_already_non_finite():
+    model = _net()
+    with torch.no_grad():
+        model[2].bias[1] = float("inf")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        q = ptqkit.quantize(model, _data(), CFG)
+    said = [str(w.message) for w in seen if "float model itself returns NaN/Inf" in str(w.message)]
+    assert said and "output: 16 of 16 rows" in said[0]
+    assert any("float model itself" in w for w in q.ptq_info.warnings)
+    with torch.no_grad():  # the copy computes what the model computes, Inf included
+        x = _data()[0]
+        assert torch.equal(torch.isinf(q(x)), torch.isinf(model(x)))
