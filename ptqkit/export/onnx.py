@@ -130,6 +130,14 @@ def check_exportable(qmodel: Any) -> None:
                 "for other widths)"
             )
     for name, layer in layers.items():
+        if layer.quantized and layer.spec.group_size is not None:
+            raise ExportError(
+                f"layer {name} has group-wise weights (group_size={layer.spec.group_size}, "
+                f"scales {tuple(layer.weight_scale.shape)}); ONNX QDQ export writes one scale "
+                "per output channel and would compute other weights: not exported. Quantize "
+                "without group_size (per_channel=True) to export, or keep that layer per "
+                "channel with a scope"
+            )
         if layer.quantized and layer.spec.bits > 8:
             raise ExportError(
                 f"layer {name} has {layer.spec.bits}-bit weights; ONNX QDQ export supports "
