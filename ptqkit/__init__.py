@@ -13,7 +13,14 @@ import importlib
 from typing import Any
 
 from .calibrate import CALIBRATORS, register_calibrator
-from .config import AdaRoundOptions, BiasCorrectionOptions, PTQConfig, QuantSpec, Scope
+from .config import (
+    AdaRoundOptions,
+    BiasCorrectionOptions,
+    GPTQOptions,
+    PTQConfig,
+    QuantSpec,
+    Scope,
+)
 from .errors import (
     CalibrationError,
     ConfigError,
@@ -67,6 +74,7 @@ __all__ = [
     "DataError",
     "EvalResult",
     "ExportError",
+    "GPTQOptions",
     "JobOptions",
     "JobResult",
     "LoadError",
