@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 from ..config import PTQConfig
-from ..errors import ConfigError, LoadError, ModelError, PTQError, SaveError, one_line
+from ..errors import (
+    ConfigError,
+    LoadError,
+    ModelError,
+    PTQError,
+    PTQWarning,
+    SaveError,
+    one_line,
+)
 from ..info import PTQInfo
 from ..quant.modules import act_quants, quant_layers
 from . import container, packing, replay, restore
@@ -89,6 +97,20 @@ def _mismatch(path: Path, what: str, file_names: set[str], model_names: set[str]
     )
 
 
+def _say_dtype(path: Path, extra: dict[str, torch.Tensor], layers: dict[str, Any]) -> None:
+    """Warn when the saved model computes in another dtype than the architecture given."""
+    saved = {str(t.dtype) for k, t in extra.items() if k.startswith(restore.FLOAT_WEIGHT)}
+    arch = {str(m.weight_fp.dtype) for m in layers.values()}
+    if saved and saved != arch:
+        have, want = (", ".join(sorted(d.removeprefix("torch.") for d in x)) for x in (saved, arch))
+        warnings.warn(
+            f"{path}: the saved model computes in {have}, the architecture given in {want}: it "
+            f"is loaded as saved ({have}); feed it {have} inputs, or convert it with .to(dtype)",
+            PTQWarning,
+            stacklevel=3,
+        )
+
+
 def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     """Load a quantized model saved by :func:`save`, onto the float architecture ``model``.
 
@@ -99,7 +121,9 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
 
     Returns:
         A quantized model giving bit-identical outputs to the one saved (in float mode too),
-        with ``ptq_config`` and ``ptq_info`` restored.
+        with ``ptq_config`` and ``ptq_info`` restored, in the saved model's dtypes: a model
+        saved after ``.half()`` (``.double()``, bfloat16) loads as one, whatever the dtype of
+        ``model`` (a :class:`~ptqkit.PTQWarning` says so when they differ).
 
     Raises:
         LoadError: the file is missing, truncated, corrupt, edited, of another format version or
@@ -151,6 +175,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     # the modules' flags (quantized, mode) are in the metadata, which is what counts; a file
     # written before they were in the state dict has none
     state = {k: v for k, v in tensors.items() if k not in extra and not restore.is_flags(k)}
+    _say_dtype(path, extra, layers)
     restore.install_biases(path, layers, extra)
     expected = {k for k in qmodel.state_dict() if not restore.is_flags(k)}
     if set(state) != expected:
@@ -165,6 +190,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         raise LoadError(f"{path}: invalid layer or quantizer metadata: {e}") from None
     if extra:
         raise _mismatch(path, "float-reference tensors", set(extra), set())
+    restore.match_dtypes(qmodel, state)
     try:  # the rest (float biases, parameters of float modules) by the usual checked copy
         qmodel.load_state_dict(state, strict=False)
     except RuntimeError as e:

@@ -123,9 +123,9 @@ def restore_layers(
             check_shape(path, f"{name}.weight_scale", s, want)
             check_shape(path, f"{name}.weight_zero_point", z, want)
             check_qparams(path, f"{name}.weight_scale/zero_point", s, z, spec)
-        dev, dtype = layer.weight_fp.device, layer.weight_fp.dtype
+        dev = layer.weight_fp.device
         w = _float_tensor(path, FLOAT_WEIGHT + name, extra.pop(FLOAT_WEIGHT + name, None), w_shape)
-        layer.weight_fp = w.to(dev, dtype)
+        layer.weight_fp = w.to(dev)  # in the saved model's dtype (see match_dtypes)
         layer.weight_int = q.to(dev)
         layer.weight_scale = s.to(dev)
         layer.weight_zero_point = z.to(dev)
@@ -135,6 +135,32 @@ def restore_layers(
             layer.refresh()
         else:
             layer.use_float()  # with ``bias_fp`` (install_biases ran first)
+
+
+def match_dtypes(qmodel: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every floating parameter and buffer of ``qmodel`` the dtype its entry in ``state``
+    has, before ``load_state_dict`` copies the values (which would cast them to the
+    architecture's dtype). The loaded model has the saved model's dtypes tensor by tensor: a
+    ``.half()`` / ``.double()`` / bfloat16 model loads as one, whatever the dtype of the float
+    architecture it is loaded onto, and computes what it computed (a float32 architecture
+    under half float weights and biases would fail on the first batch with a dtype mismatch)."""
+    for key, t in state.items():
+        owner, _, leaf = key.rpartition(".")
+        try:
+            mod = qmodel.get_submodule(owner) if owner else qmodel
+        except AttributeError:
+            continue  # reported by load_state_dict as an unexpected key
+        p, b = mod._parameters.get(leaf), mod._buffers.get(leaf)
+        own = p if p is not None else b
+        if own is None or not (own.is_floating_point() and t.is_floating_point()):
+            continue
+        if own.dtype == t.dtype:
+            continue
+        new = own.detach().to(t.dtype)
+        if p is not None:
+            mod._parameters[leaf] = nn.Parameter(new, requires_grad=p.requires_grad)
+        else:
+            mod._buffers[leaf] = new
 
 
 def install_biases(

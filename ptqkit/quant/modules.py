@@ -98,6 +98,10 @@ class ActQuant(nn.Module):
         # mode and calibrated, written at state_dict() time: load_state_dict round-trips them
         self.register_buffer("ptq_flags", torch.zeros((), dtype=torch.uint8))
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # ``.half()`` / ``.double()``: the grid's scale and range stay float32 (moved only)
+        return state.apply_keeping(self, ("scale", "range"), fn, recurse, super()._apply)
+
     def extra_repr(self) -> str:
         spec = self.spec
         return f"{self.label!r}, bits={spec.bits}, symmetric={spec.symmetric}, mode={self.mode}"
@@ -269,6 +273,11 @@ class QuantLayer(nn.Module):
         if plan is not None:
             super()._load_from_state_dict(state_dict, prefix, *args)
             state.finish_layer(self, state_dict, prefix, plan)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # ``.half()`` / ``.double()``: the weight scales stay float32 (moved only), so that the
+        # dequantized weight, recomputed from them (a load), is the one the model computes with
+        return state.apply_keeping(self, ("weight_scale",), fn, recurse, super()._apply)
 
     def extra_repr(self) -> str:
         state = "int" if self.quantized else "float"

@@ -155,3 +155,19 @@ def finish_layer(layer: Any, state: Any, prefix: str, plan: tuple[bool, bool]) -
         layer.refresh()
     else:
         layer.use_float()
+
+
+def apply_keeping(m: Any, names: tuple[str, ...], fn: Any, recurse: bool, apply: Any) -> Any:
+    """``nn.Module._apply(fn)`` (``.to``, ``.half()``, ``.cuda()``, ...) on ``m`` with its
+    buffers ``names`` moved to where ``fn`` sends tensors but kept in their dtype: quantization
+    parameters are float32 whatever the dtype the model computes in (a ``.half()`` scale would
+    round and no longer be the scale the integers were made with)."""
+    kept = {n: m._buffers[n] for n in names if m._buffers.get(n) is not None}
+    for n in kept:
+        m._buffers[n] = None  # _apply skips None buffers
+    try:
+        out = apply(fn, recurse)
+    finally:
+        for n, t in kept.items():
+            m._buffers[n] = t.to(fn(t).device)
+    return out
