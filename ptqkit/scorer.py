@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -240,6 +240,11 @@ class Pair:
     bad_input: int = 0  # samples left out: a non-finite input
     bad_float: int = 0  # samples left out: a non-finite float output (input finite)
     bad_quant: int = 0  # scored samples where only the quantized output is non-finite
+    #: per scored sample (one entry for the batch when the output has no per-sample dim): its
+    #: KL (mean over its prediction rows) and its squared output error; for an integer output
+    #: both are its share of changed elements. What tune's paired decision reads.
+    sample_kl: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    sample_err: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
 
 
 def compare(f: torch.Tensor, q: torch.Tensor, n: int, inputs: Any = None) -> Pair:
@@ -269,7 +274,9 @@ def compare(f: torch.Tensor, q: torch.Tensor, n: int, inputs: Any = None) -> Pai
         hits = (f == q).reshape(-1)
         agree = float(hits.sum()) * ns / hits.numel() if hits.numel() else 0.0
         ok = torch.ones(hits.shape, dtype=torch.bool)
-        return Pair(ns, agree, 0.0, math.nan, math.nan, hits, keep, f, q, ok, **bad)
+        miss = _per_sample((~hits).double(), int(ns), per, mean=True)
+        return Pair(ns, agree, 0.0, math.nan, math.nan, hits, keep, f, q, ok, **bad,
+                    sample_kl=miss, sample_err=miss)
     rf, rq = as_rows(f), as_rows(q)
     rows = rf.shape[0]
     ok = torch.isfinite(rq).all(1)
@@ -281,7 +288,20 @@ def compare(f: torch.Tensor, q: torch.Tensor, n: int, inputs: Any = None) -> Pai
     err = (f.double() - q.double()).pow(2)
     noise = float(err.nan_to_num(nan=math.inf).sum())
     signal = float(f.double().pow(2).sum())
-    return Pair(ns, float(hits.sum()) * w, kl, signal, noise, hits, keep, f, q, ok, **bad)
+    sample_kl = _per_sample(kl_rows.masked_fill(~ok, math.inf), int(ns), per, mean=True)
+    sample_err = _per_sample(err.nan_to_num(nan=math.inf), int(ns), per, mean=False)
+    return Pair(ns, float(hits.sum()) * w, kl, signal, noise, hits, keep, f, q, ok, **bad,
+                sample_kl=sample_kl, sample_err=sample_err)
+
+
+def _per_sample(values: torch.Tensor, ns: int, per: bool, mean: bool) -> torch.Tensor:
+    """``values`` (rows or elements of the scored samples) reduced to one number per sample
+    (mean or sum), or to one for the whole batch when the output has no per-sample dim."""
+    v = values.double().reshape(-1)
+    if v.numel() == 0:
+        return v
+    rows = v.reshape(ns, -1) if per and ns and v.numel() % ns == 0 else v.reshape(1, -1)
+    return (rows.mean(1) if mean else rows.sum(1)).cpu()
 
 
 def take(target: Any, keep: torch.Tensor) -> Any:

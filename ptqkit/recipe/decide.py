@@ -44,7 +44,12 @@ def signed_rank_z(diff: torch.Tensor) -> float:
     """The Wilcoxon signed-rank ``z`` of the paired differences ``diff`` (negative: the first
     of the pair has the lower losses); ``0.0`` when fewer than :data:`MIN_PAIRS` differ."""
     d = diff.double().reshape(-1)
-    d = d[torch.isfinite(d) & (d != 0)]
+    # an infinite loss on one side (a non-finite quantized output) is the largest difference;
+    # infinite on both (NaN) is no difference
+    finite = d[torch.isfinite(d)]
+    big = 2.0 * float(finite.abs().max()) + 1.0 if finite.numel() else 1.0
+    d = d.nan_to_num(nan=0.0, posinf=big, neginf=-big)
+    d = d[d != 0]
     n = d.numel()
     if n < MIN_PAIRS:
         return 0.0

@@ -84,13 +84,16 @@ def tune(
     accuracy-driven tuning without its user-written eval function):
 
     1. the last ``holdout`` share of ``data`` (whole batches; the samples of the only batch when
-       there is one) is held out for scoring; the rest calibrates;
+       there is one; cut by samples when whole batches would leave fewer than the chapter's
+       100 calibration samples that the data has, see :func:`~.holdout.split`) is held out for
+       scoring; the rest calibrates;
     2. the base recipe (``config``, default :class:`PTQConfig`) runs first, always;
     3. each :class:`~ptqkit.recipe.Candidate` (default :data:`~ptqkit.recipe.CANDIDATES`,
-       cheapest first) is applied to the best recipe so far and kept if it scores higher
-       (greedy: ``mse``, empirical bias correction, ``percentile``, MSE weight ranges,
-       analytic bias correction, CLE, ``auto``, AdaRound). A recipe identical to one already
-       measured is not run again;
+       cheapest first) is applied to the best recipe so far and kept only if its per-sample
+       losses on the held-out samples are significantly lower than the best's and not
+       significantly higher than the base's, paired (:mod:`ptqkit.recipe.decide`: a tie keeps
+       the incumbent, so no chain of ties walks away from the base). A recipe identical to
+       one already measured is not run again;
     4. a candidate whose expected time (from the measured times of the earlier trials, see
        :mod:`ptqkit.recipe.candidates`; AdaRound's from its layers' weights and this machine's
        measured rates, :mod:`ptqkit.correct.cost`) would not fit in what is left of
@@ -135,9 +138,9 @@ def tune(
         config: the base recipe; its fallback target, if any, is applied last (step 5).
         budget_s: seconds for the whole call (trials, scoring, refit), > 0.
         holdout: share of the data held out for scoring, in (0, 1).
-        score: ``"auto"``, ``"agreement"`` (top-1 agreement with FP32; a difference of one
-            held-out sample or less is a tie, decided by the lower KL),
-            ``"kl"`` or ``"sqnr"`` (output SQNR, for outputs that are not class scores).
+        score: ``"auto"``, ``"agreement"`` or ``"kl"`` (per-sample KL decides, and top-1
+            agreement must not drop significantly), or ``"sqnr"`` (per-sample squared output
+            error, for outputs that are not class scores).
         candidates: the recipes to try after the base one, in order.
         refit: quantize the chosen recipe again on all of ``data`` (see above).
         output: which tensor of the model's output to score (as in :func:`ptqkit.evaluate`).
@@ -162,7 +165,7 @@ def tune(
     t_start = time.perf_counter()
     with guard("tune: the data"):  # a rank whose shard cannot be split stops every rank
         batches = _materialize(data, config.num_batches)
-        calib, held_batches = split(batches, holdout)
+        calib, held_batches = split(batches, holdout, MIN_CALIBRATION_SAMPLES)
         held = HoldOut(model, held_batches, score, output)
     if held.excluded:
         warnings.warn(f"tune: held-out {held.excluded}", PTQWarning, stacklevel=2)

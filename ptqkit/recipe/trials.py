@@ -61,6 +61,7 @@ class Search:
         self.work: list[LayerWork] = []  # the base trial's layers, for AdaRound's estimate
         self.machine: Machine | None = None  # probed when AdaRound is first estimated
         self.best: tuple[str, PTQConfig, nn.Module, Score] | None = None
+        self.base_score: Score | None = None  # every candidate is also compared with the base
         self.share = not active()  # prefixes: one calibration pass for many recipes
         self.prefixes: list[Prefix] = []
         self.prefix_s = 0.0  # what building a prefix cost (the first one)
@@ -111,7 +112,8 @@ class Search:
         self, name: str, changes: dict[str, Any], config: PTQConfig, force: bool = False
     ) -> dict[str, Any]:
         """Quantize on the calibration part, score on the held-out part, record; the model
-        becomes the best if it scores higher (or ``force``)."""
+        becomes the best if :meth:`HoldOut.judge` takes it (or ``force``); the first run is
+        the base recipe, which every later one is also compared with."""
         rec: dict[str, Any] = {"name": name, "changes": changes}
         t = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
@@ -144,7 +146,15 @@ class Search:
         self.seen[config_key(config)] = name
         config = resolved(config, qmodel)  # "auto" bias correction: what it turned out to be
         self.seen[config_key(config)] = name
-        if force or self.best is None or self.held.better(s, self.best[3]):
+        if self.best is None:  # the base recipe
+            self.base_score = s
+            taken = True
+        else:
+            assert self.base_score is not None
+            verdict = self.held.judge(s, self.best[3], self.base_score)
+            rec["decision"] = verdict.reason() if not force else "kept: asked for (fallback target)"
+            taken = force or verdict.taken
+        if taken:
             self.best = (name, config, qmodel, s)
             rec["best_so_far"] = True
         return rec

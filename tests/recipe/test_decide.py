@@ -30,6 +30,9 @@ def test_hand_example_and_degenerate_cases():
     assert signed_rank_z(d) == pytest.approx(20.5 / (10 * 11 * 21 / 24) ** 0.5)
     assert signed_rank_z(torch.zeros(40)) == 0.0
     assert signed_rank_z(torch.cat([d, torch.tensor([float("nan"), 0.0])])) == signed_rank_z(d)
+    # an infinite loss counts as the largest difference, not as missing
+    inf = torch.tensor([float("inf")])
+    assert signed_rank_z(torch.cat([d, inf])) > signed_rank_z(d)
     # fewer than MIN_PAIRS differing samples say nothing, however one-sided
     assert signed_rank_z(-torch.arange(1.0, MIN_PAIRS)) == 0.0
 

@@ -36,3 +36,24 @@ def test_without_hits_more_than_one_sample_counts():
     a, b = Score(100.0, 0.02, None), Score(93.75, 0.01, None)
     assert decisive(a, b, 32) is True  # 2 samples of 32
     assert decisive(a, Score(96.875, 0.01, None), 32) is None  # 1 sample
+
+
+def test_split_by_samples_keeps_the_chapter_minimum():
+    """128 samples in 8 batches of 16: whole batches would calibrate on 96 (< 100); the split
+    cuts the 7th batch so that 100 calibrate and 28 are held out, labels cut alike."""
+    import torch
+
+    from ptqkit.recipe.holdout import split
+
+    batches = [(torch.arange(16.0) + 16 * i, torch.arange(16) + 16 * i) for i in range(8)]
+    cal, held = split(batches, 0.25, 100)
+    assert sum(len(x) for x, _ in cal) == 100 and sum(len(x) for x, _ in held) == 28
+    joined = torch.cat([x for x, _ in cal] + [x for x, _ in held])
+    assert torch.equal(joined, torch.arange(128.0))  # every sample once, in order
+    assert all(torch.equal(x, y.double().float()) for x, y in cal + held)
+    # too few to spare 10 held-out samples beyond the minimum: whole batches as before
+    cal, held = split(batches[:6], 0.25, 100)
+    assert [len(x) for x, _ in cal] == [16] * 4 and len(held) == 2
+    # enough already: unchanged
+    cal, held = split(batches, 0.25, 96)
+    assert len(cal) == 6 and len(held) == 2
