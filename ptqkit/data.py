@@ -1,5 +1,13 @@
 """Batches as users give them: a tensor, a tuple/list whose first item is the input (the rest,
-e.g. labels, is ignored for calibration), or a dict of keyword inputs."""
+e.g. labels, is ignored for calibration), or a dict of keyword inputs. An input may itself be a
+nest of tuples, lists and dicts of tensors (``model(((x, y), {"z": z}))``): the tensors inside
+are found, moved and copied at any depth.
+
+A batch the model cannot run is a :class:`DataError` that names whose code failed
+(:func:`run_model`): the user's forward ("the model rejected batch 3", with the input shapes)
+or ptqkit's own code on an input kind it does not support (a sparse or complex tensor reaching
+an activation quantizer: "ptqkit cannot run batch 3 (inputs: (16, 8) float32 sparse_coo): its
+own code failed at ptqkit/...: the batch holds a sparse_coo tensor ...")."""
 
 from __future__ import annotations
 
@@ -43,8 +51,19 @@ def batch_target(batch: Any) -> Any:
     return None
 
 
+def _nested(v: Any) -> list[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [t for x in v for t in _nested(x)]
+    if isinstance(v, dict):
+        return [t for x in v.values() for t in _nested(x)]
+    return []
+
+
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    """Every tensor of a batch, nested ones included, in order."""
+    return _nested((*args, *kwargs.values()))
 
 
 def batch_size(args: tuple, kwargs: dict) -> int:
@@ -53,8 +72,20 @@ def batch_size(args: tuple, kwargs: dict) -> int:
 
 
 def _map(args: tuple, kwargs: dict, fn: Any) -> Batch:
-    """``fn`` applied to every top-level tensor of the batch (other values kept)."""
-    f = lambda t: fn(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    """``fn`` applied to every tensor of the batch, at any depth of its tuples, lists and
+    dicts (other values kept)."""
+
+    def f(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return fn(v)
+        if isinstance(v, tuple) and hasattr(v, "_fields"):  # a namedtuple
+            return type(v)(*(f(x) for x in v))
+        if isinstance(v, (tuple, list)):
+            return type(v)(f(x) for x in v)
+        if isinstance(v, dict):
+            return {k: f(x) for k, x in v.items()}
+        return v
+
     return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
 
 
@@ -72,7 +103,7 @@ def channels_last(args: tuple, kwargs: dict) -> Batch:
     which statistics over many samples, as bias correction's means, do not notice."""
 
     def move(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 4 and t.is_floating_point():
+        if t.dim() == 4 and t.is_floating_point() and t.layout == torch.strided:
             return t.contiguous(memory_format=torch.channels_last)
         return t
 
@@ -141,8 +172,55 @@ def iter_batches(
         raise DataError("the data is empty: no batch to calibrate or evaluate on")
 
 
+def describe(args: tuple, kwargs: dict) -> str:
+    """Each input tensor's shape, dtype, and layout and device where not the usual ones."""
+    out = []
+    for t in _tensors(args, kwargs):
+        d = f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+        if t.layout != torch.strided:
+            d += f" {str(t.layout).removeprefix('torch.')}"
+        if t.device.type != "cpu":
+            d += f" on {t.device}"
+        out.append(d)
+    return ", ".join(out) if out else "no tensor"
+
+
+def _ptqkit_frame(e: BaseException) -> str | None:
+    """``"ptqkit/calibrate/watch.py:113"`` when the innermost frame of ``e``'s traceback
+    outside torch is ptqkit's own code (not the user's forward), else ``None``."""
+    import os
+    import traceback
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    for fr in reversed(traceback.extract_tb(e.__traceback__)):
+        path = os.path.abspath(fr.filename)
+        if path.startswith(torch_dir + os.sep):
+            continue
+        if path.startswith(here + os.sep) and path != os.path.abspath(__file__):
+            return f"ptqkit/{os.path.relpath(path, here)}:{fr.lineno}"
+        return None
+    return None
+
+
+def _unsupported(args: tuple, kwargs: dict) -> str:
+    """What in a batch ptqkit's code may not handle (its layout or dtype), or ``""``."""
+    why = []
+    for t in _tensors(args, kwargs):
+        if t.layout != torch.strided:
+            lay = str(t.layout).removeprefix("torch.")
+            why.append(
+                f"a {lay} tensor {tuple(t.shape)}: ptqkit observes and quantizes dense tensors; "
+                "give it dense (x.to_dense())"
+            )
+        elif t.is_complex():
+            why.append(f"a complex tensor {tuple(t.shape)}: ptqkit quantizes real tensors")
+    return "; ".join(dict.fromkeys(why))
+
+
 def run_model(model: nn.Module, index: int, args: tuple, kwargs: dict) -> Any:
-    """Call the model on one batch; an error names the batch and its shapes."""
+    """Call the model on one batch; an error names the batch, its inputs and whose code failed
+    (see the module docstring)."""
     try:
         return model(*args, **kwargs)
     except Exception as e:  # whatever the user's forward raises (AssertionError, KeyError, ...)
@@ -150,7 +228,15 @@ def run_model(model: nn.Module, index: int, args: tuple, kwargs: dict) -> Any:
 
         if isinstance(e, PTQError):
             raise
-        shapes = [tuple(t.shape) for t in _tensors(args, kwargs)]
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # ptqkit's own code (an activation quantizer's statistics, not the user's layer that a
+        # QuantLayer runs) failed on an input kind it does not support: blame that, not the model
+        where, why = _ptqkit_frame(e), _unsupported(args, kwargs)
+        if where is not None and why:
+            raise DataError(
+                f"ptqkit cannot run batch {index} (inputs: {describe(args, kwargs)}): its own "
+                f"code failed at {where} ({msg}): the batch holds {why}"
+            ) from e
         err = CalibrationError if "NaN" in msg else DataError
+        shapes = [tuple(t.shape) for t in _tensors(args, kwargs)]
         raise err(f"the model rejected batch {index} (input shapes {shapes}): {msg}") from e
