@@ -77,10 +77,22 @@ class _DequantizeLinear(torch.autograd.Function):
         return g.op("DequantizeLinear", q, s, z, axis_i=axis)
 
 
+def _no_script(module: nn.Module) -> nn.Module:
+    """``torch.jit.script`` on a quantized model: refused in ptqkit's words (its quantizers run
+    Python TorchScript cannot compile; the raw error was "Unknown type annotation")."""
+    raise ModelError(
+        f"torch.jit.script cannot compile a ptqkit-quantized model (its {type(module).__name__} "
+        "modules run Python code TorchScript does not support); use "
+        "torch.jit.trace(qmodel, example) or torch.export.export(qmodel, args), which give the "
+        "same outputs at any batch size, or ptqkit.export_onnx"
+    )
+
+
 class ActQuant(nn.Module):
     """Fake-quantization of one activation tensor:
     ``x̂ = (clamp(round(x/s) + z, qmin, qmax) - z)·s``."""
 
+    __prepare_scriptable__ = _no_script
     scale: torch.Tensor
     zero_point: torch.Tensor
     range: torch.Tensor
@@ -164,6 +176,7 @@ class QuantLayer(nn.Module):
     weight_zero_point: torch.Tensor
     weight_int: torch.Tensor
     weight_fp: torch.Tensor
+    __prepare_scriptable__ = _no_script
 
     def __init__(self, layer: nn.Module, spec: QuantSpec, name: str = "") -> None:
         super().__init__()
