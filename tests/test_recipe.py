@@ -254,37 +254,44 @@ def _tune_few(model: nn.Module, data: list, **kw) -> tuple[nn.Module, list[str]]
 
 
 def test_enough_data_is_not_split_into_too_few_samples(digits_cnn, digits_data):
-    # 128 samples meet the chapter's minimum of 100; the 96 left after holding 32 out do not.
-    # tune keeps the time of the refit on all 128 out of its budget, and refits
+    # 128 samples meet the chapter's minimum of 100; whole batches of 32 would leave 96 after
+    # holding 32 out. The split cuts a batch: every trial calibrates on 100, 28 are held out,
+    # and the model is right even without the refit
     x = digits_data[0][:128]
     data = list(x.split(32))
     q, caught = _tune_few(digits_cnn, data)
     rec = q.ptq_info.details["recipe"]
+    assert rec["held_out_samples"] == 28 and rec["calibration_batches"] == 4
     assert rec["refit"] and q.ptq_info.calibration_samples == 128
-    assert q.ptq_info.held_out_samples == 0 and q.ptq_info.sample_shortfall() is None
     assert not any("calibrated on only" in w for w in caught), caught
-    # a budget the trials alone would fit in: the ones that would eat the refit's time are
-    # skipped, saying so (the base trial runs whatever the budget)
-    base_s = rec["trials"][0]["seconds"]
-    q, _ = _tune_few(digits_cnn, data, budget_s=1.3 * base_s)
-    reasons = [t.get("reason", "") for t in q.ptq_info.details["recipe"]["trials"]]
-    assert any("kept for the refit" in r for r in reasons), reasons
+    q, caught = _tune_few(digits_cnn, data, refit=False)
+    assert q.ptq_info.calibration_samples == 100 and q.ptq_info.sample_shortfall() is None
+    assert not any("calibrated on only" in w for w in caught), caught
 
 
 def test_a_model_calibrated_on_the_split_says_why(digits_cnn, digits_data):
     from ptqkit.advice import advise, gather
 
-    data = list(digits_data[0][:128].split(32))
+    # 104 samples in 4 batches of 26: too few to keep 100 and hold 10 out, so whole batches
+    # (78 + 26); with refit=False the model is calibrated on 78 and says why
+    data = list(digits_data[0][:104].split(26))
     q, caught = _tune_few(digits_cnn, data, refit=False)
-    assert q.ptq_info.calibration_samples == 96 and q.ptq_info.held_out_samples == 32
-    # not "use at least 100 samples" (128 were given): the budget is the remedy
-    few = [w for w in caught if "calibrated on only 96 samples" in w]
-    assert few and all("held 32 of the 128 given" in w and "budget_s" in w for w in few), caught
+    assert q.ptq_info.calibration_samples == 78 and q.ptq_info.held_out_samples == 26
+    # not "use at least 100 samples" (104 were given): the budget is the remedy
+    few = [w for w in caught if "calibrated on only 78 samples" in w]
+    assert few and all("held 26 of the 104 given" in w and "budget_s" in w for w in few), caught
     assert not any("100-1000" in w for w in caught)
     (a,) = [a for a in advise(gather(q)) if a.rule == "calibration_samples"]
-    assert "held 32 of the 128 given" in a.message
+    assert "held 26 of the 104 given" in a.message
     res = ptqkit.evaluate(digits_cnn, q, data[:1], metric="agreement", progress_bar=False)
-    assert any("held 32 of the 128" in m for m in res.warnings)
+    assert any("held 26 of the 104" in m for m in res.warnings)
+    # a budget the trials alone would fit in: the ones that would eat the refit's time are
+    # skipped, saying so (the base trial runs whatever the budget)
+    q, _ = _tune_few(digits_cnn, data)
+    base_s = q.ptq_info.details["recipe"]["trials"][0]["seconds"]
+    q, _ = _tune_few(digits_cnn, data, budget_s=1.3 * base_s)
+    reasons = [t.get("reason", "") for t in q.ptq_info.details["recipe"]["trials"]]
+    assert any("kept for the refit" in r for r in reasons), reasons
     # too little data: the usual advice
     small = list(digits_data[0][:64].split(16))
     q, caught = _tune_few(digits_cnn, small, refit=False)

@@ -17,7 +17,7 @@ from ..data import batch_size, split_batch
 from ..errors import ConfigError, DataError, PTQError, PTQWarning
 from ..info import MIN_CALIBRATION_SAMPLES, info_of, sample_shortfall
 from ..pipeline import quantize
-from ..sync import from_first, guard
+from ..sync import active, from_first, guard
 from .candidates import (
     CANDIDATES,
     Candidate,
@@ -165,10 +165,10 @@ def tune(
     t_start = time.perf_counter()
     with guard("tune: the data"):  # a rank whose shard cannot be split stops every rank
         batches = _materialize(data, config.num_batches)
-        calib, held_batches = split(batches, holdout, MIN_CALIBRATION_SAMPLES)
+        # under torch.distributed the model is calibrated on every rank's share: the
+        # per-rank minimum does not apply
+        calib, held_batches = split(batches, holdout, 0 if active() else MIN_CALIBRATION_SAMPLES)
         held = HoldOut(model, held_batches, score, output)
-    if held.excluded:
-        warnings.warn(f"tune: held-out {held.excluded}", PTQWarning, stacklevel=2)
     n_all = sum(batch_size(*split_batch(b, i)) for i, b in enumerate(batches))
     n_cal = n_all - held.samples
     base = config.replace(max_degradation=None, min_sqnr_db=None, progress=False)
@@ -178,30 +178,60 @@ def tune(
     scale = n_all / max(n_cal, 1) if refit else 0.0
     # the split alone would leave the returned model under the chapter's minimum of samples
     # that the user's data meets: the refit is then reserved out of the budget (see above)
-    reserve = refit and n_cal < MIN_CALIBRATION_SAMPLES <= n_all
+    trial = _Trials(search, scale, refit and n_cal < MIN_CALIBRATION_SAMPLES <= n_all)
+    for cand in cands:
+        assert search.best is not None
+        try:
+            cfg = cand.apply(search.best[1])
+        except ConfigError as e:
+            search.record(cand.name, dict(cand.changes), "failed", str(e))
+            continue
+        trial.attempt(cand.name, config_delta(search.best[1], cfg), cfg)
+    target = {k: getattr(config, k) for k in _TARGETS if getattr(config, k) is not None}
+    fallback_note = ""
+    if target:  # asked for: the fallback model is kept even if its held-out score is not
+        assert search.best is not None  # higher (it meets the target on the calibration data)
+        cfg = search.best[1].replace(**target)
+        if not trial.attempt("fallback", plain(target), cfg, force=True):
+            why = search.trials[-1]["reason"]
+            fallback_note = f"the fallback target {target} was not pursued: {why}"
+    return _finish(search, model, batches, config, base, refit, scale, fallback_note)
 
-    def attempt(name: str, changes: dict[str, Any], cfg: PTQConfig, force: bool = False) -> bool:
+
+class _Trials:
+    """Runs one candidate of a search if it is new and fits in what is left of the budget
+    (with the refit's time kept aside when ``reserve``), recording why not otherwise."""
+
+    def __init__(self, search: Search, scale: float, reserve: bool) -> None:
+        self.search, self.scale, self.reserve = search, scale, reserve
+
+    def fits(self, cfg: PTQConfig) -> tuple[float, str | None]:
+        """The trial's expected seconds, and why it does not fit (``None`` if it does)."""
+        search = self.search
+        expected = search.quantize_estimate(cfg) + search.score_s
+        left = search.budget_s - search.elapsed()
+        kept = 0.0  # the refit of this candidate or of the best so far, whichever is chosen
+        if self.reserve:
+            assert search.best is not None
+            kept = max(
+                _refit_s(search, cfg, self.scale), _refit_s(search, search.best[1], self.scale)
+            )
+        if expected + kept <= left:
+            return expected, None
+        why = f"expected {expected:.1f} s" + (f" + {kept:.1f} s kept for the refit" if kept else "")
+        return expected, f"{why}, {left:.1f} s left"
+
+    def attempt(
+        self, name: str, changes: dict[str, Any], cfg: PTQConfig, force: bool = False
+    ) -> bool:
+        """Run the trial ``name``; whether it ran."""
+        search = self.search
         key = config_key(cfg)
         if key in search.seen:
             search.record(name, changes, "skipped", f"same recipe as {search.seen[key]!r}")
             return False
-
-        def fits() -> tuple[float, str | None]:
-            expected = search.quantize_estimate(cfg) + search.score_s
-            left = search.budget_s - search.elapsed()
-            kept = 0.0  # the refit of this candidate or of the best so far, whichever is chosen
-            if reserve:
-                assert search.best is not None
-                kept = max(_refit_s(search, cfg, scale), _refit_s(search, search.best[1], scale))
-            if expected + kept <= left:
-                return expected, None
-            why = f"expected {expected:.1f} s" + (
-                f" + {kept:.1f} s kept for the refit" if kept else ""
-            )
-            return expected, f"{why}, {left:.1f} s left"
-
         # a decision on time is rank 0's (torch.distributed): every rank runs the same trials
-        expected, skip = from_first(f"tune: does {name!r} fit", fits)
+        expected, skip = from_first(f"tune: does {name!r} fit", lambda: self.fits(cfg))
         if skip is not None:
             search.record(name, changes, "skipped", skip)
             return False
@@ -212,23 +242,6 @@ def tune(
             return False
         rec["expected_s"] = round(expected, 3)
         return True
-
-    for cand in cands:
-        assert search.best is not None
-        try:
-            cfg = cand.apply(search.best[1])
-        except ConfigError as e:
-            search.record(cand.name, dict(cand.changes), "failed", str(e))
-            continue
-        attempt(cand.name, config_delta(search.best[1], cfg), cfg)
-    target = {k: getattr(config, k) for k in _TARGETS if getattr(config, k) is not None}
-    fallback_note = ""
-    if target:  # asked for: the fallback model is kept even if its held-out score is not
-        assert search.best is not None  # higher (it meets the target on the calibration data)
-        if not attempt("fallback", plain(target), search.best[1].replace(**target), force=True):
-            why = search.trials[-1]["reason"]
-            fallback_note = f"the fallback target {target} was not pursued: {why}"
-    return _finish(search, model, batches, config, base, refit, scale, fallback_note)
 
 
 def _chosen_name(trials: list[dict[str, Any]], base: PTQConfig, best: PTQConfig) -> str:

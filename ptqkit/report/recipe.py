@@ -35,7 +35,7 @@ def section_recipe(line: str, details: dict[str, Any]) -> str:
                 t["kl"] if ran and t.get("kl") is not None else "",
                 t["sqnr_db"] if ran and t.get("sqnr_db") is not None else "",
                 float(t["seconds"]) if ran else "",
-                "chosen so far" if t.get("best_so_far") else t.get("reason", ""),
+                t.get("decision") or t.get("reason", "") if ran else t.get("reason", ""),
             ]
         )
     table = html_table(
@@ -48,7 +48,9 @@ def section_recipe(line: str, details: dict[str, Any]) -> str:
     head = (
         f'<p>{html.escape(line)}</p><p class="muted">Scored by {score}'
         f" against the FP32 model on {held} held-out calibration samples (no labels), within a "
-        f"budget of {details.get('budget_s', '?')} s.</p>"
+        f"budget of {details.get('budget_s', '?')} s. A recipe is taken only when its per-sample "
+        "losses are significantly lower (paired signed-rank test, 95 %) than the best so far's "
+        "and not higher than the base recipe's: a tie keeps the earlier recipe.</p>"
     )
     return head + table
 
