@@ -1,4 +1,57 @@
-"""``ptqkit.tune``: try recipes on held-out calibration samples, keep the best, within a budget."""
+"""``ptqkit.tune``: try recipes on held-out calibration samples, keep the best, within a budget.
+
+No labels and no evaluation function are needed: every recipe is scored against the float
+model itself (:mod:`ptqkit.recipe.holdout`). The search (Intel Neural Compressor's
+accuracy-driven tuning without its user-written eval function):
+
+1. the last ``holdout`` share of ``data`` (whole batches; the samples of the only batch when
+   there is one; cut by samples when whole batches would leave fewer than the chapter's
+   100 calibration samples that the data has, see :func:`~.holdout.split`) is held out for
+   scoring; the rest calibrates;
+2. the base recipe (``config``, default :class:`PTQConfig`) runs first, always;
+3. each :class:`~ptqkit.recipe.Candidate` (default :data:`~ptqkit.recipe.CANDIDATES`,
+   cheapest first) is applied to the best recipe so far and kept only if its per-sample
+   losses on the held-out samples are significantly lower than the best's and not
+   significantly higher than the base's, paired (:mod:`ptqkit.recipe.decide`: a tie keeps
+   the incumbent, so no chain of ties walks away from the base). A recipe identical to
+   one already measured is not run again;
+4. a candidate whose expected time (from the measured times of the earlier trials, see
+   :mod:`ptqkit.recipe.candidates`; AdaRound's from its layers' weights and this machine's
+   measured rates, :mod:`ptqkit.correct.cost`) would not fit in what is left of
+   ``budget_s`` is skipped, with the reason recorded; the base recipe runs whatever the
+   budget;
+5. if ``config`` sets ``max_degradation`` or ``min_sqnr_db``, the float fallback of the
+   fewest layers meeting that target (:mod:`ptqkit.correct.fallback`) is added to the best
+   recipe last (the target is not used by the earlier trials);
+6. with ``refit`` (default) the best recipe is quantized again on *all* of ``data``.
+
+The trials share their common work (:mod:`ptqkit.recipe.prefix`): the capture and the
+calibration pass run once per distinct capture (CLE on/off, ...), collecting histograms
+every histogram or min/max calibrator solves from, and the float layer means empirical bias
+correction needs; a trial then costs its range solve, its optional stages and its scoring.
+Each trial's model is still exactly the one :func:`ptqkit.quantize` gives for its recipe
+(``ema`` and other observers run the whole pipeline; ``calibration_pass`` in each trial's
+record says which: ``built``, ``shared`` or ``own``). Under ``torch.distributed`` every
+trial runs the whole pipeline; each rank holds out part of its own shard, the scores are
+summed over the ranks' held-out samples, and each decision on time (does a trial fit, the
+refit) is rank 0's and sent to the others: every rank runs the same trials and returns the
+same model, with rank 0's record (two ranks with different shards chose different recipes
+before, and the second trial's calibration refused the mismatch).
+
+Why refit: the held-out samples were needed to choose, not to calibrate; once the choice is
+made, every sample helps the ranges and the bias estimates (a quarter more data by default),
+and the recipe, not the particular model, is what was measured. The score recorded is the
+one measured on the held-out samples by the model calibrated without them (scoring the refit
+model on them would not be a held-out measurement). The refit is the optional last step: no
+time is reserved for it (on a large model one trial costs about as much as the refit, and a
+recipe tried is worth more than a quarter more calibration data), so when what is left of the
+budget cannot pay for it, or with ``refit=False``, the best trial model is returned as it
+was measured, and ``ptq_info`` says so. One exception: when the data meets the chapter's
+minimum of calibration samples (:data:`~ptqkit.info.MIN_CALIBRATION_SAMPLES`) but its
+calibration share does not (100 to 133 samples with the default ``holdout``), a trial is
+run only if the refit still fits after it: tune does not turn enough data into a model
+calibrated on too few.
+"""
 
 from __future__ import annotations
 
@@ -77,59 +130,9 @@ def tune(
     refit: bool = True,
     output: OutputSelector = None,
 ) -> nn.Module:
-    """Quantize ``model`` with the best recipe found on held-out calibration samples.
-
-    No labels and no evaluation function are needed: every recipe is scored against the float
-    model itself (:mod:`ptqkit.recipe.holdout`). The search (Intel Neural Compressor's
-    accuracy-driven tuning without its user-written eval function):
-
-    1. the last ``holdout`` share of ``data`` (whole batches; the samples of the only batch when
-       there is one; cut by samples when whole batches would leave fewer than the chapter's
-       100 calibration samples that the data has, see :func:`~.holdout.split`) is held out for
-       scoring; the rest calibrates;
-    2. the base recipe (``config``, default :class:`PTQConfig`) runs first, always;
-    3. each :class:`~ptqkit.recipe.Candidate` (default :data:`~ptqkit.recipe.CANDIDATES`,
-       cheapest first) is applied to the best recipe so far and kept only if its per-sample
-       losses on the held-out samples are significantly lower than the best's and not
-       significantly higher than the base's, paired (:mod:`ptqkit.recipe.decide`: a tie keeps
-       the incumbent, so no chain of ties walks away from the base). A recipe identical to
-       one already measured is not run again;
-    4. a candidate whose expected time (from the measured times of the earlier trials, see
-       :mod:`ptqkit.recipe.candidates`; AdaRound's from its layers' weights and this machine's
-       measured rates, :mod:`ptqkit.correct.cost`) would not fit in what is left of
-       ``budget_s`` is skipped, with the reason recorded; the base recipe runs whatever the
-       budget;
-    5. if ``config`` sets ``max_degradation`` or ``min_sqnr_db``, the float fallback of the
-       fewest layers meeting that target (:mod:`ptqkit.correct.fallback`) is added to the best
-       recipe last (the target is not used by the earlier trials);
-    6. with ``refit`` (default) the best recipe is quantized again on *all* of ``data``.
-
-    The trials share their common work (:mod:`ptqkit.recipe.prefix`): the capture and the
-    calibration pass run once per distinct capture (CLE on/off, ...), collecting histograms
-    every histogram or min/max calibrator solves from, and the float layer means empirical bias
-    correction needs; a trial then costs its range solve, its optional stages and its scoring.
-    Each trial's model is still exactly the one :func:`ptqkit.quantize` gives for its recipe
-    (``ema`` and other observers run the whole pipeline; ``calibration_pass`` in each trial's
-    record says which: ``built``, ``shared`` or ``own``). Under ``torch.distributed`` every
-    trial runs the whole pipeline; each rank holds out part of its own shard, the scores are
-    summed over the ranks' held-out samples, and each decision on time (does a trial fit, the
-    refit) is rank 0's and sent to the others: every rank runs the same trials and returns the
-    same model, with rank 0's record (two ranks with different shards chose different recipes
-    before, and the second trial's calibration refused the mismatch).
-
-    Why refit: the held-out samples were needed to choose, not to calibrate; once the choice is
-    made, every sample helps the ranges and the bias estimates (a quarter more data by default),
-    and the recipe, not the particular model, is what was measured. The score recorded is the
-    one measured on the held-out samples by the model calibrated without them (scoring the refit
-    model on them would not be a held-out measurement). The refit is the optional last step: no
-    time is reserved for it (on a large model one trial costs about as much as the refit, and a
-    recipe tried is worth more than a quarter more calibration data), so when what is left of the
-    budget cannot pay for it, or with ``refit=False``, the best trial model is returned as it
-    was measured, and ``ptq_info`` says so. One exception: when the data meets the chapter's
-    minimum of calibration samples (:data:`~ptqkit.info.MIN_CALIBRATION_SAMPLES`) but its
-    calibration share does not (100 to 133 samples with the default ``holdout``), a trial is
-    run only if the refit still fits after it: tune does not turn enough data into a model
-    calibrated on too few.
+    """Quantize ``model`` with the best recipe found on held-out calibration samples, within
+    ``budget_s`` seconds: the search, the sharing of work between trials, the decision rule
+    and the refit are described in :mod:`ptqkit.recipe.search`.
 
     Args:
         model: the float model (left untouched).
@@ -156,11 +159,7 @@ def tune(
         ConfigError: a bad ``budget_s``, ``holdout``, ``score`` or candidate.
         PTQError: the base recipe itself fails (a failing candidate is recorded and skipped).
     """
-    config = PTQConfig() if config is None else config
-    if not isinstance(config, PTQConfig):
-        raise ConfigError(f"config must be a PTQConfig, got {type(config).__name__}")
-    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s > 0:
-        raise ConfigError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
+    config = _checked(config, budget_s)
     cands = _as_candidates(candidates)
     t_start = time.perf_counter()
     with guard("tune: the data"):  # a rank whose shard cannot be split stops every rank
@@ -196,6 +195,15 @@ def tune(
             why = search.trials[-1]["reason"]
             fallback_note = f"the fallback target {target} was not pursued: {why}"
     return _finish(search, model, batches, config, base, refit, scale, fallback_note)
+
+
+def _checked(config: PTQConfig | None, budget_s: Any) -> PTQConfig:
+    config = PTQConfig() if config is None else config
+    if not isinstance(config, PTQConfig):
+        raise ConfigError(f"config must be a PTQConfig, got {type(config).__name__}")
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s > 0:
+        raise ConfigError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
+    return config
 
 
 class _Trials:
