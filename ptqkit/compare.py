@@ -23,7 +23,7 @@ from torch import nn
 from .calibrate import CALIBRATORS
 from .config import PTQConfig
 from .data import batch_target
-from .errors import ConfigError, PTQError, PTQWarning
+from .errors import ConfigError, ModelError, PTQError, PTQWarning
 from .progress import progress
 
 
@@ -226,6 +226,15 @@ def compare(
         on_row: called with each row as soon as it is measured (for logging).
         progress_bar: show a progress bar over the methods (on a terminal).
     """
+    from .quant.modules import act_quants, quant_layers
+
+    if isinstance(model, nn.Module) and (quant_layers(model) or act_quants(model)):
+        # every method would fail with the same error, and two quantized models compared with
+        # each other have no float reference: say it once, before any method runs
+        raise ModelError(
+            "compare(model, ...) needs the float model: this one already holds ptqkit's "
+            "quantized layers; pass the float model it was made from"
+        )
     base = PTQConfig() if base is None else base
     base = base.replace(progress=False, max_degradation=None, min_sqnr_db=None)
     eval_data = data if eval_data is None else eval_data

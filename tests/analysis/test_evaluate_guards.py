@@ -124,3 +124,11 @@ def test_quantize_says_when_the_float_model_is_already_non_finite():
     with torch.no_grad():  # the copy computes what the model computes, Inf included
         x = _data()[0]
         assert torch.equal(torch.isinf(q(x)), torch.isinf(model(x)))
+
+
+def test_compare_refuses_a_quantized_model_before_running_any_method():
+    from ptqkit.compare import compare
+
+    q = _quantized(_net())
+    with pytest.raises(ptqkit.ModelError, match=r"compare\(model, \.\.\.\) needs the float"):
+        compare(q, _data(), progress_bar=False)
