@@ -33,6 +33,7 @@ from .data import split_batch
 from .errors import ConfigError, PTQWarning, SaveError
 from .info import info_of
 from .io import save
+from .io.files import write_text
 from .pipeline import quantize
 from .recipe import tune
 from .report.html import write_report
@@ -345,7 +346,7 @@ def _write_summary(job: JobResult, on_calib: bool, eval_desc: str, opts: JobOpti
     if out is not None:
         path = out / "summary.json"
         text = json.dumps(job.summary, indent=1, default=str, allow_nan=True) + "\n"
-        path.write_text(text, encoding="utf-8")
+        write_text(path, text)
         job.files["summary"] = str(path)
 
 

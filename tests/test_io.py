@@ -99,17 +99,15 @@ def test_save_overwrites_atomically_and_leaves_no_temp_file(quantized_digits, sa
 
 
 def test_failed_save_keeps_the_old_file(quantized_digits, saved, monkeypatch):
-    import ptqkit.io.container
+    import ptqkit.io.files
 
     first = saved.read_bytes()
 
-    def crash(filename, head, ordered):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def crash(src, dst):  # the temporary file is written, the rename fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(ptqkit.io.container, "_dump", crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(ptqkit.io.files.os, "replace", crash)
+    with pytest.raises(ptqkit.SaveError, match=rf"cannot write {saved}: disk full"):
         ptqkit.save(quantized_digits, saved)
     assert saved.read_bytes() == first
     assert os.listdir(saved.parent) == [saved.name]

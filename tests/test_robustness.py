@@ -450,13 +450,12 @@ def test_save_failing_in_the_rename_leaves_no_file_behind(
 
 
 def test_save_interrupted_while_writing_leaves_no_file(qmlp, tmp_path, monkeypatch):
-    import ptqkit.io.container
+    import ptqkit.io.files
 
-    def interrupted(filename, head, ordered):
-        Path(filename).write_bytes(b"half")
+    def interrupted(fd):  # the temporary file is written, not yet on disk
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ptqkit.io.container, "_dump", interrupted)
+    monkeypatch.setattr(ptqkit.io.files.os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ptqkit.save(qmlp, tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == []

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PTQConfig
+from ..io.files import write_text
 from ..job import JobOptions, JobResult, example_input, run_job
 from .config_file import load_config
 from .console import Console
@@ -204,7 +205,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     if out is not None:
         text = json.dumps(result.to_dict(), indent=1, default=str, allow_nan=True) + "\n"
         out.mkdir(parents=True, exist_ok=True)
-        (out / "comparison.json").write_text(text, encoding="utf-8")
+        write_text(out / "comparison.json", text)
         console.out(f"comparison: {out / 'comparison.json'}")
         if best is not None and result.best_model is not None:
             res = ptqkit.evaluate(

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..io.files import check_writable, write_bytes
 from ..quant.modules import act_quants, quant_layers
 from .graph import DQ, Graph, Q
 from .passes import run_passes
@@ -146,23 +147,7 @@ def check_exportable(qmodel: Any) -> None:
 
 
 def _check_path(path: Any) -> Path:
-    try:
-        p = Path(path)
-    except TypeError:
-        raise ExportError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
-    if p.is_dir():
-        raise ExportError(f"cannot write {p}: it is a folder")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ExportError(f"cannot write {p}: folder {parent} does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise ExportError(f"cannot write {p}: {e.strerror or e}") from None
-    if p.exists() and not os.access(p, os.W_OK):
-        raise ExportError(f"cannot write {p}: the file is read-only")
-    return p
+    return check_writable(path, ExportError)
 
 
 def _shapes(args: tuple) -> str:
@@ -317,17 +302,7 @@ def _explain(e: Exception, log: str, opset: int, qmodel: nn.Module) -> str:
 
 
 def _write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a model file is not
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+    write_bytes(path, data, ExportError)
 
 
 # -- fp32 + encodings ----------------------------------------------------------------------------

@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import LoadError, SaveError
+from .files import atomic_write
 
 FORMAT = "ptqkit.quantized"
 #: 2: header digest, canonical header, float reference (format 1 digested the tensors only)
@@ -117,8 +116,8 @@ def sign(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> None:
-    """Sign ``doc`` and write it with ``tensors`` to ``path`` atomically (a temporary file in the
-    same folder, flushed to disk, then renamed over ``path``)."""
+    """Sign ``doc`` and write it with ``tensors`` to ``path`` atomically (:mod:`.files`: a
+    temporary file in the same folder, flushed to disk, then renamed over ``path``)."""
     for name, t in tensors.items():
         if t.dtype not in _CODES:
             raise SaveError(f"cannot save {name}: dtype {t.dtype} has no safetensors code here")
@@ -132,25 +131,13 @@ def write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> 
         ]
     )
     head = _header(text, entries)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        _dump(tmp, head, [tensors[e[0]] for e in entries])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _dump(filename: str, head: bytes, ordered: list[torch.Tensor]) -> None:
-    with open(filename, "wb") as f:
+    with atomic_write(path, "wb", SaveError) as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for t in ordered:
+        for e in entries:
+            t = tensors[e[0]]
             if t.numel():
                 f.write(_raw(t))
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it visible
 
 
 # -- read ----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ..errors import (
 )
 from ..info import PTQInfo
 from ..quant.modules import act_quants, quant_layers
-from . import container, packing, replay, restore
+from . import container, files, packing, replay, restore
 
 
 def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
@@ -34,13 +34,15 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
 
     Raises:
         ModelError: ``qmodel`` is not a model returned by :func:`ptqkit.quantize`.
-        SaveError: ``path`` is a folder or its folder does not exist.
+        SaveError: ``path`` cannot be written (a folder; its folder missing, not a folder or
+            not writable; the file read-only; the disk full), naming ``path`` and the reason.
     """
     config = getattr(qmodel, "ptq_config", None)
     if not isinstance(qmodel, nn.Module) or not isinstance(config, PTQConfig):
         raise ModelError(
             f"save expects a model returned by ptqkit.quantize, got {type(qmodel).__name__}"
         )
+    path = files.check_writable(path, SaveError)  # before any work
     layers = quant_layers(qmodel)
     quants = act_quants(qmodel)
     tensors = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
@@ -73,11 +75,6 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
         "modules": replay.structural_modules(qmodel),
         "graph": replay.encode_graph(qmodel),
     }
-    path = Path(path)
-    if path.is_dir():
-        raise SaveError(f"{path} is a folder; give the path of the file to write")
-    if not (path.parent if str(path.parent) else Path(".")).is_dir():
-        raise SaveError(f"{path}: folder {path.parent} does not exist")
     container.write(path, tensors, doc)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io.files import write_text
 from . import plots
 from .coverage import section_coverage
 from .markup import CSS, embed_png, html_table
@@ -222,8 +223,7 @@ def write_report(
         report = collect(qmodel, **kwargs)
     elif kwargs:
         raise TypeError("pass either a report or collect() arguments, not both")
-    path = Path(path)
-    path.write_text(render(report), encoding="utf-8")
+    path = write_text(path, render(report))  # atomic; SaveError naming path if it cannot
     report.path = path
     return report
 
