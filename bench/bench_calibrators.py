@@ -4,7 +4,7 @@ On the same tensors (1M float32 values each, fixed seed: Gaussian, ReLU of a Gau
 and a heavy-tailed Student-t df=2 with a few ±1e3 outliers), one run measures:
 
 * the KL (entropy) threshold search on one 2048-bin ``|x|`` histogram with 128 levels:
-  ptqkit's vectorized :func:`~ptqkit.calibrate.solvers.kl_divergence_curve`; a straightforward
+  ptqkit's vectorized :func:`~ptqkit.calibrate.entropy.kl_divergence_curve`; a straightforward
   loop implementation of the same published TensorRT algorithm (to check that ptqkit picks the
   same threshold); the naive KL loop of the course chapter (seed-chapter-9.2), which for every
   bin threshold re-quantizes all N values and re-histograms them (O(bins × N));
@@ -70,7 +70,7 @@ from onnxruntime.quantization.calibrate import (
 )
 
 from ptqkit.calibrate import make_calibrator
-from ptqkit.calibrate.solvers import kl_divergence_curve
+from ptqkit.calibrate.entropy import kl_divergence_curve
 from ptqkit.config import QuantSpec
 from ptqkit.quant import fake_quant, qparams
 

@@ -33,7 +33,7 @@ import torch
 
 from ..config import QuantSpec
 from ..errors import CalibrationError, ConfigError
-from . import solvers
+from . import entropy, solvers
 from .bulk import clipped_energy
 from .stats import HistogramStats, MinMaxStats, as_channels
 
@@ -280,14 +280,23 @@ class PercentileCalibrator(_HistogramCalibrator):
 
 
 class KLCalibrator(_HistogramCalibrator):
-    """Entropy calibration: the threshold minimizing KL(P‖Q), see
-    :func:`ptqkit.calibrate.solvers.kl_divergence_curve`."""
+    """Entropy calibration, TensorRT's: the threshold minimizing KL(P‖Q) on ``bins / 2``
+    linear bins of ``|x|``, see :mod:`ptqkit.calibrate.entropy`."""
 
     name = "kl"
     clips = True
 
     def _solve(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        return solvers.kl_range(self.stats, spec)
+        return entropy.kl_range(self.stats, spec)
+
+
+class KLLogCalibrator(KLCalibrator):
+    """ptqkit's earlier KL variant, see :func:`ptqkit.calibrate.entropy.kl_log_range`."""
+
+    name = "kl_log"
+
+    def _solve(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        return entropy.kl_log_range(self.stats, spec)
 
 
 class MSECalibrator(_HistogramCalibrator):
@@ -335,6 +344,7 @@ for _cls in (
     EMACalibrator,
     PercentileCalibrator,
     KLCalibrator,
+    KLLogCalibrator,
     MSECalibrator,
     AutoPercentileCalibrator,
 ):

@@ -8,9 +8,10 @@ The histogram is log-scale (:mod:`ptqkit.calibrate.stats`). Every solver reads i
 (:func:`ptqkit.calibrate.bulk.bulk`: without the values beyond 100× the 99.9th percentile, which
 exist in a channel only when it has outliers, at most 0.1 % of its values; ``lo`` and ``hi``
 are then the bulk's). The MSE threshold search runs on
-the log bins themselves (candidate thresholds 0.78 % apart at every scale); KL and the two-sided
-MSE search, defined on a uniform grid, run on the bulk resampled to ``3 · bins / 8`` (resp.
-``bins``) uniform bins (:func:`ptqkit.calibrate.bulk.resample`); see :func:`_one_sided`.
+the log bins themselves (candidate thresholds 0.78 % apart at every scale); the two-sided
+MSE search, defined on a uniform grid, runs on the bulk resampled to ``bins`` uniform bins
+(:func:`ptqkit.calibrate.bulk.resample`). KL (entropy) calibration is in
+:mod:`ptqkit.calibrate.entropy`; :func:`_one_sided` is the grid of its earlier variant.
 """
 
 from __future__ import annotations
@@ -145,78 +146,6 @@ def _threshold_to_range(
     lo2 = torch.minimum(torch.maximum(lo_obs, -t), t)
     hi2 = torch.minimum(torch.maximum(hi_obs, -t), t)
     return torch.where(one, lo1, lo2), torch.where(one, hi1, hi2)
-
-
-#: the probability given to a bin where Q = 0 under P > 0 (TensorRT's smoothing constant)
-KL_EPS = 1e-4
-
-
-def kl_divergence_curve(c: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """KL(P‖Q) for every threshold bin ``i`` in ``[levels, m]`` of a 1-D ``|x|`` histogram.
-
-    TensorRT's entropy calibration: ``P`` = the first ``i`` bins with the outlier mass
-    ``Σ_{j≥i} c_j`` added to bin ``i-1``; ``Q`` = those ``i`` bins merged into ``levels`` groups of
-    ``⌊i/levels⌋`` bins (the last takes the remainder), each group's mass spread evenly over its
-    bins where ``P > 0``. With prefix sums ``C1`` (counts), ``NZ`` (non-empty bins) and
-    ``PL`` (``c log c``), each candidate costs ``O(levels)``:
-
-    ``KL = (Σ p log p)/N - log N - Σ_g (M_g/N) log(S_g/nz_g) + log Σ_g S_g``
-
-    with ``S_g`` a group's count, ``nz_g`` its non-empty bins, ``M_g`` its ``P`` mass.
-    Where ``Q = 0`` under ``P > 0`` (an empty last group that receives the outliers), ``Q`` is
-    ``ε = 1e-4`` (TensorRT's smoothing, without renormalizing the other bins), so that a gap
-    between the bulk and far outliers does not forbid clipping them. Returns ``(i, kl)``.
-    """
-    m = c.shape[0]
-    n = c.sum()
-    cands = np.arange(levels, m + 1)
-    if n <= 0 or cands.size == 0:
-        return np.array([m]), np.array([0.0])
-    c1 = np.concatenate([[0.0], np.cumsum(c)])
-    nz = np.concatenate([[0], np.cumsum(c > 0)])
-    clogc = np.where(c > 0, c * np.log(np.where(c > 0, c, 1.0)), 0.0)
-    pl = np.concatenate([[0.0], np.cumsum(clogc)])
-    width = cands // levels
-    bnd = np.arange(levels + 1)[None, :] * width[:, None]  # group boundaries [K, levels+1]
-    bnd[:, -1] = cands
-    s = np.diff(c1[bnd], axis=1)
-    nnz = np.diff(nz[bnd], axis=1).astype(np.float64)
-    out = n - c1[cands]
-    last_c = c[cands - 1]
-    nnz[:, -1] += (last_c == 0) & (out > 0)
-    s_last = s[:, -1].copy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logq = np.log(s / nnz)  # -inf / nan where the group is empty: masked below
-        logq[s <= 0] = 0.0
-        # an empty last group under the outlier mass: Q = ε there (TensorRT's smoothing)
-        smooth = (out > 0) & (s_last <= 0)
-        logq[:, -1] = np.where(smooth, np.log(KL_EPS) + np.log(c1[cands]), logq[:, -1])
-        mass_logq = (s * logq).sum(1) + out * logq[:, -1]
-        bad = c1[cands] <= 0
-        plast = last_c + out
-        plogp = pl[cands - 1] + np.where(
-            plast > 0, plast * np.log(np.where(plast > 0, plast, 1)), 0
-        )
-        kl = plogp / n - np.log(n) - mass_logq / n + np.log(c1[cands])
-    kl = np.where(bad, np.inf, kl)
-    return cands, kl
-
-
-def kl_range(h: HistogramStats | HistView, spec: QuantSpec) -> Range:
-    """Entropy (KL-divergence) calibration, TensorRT style, on the bulk's uniform ``|x|``
-    histogram (:func:`_one_sided`) with the exact zeros removed (the ReLU zero spike would
-    otherwise dominate ``P``); ``2^(b-1)`` levels on a signed grid, ``2^b`` on an unsigned grid
-    over one-sided data. The threshold is the right edge of the best bin: ``T = i · w``."""
-    h = bulk(h)
-    folded, w, levels, one_sided = _one_sided(h, spec)
-    ts = []
-    for ch in range(folded.shape[0]):
-        row = folded[ch].cpu().numpy()
-        row = row[: int(np.flatnonzero(row)[-1]) + 1] if row.any() else row[:1]  # own last bin
-        cands, kl = kl_divergence_curve(row, int(levels[ch]))
-        ts.append(float(cands[int(np.argmin(kl))]))
-    t = torch.tensor(ts, dtype=torch.float64, device=w.device) * w
-    return _threshold_to_range(h, t, one_sided)
 
 
 def _suffix(v: torch.Tensor) -> torch.Tensor:

@@ -135,7 +135,8 @@ class HistogramStats:
 
     ``bins`` does not change the stored state (always ``2n = 8192`` bins); it is the resolution
     of the uniform grids the solvers that need one (KL, the two-sided MSE search) resample to:
-    ``3 · bins / 8`` over ``[0, max |x|]``, ``bins`` over ``[min, max]``.
+    ``bins / 2`` over ``[0, max |x|]`` (kl; ``3 · bins / 8`` for kl_log), ``bins`` over
+    ``[min, max]``.
     """
 
     def __init__(self, bins: int = 4096, axis: int | None = None, name: str = "histogram") -> None:

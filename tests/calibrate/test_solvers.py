@@ -23,7 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ptqkit.calibrate import HistogramStats, solvers
-from ptqkit.calibrate.solvers import KL_EPS, kl_divergence_curve
+from ptqkit.calibrate.bulk import bulk
+from ptqkit.calibrate.entropy import KL_EPS, kl_divergence_curve, linear_histogram
 from ptqkit.calibrate.stats import BINADES, MANTISSA_BITS
 from ptqkit.config import QuantSpec
 
@@ -82,17 +83,99 @@ def _check_curve(hist: np.ndarray, levels: int) -> int:
     return int(cands[best])
 
 
+def _rebuilt(cal, spec: QuantSpec) -> tuple[np.ndarray, float, int]:
+    """The linear ``|x|`` histogram ``kl`` searches (``bins / 2`` bins over ``[0, max|x|]``, at
+    least 512,
+    rebuilt from the bulk's log-scale histogram, exact zeros out), ``max|x|`` and the levels."""
+    h = bulk(cal.stats)
+    folded, edges = h.folded(drop_zeros=True)
+    amax = float(max(-h.lo[0], h.hi[0]))
+    amin = float(h.lo[0]) if float(h.lo[0]) > 0 else 0.0
+    one_sided = not spec.symmetric and (float(h.lo[0]) >= 0 or float(h.hi[0]) <= 0)
+    levels = 255 if one_sided else 128
+    e = edges[0].clamp(amin, amax).numpy()
+    nb = max(cal.stats.nbins // 2, 512)
+    return linear_histogram(folded[0].numpy(), e, amax, nb), amax, levels
+
+
 @pytest.mark.parametrize("kind", DISTS)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_kl_curve_matches_the_reference_on_known_distributions(kind, symmetric):
     spec = QuantSpec(bits=8, symmetric=symmetric)
-    cal = observed("kl", [dist(kind)[:50_000]], bins=512)
-    folded, w, levels, _ = solvers._one_sided(cal.stats, spec)
-    i = _check_curve(folded[0].numpy(), int(levels[0]))
-    # and the calibrator's threshold is the right edge of that bin
+    x = dist(kind)[:50_000]
+    cal = observed("kl", [x], bins=1024)
+    hist, amax, levels = _rebuilt(cal, spec)
+    assert hist.shape == (512,) and hist.sum() == pytest.approx(float((x != 0).sum()))
+    i = _check_curve(hist, levels)
+    # and the calibrator's threshold is the middle of that bin (TensorRT's (i + 0.5)·w)
     lo, hi = cal.compute_range(spec)
+    t = min((i + 0.5) * amax / 512, float(x.abs().max()))
+    assert float(hi) == pytest.approx(t, rel=1e-6) or float(-lo) == pytest.approx(t, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", DISTS)
+def test_kl_log_is_the_earlier_variant_on_the_evenly_resampled_bulk(kind):
+    cal = observed("kl_log", [dist(kind)[:50_000]], bins=512)
+    folded, w, levels, _ = solvers._one_sided(cal.stats, SYM)
+    row = folded[0].numpy()
+    i = _check_curve(row[: int(np.flatnonzero(row)[-1]) + 1], int(levels[0]))
+    lo, hi = cal.compute_range(SYM)
     t = min(i * float(w[0]), float(dist(kind)[:50_000].abs().max()))
     assert float(hi) == pytest.approx(t, rel=1e-6) or float(-lo) == pytest.approx(t, rel=1e-6)
+
+
+def tensorrt_threshold(x: np.ndarray, bins: int = 2048, levels: int = 128) -> float:
+    """TensorRT's entropy calibration on the raw values, as published (one candidate at a time,
+    numpy inside a candidate): the histogram of the non-zero ``|x|``, ``bins`` bins over
+    ``[0, max|x|]``; for ``i`` in ``levels..bins``, ``P`` = ``hist[:i]`` with the outliers
+    added to its last bin, ``Q`` = ``hist[:i]`` merged into ``levels`` groups (``i // levels``
+    bins, the last takes the remainder) and spread over the bins where ``P > 0``; ``KL`` of
+    the normalized ``P`` and ``Q`` (``+inf`` where ``Q = 0 < P``); ``T = (i* + 0.5)·w``."""
+    a = np.abs(x.astype(np.float64))
+    a = a[a > 0]
+    hist = np.histogram(a, bins=bins, range=(0.0, a.max()))[0].astype(np.float64)
+    best_i, best = levels, math.inf
+    for i in range(levels, bins + 1):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        starts = np.arange(levels) * (i // levels)
+        lengths = np.diff(np.append(starts, i))
+        mass = np.add.reduceat(hist[:i], starts)
+        nonzero = np.add.reduceat((p > 0).astype(np.float64), starts)
+        q = np.repeat(np.where(nonzero > 0, mass / np.maximum(nonzero, 1), 0.0), lengths)
+        q = q * (p > 0)
+        m = p > 0
+        if (q[m] == 0).any():
+            continue  # KL = +inf
+        pn, qn = p[m] / p.sum(), q[m] / q.sum()
+        kl = float(np.sum(pn * np.log(pn / qn)))
+        if kl < best:
+            best_i, best = i, kl
+    return (best_i + 0.5) * float(a.max()) / bins
+
+
+@pytest.mark.parametrize(
+    "kind, spec, levels",
+    [
+        ("lognormal", SYM, 128),  # heavy-tailed, non-negative, no zero spike: the issue's case
+        ("lognormal", ASYM, 256),  # the same on an unsigned grid: 2^8 levels over [0, T]
+        ("student3", SYM, 128),  # signed, heavy-tailed
+    ],
+)
+def test_kl_is_tensorrt_entropy_calibration_within_10_percent(kind, spec, levels):
+    """The default ``kl`` (4096 bins: 2048 of ``|x|``) against :func:`tensorrt_threshold` on
+    the raw values. (ptqkit's earlier KL, now ``kl_log``, clipped a log-normal tensor of max
+    131 at 43.4 where this reference gives 21.5.)"""
+    rng = np.random.default_rng(7)
+    n = 200_000
+    x = rng.lognormal(0.0, 1.0, n) if kind == "lognormal" else rng.standard_t(3, n)
+    x = x.astype(np.float32)
+    ref = tensorrt_threshold(x, 2048, levels)
+    assert ref < 0.5 * float(np.abs(x).max())  # the reference does clip this tail
+    cal = observed("kl", [torch.from_numpy(x)], bins=4096)
+    lo, hi = cal.compute_range(spec)
+    t = max(-float(lo), float(hi))
+    assert cal.fallback is None and t == pytest.approx(ref, rel=0.10), (t, ref)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
