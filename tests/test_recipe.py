@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _sensitive import clear_inputs, outlier_mlp, sensitive_mlp
 from torch import nn
 
 import ptqkit
@@ -34,31 +35,6 @@ def _agreement(fp32: nn.Module, q: nn.Module, data: list) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ptqkit.evaluate(fp32, q, data, metric="agreement", progress_bar=False).agreement
-
-
-def outlier_mlp() -> tuple[nn.Module, list[torch.Tensor], list]:
-    """An MLP on which 3-bit min/max weights fail and MSE weights succeed, by construction.
-
-    Every row of ``fc1`` holds 127 weights ±1 and a weight of 6 on input 0, which the data
-    keeps at 0: the min/max grid (step 6/3 = 2) rounds every ±1 to 0 (half to even) and
-    ``fc1`` outputs 0; the MSE range clips the 6 (``(6 - T)²`` against 127 rounding errors)
-    to about 3.2, where ±1 is within 8 %, and the clipped weight reads a zero input. The
-    head holds integers in ``[-3, 3]``, exact at 3 bits. Returns ``(model, calibration
-    batches, held-out (input, FP32 class) batches)``; nothing depends on training or the CPU."""
-    g = torch.Generator().manual_seed(0)
-    fc1, fc2 = nn.Linear(128, 32), nn.Linear(32, 10)
-    w1 = torch.randint(0, 2, (32, 128), generator=g).float() * 2 - 1
-    w2 = torch.randint(-3, 4, (10, 32), generator=g).float()
-    w1[:, 0], w2[:, 0] = 6.0, 3.0
-    with torch.no_grad():
-        for layer, w in ((fc1, w1), (fc2, w2)):
-            layer.weight.copy_(w)
-            layer.bias.zero_()
-    model = nn.Sequential(fc1, nn.ReLU(), fc2).eval()
-    x = torch.randn(616, 128, generator=g)
-    x[:, 0] = 0.0
-    test = [(t, model(t).argmax(1)) for t in x[256:].split(120)]
-    return model, list(x[:256].split(64)), test
 
 
 def test_tune_beats_the_default_recipe_on_unseen_data():
@@ -111,8 +87,9 @@ def test_every_trial_is_recorded_with_its_score_and_time(digits_cnn, calib_batch
     # one calibration pass (the base trial's prefix) serves the recipes that share its capture
     passes = {t["name"]: t["calibration_pass"] for t in ran}
     assert passes["base"] == "built"
-    assert all(passes[t["name"]] == ("built" if t["changes"].get("cle") else "shared")
-               for t in ran[1:]), passes
+    assert all(
+        passes[t["name"]] == ("built" if t["changes"].get("cle") else "shared") for t in ran[1:]
+    ), passes
     json.dumps(q.ptq_info.to_dict())  # saved with the model: plain JSON
 
 
@@ -193,36 +170,10 @@ def test_failing_candidates_are_recorded_not_fatal(digits_cnn, calib_batches):
         Candidate("target", {"min_sqnr_db": 30.0})
 
 
-def sensitive_mlp() -> nn.Module:
-    """An MLP whose middle layer is made sensitive to 3-bit weights on purpose, the others exact.
-
-    ``fc1`` (8 -> 16) computes every hidden unit twice (rows ``r`` and ``r + 8`` equal); ``fc2``
-    reads each pair as ``1.0·h_r - 0.95·h_r = 0.05·h_r``: the two weights nearly cancel, and no
-    3-bit grid (at most 4 steps to ``|w| = 1``) holds both 1.0 and -0.95 closer than a step,
-    so the quantized ``fc2`` is wrong by about its whole output (output SQNR ~0 dB) whatever the
-    weight range. ``fc1`` and the head hold integers in ``[-3, 3]`` with a ±3 in every row:
-    exact on the 3-bit per-channel grid. Kept in float, ``fc2`` leaves only the 8-bit
-    activations' error (~40 dB). Nothing here depends on training or on the CPU."""
-    g = torch.Generator().manual_seed(0)
-    m1 = torch.randint(-3, 4, (8, 8), generator=g).float()
-    m3 = torch.randint(-3, 4, (10, 8), generator=g).float()
-    m1[:, 0], m3[:, 0] = 3.0, -3.0
-    fc1, fc2, fc3 = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 10)
-    i = torch.arange(8)
-    w2 = torch.zeros(8, 16)
-    w2[i, i], w2[i, i + 8] = 1.0, -0.95
-    with torch.no_grad():
-        for layer, w in ((fc1, torch.cat([m1, m1])), (fc2, w2), (fc3, m3)):
-            layer.weight.copy_(w)
-            layer.bias.zero_()
-    return nn.Sequential(fc1, nn.ReLU(), fc2, nn.ReLU(), fc3).eval()
-
-
 def test_fallback_target_runs_last_on_the_best_recipe():
     model = sensitive_mlp()
-    g = torch.Generator().manual_seed(1)
-    calib = [torch.randn(64, 8, generator=g) for _ in range(4)]
-    test = [(x, model(x).argmax(1)) for x in torch.randn(360, 8, generator=g).split(120)]
+    calib = list(clear_inputs(model, 256, 8, seed=1).split(64))
+    test = [(x, model(x).argmax(1)) for x in clear_inputs(model, 360, 8, seed=2).split(120)]
     cfg = W3.replace(min_sqnr_db=10.0)  # fc2 at 3 bits: ~0 dB before the fallback
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -234,9 +185,8 @@ def test_fallback_target_runs_last_on_the_best_recipe():
     assert q.ptq_config.min_sqnr_db == 10.0 and fb["met"]
     assert fb["before"]["sqnr_db"] < 10.0 <= fb["after"]["sqnr_db"]
     # the sensitive layer, and only it, is left in float (the others are exact at 3 bits)
-    assert [u["layer"] for u in fb["kept_float"]] == ["2"] and set(q.ptq_info.layers) == {
-        "0", "2", "4"
-    }
+    assert [u["layer"] for u in fb["kept_float"]] == ["2"]
+    assert set(q.ptq_info.layers) == {"0", "2", "4"}
     x = torch.cat(calib)
     with torch.no_grad():
         ref, out = model(x), q(x)
