@@ -49,8 +49,9 @@ def test_zoo_loaders_say_which_extra(without, hidden, load):
 
 
 def test_every_optional_module_has_an_extra_in_pyproject():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     meta = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     core = " ".join(meta["project"]["dependencies"]).lower()
