@@ -2,10 +2,13 @@
 
 ``export_onnx`` (TorchScript exporter + graph passes), the pass registry, and the runtime side:
 ``OrtModule`` (an ONNX Runtime session as a torch module), ``kernel_report`` (which layers ONNX
-Runtime fused into integer kernels) and ``parity`` (simulation vs runtime)."""
+Runtime fused into integer kernels) and ``parity`` (simulation vs runtime). ``export_pt2``: the
+same model as a ``torch.export`` program with pt2e Q/DQ ops, ``compile_int8`` its Inductor int8
+build (:mod:`ptqkit.export.pt2`)."""
 
 from .onnx import FORMATS, check_exportable, encodings_path, export_onnx, strip_qdq
 from .passes import PASSES, register_pass, run_passes
+from .pt2 import compile_int8, export_pt2, load_pt2, program_report
 from .runtime import KernelReport, OrtModule, Parity, kernel_report, optimized_model, parity
 
 __all__ = [
@@ -15,11 +18,15 @@ __all__ = [
     "OrtModule",
     "Parity",
     "check_exportable",
+    "compile_int8",
     "encodings_path",
     "export_onnx",
+    "export_pt2",
     "kernel_report",
+    "load_pt2",
     "optimized_model",
     "parity",
+    "program_report",
     "register_pass",
     "run_passes",
     "strip_qdq",
