@@ -190,6 +190,33 @@ def test_narrow_grids_and_symmetric_activations(branch_net, calib_batches, digit
         assert torch.equal(program.module()(x), q(x))
 
 
+class SamePadConv(nn.Conv2d):
+    """A "same padding" stride-2 conv that pads inside its own forward (EfficientNet's
+    ``Conv2dStaticSamePadding``): the program reads ``DQ → pad → conv``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, [0, 1, 0, 1]))
+
+
+def test_conv_behind_a_pad_gets_its_own_qdq(calib_batches, digits_data):
+    """``DQ → pad(0) → conv`` and ``DQ → max_pool → flatten → linear`` get an exact ``Q → DQ``
+    before the layer (the int8 pattern), bit for bit with the simulation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), SamePadConv(8, 8, 3, stride=2), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()
+    q = pow2_scales(ptqkit.quantize(model, calib_batches, CFG))
+    program = export_pt2(q, _x(digits_data, 1))
+    report = program_report(program)
+    assert (len(report.layers), report.int8_layers) == (3, 3)
+    n_act = sum(aq.mode == "quant" for aq in act_quants(q).values())
+    assert report.quantize == n_act + 2  # one requantization before each of the two
+    x = _x(digits_data, 7)
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), q(x))
+
+
 # -- save / load ---------------------------------------------------------------------------------
 def test_saved_and_loaded(quantized_digits, digits_data, tmp_path):
     path = tmp_path / "digits.int8.pt2"

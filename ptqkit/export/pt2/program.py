@@ -7,8 +7,9 @@ constant through ``dequantize_per_channel`` (per-channel symmetric int8 by defau
 activation quantizer becomes ``quantize_per_tensor → dequantize_per_tensor`` with its exact
 scale and zero point, at the places ptqkit put it (inputs of conv/linear, both inputs of a
 residual add, after the ReLU/ReLU6 that follows a conv, ...). Layers ptqkit kept in float
-(fallback, skip) stay float ops, between the DQ and Q of their neighbours. See
-:mod:`ptqkit.export.pt2.modules` for the grids.
+(fallback, skip) stay float ops, between the DQ and Q of their neighbours. A conv behind a zero
+pad (or a max-pool, a flatten) gets its own exact ``Q → DQ`` (:mod:`ptqkit.export.pt2.passes`),
+so that Inductor lowers it too. See :mod:`ptqkit.export.pt2.modules` for the grids.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ...quant.modules import act_quants, quant_layers
 from ...quant.primitives import sqnr_db
 from ..onnx import _check_example, _first_line
 from .modules import qd_ops, swap_modules
+from .passes import requantize_passthrough
 
 #: aten ops of the program that are a Conv/Linear (the layers ptqkit quantizes)
 LAYER_OPS = (
@@ -72,6 +74,7 @@ def export_pt2(
     args = _check_example(qmodel, example)
     model = swap_modules(qmodel).eval()
     program = _export(model, args, dynamic_batch)
+    requantize_passthrough(program.graph_module, LAYER_OPS)
     _verify(qmodel, program, args)
     if target is not None:
         buf = io.BytesIO()
