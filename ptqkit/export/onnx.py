@@ -35,8 +35,9 @@ from torch import nn
 from ..errors import ExportError
 from ..io.files import check_writable, write_bytes
 from ..quant.modules import act_quants, quant_layers
+from . import tensorrt
 from .graph import DQ, Graph, Q
-from .passes import run_passes
+from .passes import PASSES, run_passes
 from .weights import resolve_weight_dtype, weights_to_uint8
 
 FORMATS = ("qdq", "fp32+encodings")
@@ -54,6 +55,7 @@ def export_onnx(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     weights: str = "auto",
+    target: str = "onnxruntime",
 ) -> Path:
     """Export a ptqkit quantized model to ONNX and return the written path.
 
@@ -73,6 +75,9 @@ def export_onnx(
             zero point + 128) or ``"auto"`` (default: ``int8`` where ONNX Runtime's u8×s8 kernels
             are exact on this CPU, ``uint8`` on x86 without VNNI, where they saturate; see
             :mod:`ptqkit.export.weights`).
+        target: ``"onnxruntime"`` (default; also read by OpenVINO) or ``"tensorrt"``: signed
+            int8 activations, float biases, checked against TensorRT's Q/DQ rules; needs a model
+            quantized with symmetric int8 activations (:mod:`ptqkit.export.tensorrt`).
 
     Raises:
         ExportError: not a ptqkit quantized model, unsupported bits, a path that cannot be
@@ -82,12 +87,18 @@ def export_onnx(
         raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be an int in {MIN_OPSET}..{MAX_OPSET}, got {opset!r}")
-    weight_dtype = resolve_weight_dtype(weights)
     check_exportable(qmodel)
+    weight_dtype = resolve_weight_dtype(tensorrt.check_target(target, format, weights, qmodel))
     path = _check_path(path)
     args = _check_example(qmodel, example_input)
     model = _torch_export(qmodel, args, opset, dynamic_batch, input_names, output_names)
-    run_passes(model)
+    run_passes(model, tensorrt.passes(list(PASSES), target))
+    broken = tensorrt.violations(model) if target == "tensorrt" else []
+    if broken:  # ptqkit's placement where TensorRT wants another: not written
+        raise ExportError(
+            f"the graph breaks TensorRT's Q/DQ rules at {len(broken)} places: "
+            + "; ".join(broken[:3])
+        )
     encodings = None
     if format == "fp32+encodings":
         encodings = strip_qdq(model)
