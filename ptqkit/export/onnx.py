@@ -121,9 +121,10 @@ def encodings_path(path: str | os.PathLike) -> Path:
 
 
 # -- checks --------------------------------------------------------------------------------------
-def check_exportable(qmodel: Any) -> None:
-    """Raise :class:`ExportError` unless ``qmodel`` is a ptqkit quantized model whose grids have
-    ONNX Runtime integer kernels (8-bit activations, weights of at most 8 bits)."""
+def quantized_parts(qmodel: Any, groupwise: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(quantized layers, activation quantizers)`` of ``qmodel`` after the checks every export
+    shares (raising :class:`ExportError`): a ptqkit quantized ``nn.Module``, no quantizer still
+    calibrating, no group-wise weights (``groupwise``: why this export cannot state them)."""
     if not isinstance(qmodel, nn.Module):
         raise ExportError(f"expected a ptqkit quantized nn.Module, got {type(qmodel).__name__}")
     layers, quants = quant_layers(qmodel), act_quants(qmodel)
@@ -135,6 +136,25 @@ def check_exportable(qmodel: Any) -> None:
     for name, q in quants.items():
         if q.mode == "observe":
             raise ExportError(f"activation quantizer {name} is still calibrating (mode 'observe')")
+    for name, layer in layers.items():
+        if layer.quantized and layer.spec.group_size is not None:
+            raise ExportError(
+                f"layer {name} has group-wise weights (group_size={layer.spec.group_size}, "
+                f"scales {tuple(layer.weight_scale.shape)}); {groupwise}: not exported. "
+                "Quantize without group_size (per_channel=True) to export, or keep that layer "
+                "per channel with a scope"
+            )
+    return layers, quants
+
+
+def check_exportable(qmodel: Any) -> None:
+    """Raise :class:`ExportError` unless ``qmodel`` is a ptqkit quantized model whose grids have
+    ONNX Runtime integer kernels (8-bit activations, weights of at most 8 bits)."""
+    layers, quants = quantized_parts(
+        qmodel, "ONNX QDQ export writes one scale per output channel and would compute other "
+        "weights"
+    )
+    for name, q in quants.items():
         if q.mode == "quant" and q.spec.bits != 8:
             raise ExportError(
                 f"activation quantizer {name} ({q.label}) has {q.spec.bits} bits; ONNX QDQ "
@@ -142,14 +162,6 @@ def check_exportable(qmodel: Any) -> None:
                 "for other widths)"
             )
     for name, layer in layers.items():
-        if layer.quantized and layer.spec.group_size is not None:
-            raise ExportError(
-                f"layer {name} has group-wise weights (group_size={layer.spec.group_size}, "
-                f"scales {tuple(layer.weight_scale.shape)}); ONNX QDQ export writes one scale "
-                "per output channel and would compute other weights: not exported. Quantize "
-                "without group_size (per_channel=True) to export, or keep that layer per "
-                "channel with a scope"
-            )
         if layer.quantized and layer.spec.bits > 8:
             raise ExportError(
                 f"layer {name} has {layer.spec.bits}-bit weights; ONNX QDQ export supports "

@@ -25,9 +25,8 @@ from torch.utils._pytree import tree_leaves
 
 from ...errors import ExportError
 from ...io.files import check_writable, write_bytes
-from ...quant.modules import act_quants, quant_layers
 from ...quant.primitives import sqnr_db
-from ..onnx import _check_example, _first_line
+from ..onnx import _check_example, _first_line, quantized_parts
 from .modules import qd_ops, swap_modules
 from .passes import requantize_passthrough
 
@@ -98,25 +97,9 @@ def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
 def check_pt2_exportable(qmodel: Any) -> None:
     """Raise :class:`ExportError` unless ``qmodel`` is a ptqkit quantized model whose grids the
     pt2e ops can state (no quantizer still calibrating, no group-wise weights)."""
-    if not isinstance(qmodel, nn.Module):
-        raise ExportError(f"expected a ptqkit quantized nn.Module, got {type(qmodel).__name__}")
-    layers, quants = quant_layers(qmodel), act_quants(qmodel)
-    if not layers and not quants:
-        raise ExportError(
-            f"{type(qmodel).__name__} is not a ptqkit quantized model (no QuantLayer or "
-            "ActQuant inside); quantize it first: ptqkit.quantize(model, data, config)"
-        )
-    for name, q in quants.items():
-        if q.mode == "observe":
-            raise ExportError(f"activation quantizer {name} is still calibrating (mode 'observe')")
-    for name, layer in layers.items():
-        if layer.quantized and layer.spec.group_size is not None:
-            raise ExportError(
-                f"layer {name} has group-wise weights (group_size={layer.spec.group_size}, "
-                f"scales {tuple(layer.weight_scale.shape)}); the pt2e ops dequantize per "
-                "channel or per tensor and would compute other weights: not exported. Quantize "
-                "without group_size (per_channel=True), or keep that layer per channel with a scope"
-            )
+    quantized_parts(
+        qmodel, "the pt2e ops dequantize per channel or per tensor and would compute other weights"
+    )
 
 
 def _export(model: nn.Module, args: tuple, dynamic_batch: bool) -> torch.export.ExportedProgram:
