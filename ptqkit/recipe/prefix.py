@@ -9,7 +9,8 @@ every calibration batch) are the same for all of them. A :class:`Prefix` is thos
 run once, with one histogram per activation quantizer (a
 :class:`~ptqkit.calibrate.stats.HistogramStats`, which tracks min/max as well) and the float
 layer means empirical bias correction needs (its tap); :func:`quantize_from` finishes a copy of
-it with any recipe whose prefix fields (:data:`PREFIX_FIELDS`) match. The statistics are the
+it with any recipe whose prefix fields (:func:`ptqkit.techniques.prefix_fields`: the fields the
+techniques of the ``"prefix"`` and ``"calibrate"`` phases read) match. The statistics are the
 ones the recipe's own calibrator would have collected (same observer, same bins, same axis), so
 the model is the one :func:`ptqkit.quantize` returns for that recipe on the same data (tested
 to equal outputs); a recipe that needs another observer (``ema``: the batch sequence; other
@@ -34,30 +35,25 @@ from ..calibrate.calibrators import check_calibration, make_calibrator
 from ..calibrate.session import AUTO_OBSERVER, observe_all, set_ranges
 from ..calibrate.stats import HistogramStats
 from ..config import PTQConfig
-from ..correct.bias import DATA_MODES
 from ..errors import ConfigError
 from ..info import PTQInfo
-from ..pipeline import STAGES, attach
-from ..stage import Context, run_stages, tapping
-
-#: the stages a prefix runs (in :data:`ptqkit.pipeline.STAGES` order, calibrate last)
-PREFIX_STAGES = ("capture", "cle", "smoothquant", "calibrate")
-#: config fields a prefix depends on; recipes that agree on them share one prefix
-PREFIX_FIELDS = (
-    "weights",
-    "activations",
-    "num_batches",
-    "skip",
-    "scopes",
-    "fold_bn",
-    "cle",
-    "smoothquant",
-)
+from ..pipeline import attach
+from ..stage import Context
+from ..technique import run_stages, tapping
+from ..techniques import in_phase, pipeline, prefix_fields
 
 
 def prefix_key(config: PTQConfig) -> tuple[Any, ...]:
     """What a prefix built for ``config`` can be reused for (hashable)."""
-    return tuple(repr(getattr(config, f)) for f in PREFIX_FIELDS)
+    return tuple(repr(getattr(config, f)) for f in prefix_fields())
+
+
+def _tap_config(config: PTQConfig) -> PTQConfig:
+    """``config`` with every tap set to serve all its variants (``Technique.share_tap``)."""
+    for t in pipeline():
+        if t.share_tap is not None:
+            config = t.share_tap(config)
+    return config
 
 
 @dataclass
@@ -71,26 +67,28 @@ class Prefix:
     stats: dict[str, HistogramStats] = field(default_factory=dict)
     tracker: Any = None
     seconds: float = 0.0
+    #: the techniques whose taps were open during the prefix's calibration pass
+    tapped: frozenset[str] = frozenset()
 
 
 def build_prefix(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> Prefix:
-    """Run the prefix stages of :data:`ptqkit.pipeline.STAGES` for ``config`` on ``data``,
-    observing every activation with a histogram (``AUTO_OBSERVER``) and the bias-correction
-    tap open whatever ``config`` asks."""
+    """Run the ``"prefix"`` techniques for ``config`` on ``data``, then the calibration pass
+    observing every activation with a histogram (``AUTO_OBSERVER``) and every tap open in the
+    form that serves all its variants, whatever ``config`` asks."""
     t0 = time.perf_counter()
     ctx = Context(model=model, data=data, config=config, info=PTQInfo(config=config.to_dict()))
-    first = [s for s in STAGES if s.name in PREFIX_STAGES and s.name != "calibrate"]
-    run_stages(first, ctx)
-    tap_cfg = config.replace(bias_correction="affine")  # means and rows: serves every mode
+    run_stages(in_phase("prefix"), ctx)
+    tap_cfg = _tap_config(config)
     tap_ctx = Context(model=model, data=data, config=tap_cfg, info=ctx.info)
     tap_ctx.qmodel = ctx.qmodel
     t = time.perf_counter()
-    with tapping(STAGES, tap_ctx):
+    with tapping(pipeline(), tap_ctx):
         cals, tracker = observe_all(ctx.qmodel, ctx.data, config, ctx.info, AUTO_OBSERVER)
     ctx.info.stages["calibrate"] = time.perf_counter() - t
     ctx.taps = tap_ctx.taps
     stats = {n: c.stats for n, c in cals.items()}
-    return Prefix(model, data, config, ctx, stats, tracker, time.perf_counter() - t0)
+    tapped = frozenset(t.name for t in pipeline() if t.takes_tap(tap_cfg))
+    return Prefix(model, data, config, ctx, stats, tracker, time.perf_counter() - t0, tapped)
 
 
 def _calibrators(prefix: Prefix, config: PTQConfig) -> dict[str, Any] | None:
@@ -139,8 +137,14 @@ def can_serve(prefix: Prefix, config: PTQConfig) -> bool:
     """Whether :func:`quantize_from` can finish ``config`` from ``prefix``."""
     return (
         prefix_key(prefix.config) == prefix_key(config)
+        and _taps_served(prefix, config)
         and _calibrators(prefix, config) is not None
     )
+
+
+def _taps_served(prefix: Prefix, config: PTQConfig) -> bool:
+    """Whether every technique that reads a tap with ``config`` had it open in the prefix."""
+    return all(t.name in prefix.tapped for t in pipeline() if t.takes_tap(config))
 
 
 def quantize_from(prefix: Prefix, config: PTQConfig) -> nn.Module:
@@ -149,7 +153,8 @@ def quantize_from(prefix: Prefix, config: PTQConfig) -> nn.Module:
     stage times (paid once) and this recipe's own. :class:`ConfigError` if it cannot serve
     ``config`` (:func:`can_serve`)."""
     check_calibration(config.calibration)
-    cals = _calibrators(prefix, config) if prefix_key(prefix.config) == prefix_key(config) else None
+    same = prefix_key(prefix.config) == prefix_key(config) and _taps_served(prefix, config)
+    cals = _calibrators(prefix, config) if same else None
     if cals is None:
         raise ConfigError("this recipe needs its own calibration pass (see can_serve)")
     src = prefix.ctx
@@ -162,20 +167,27 @@ def quantize_from(prefix: Prefix, config: PTQConfig) -> nn.Module:
         config=config,
         info=info,
         ref=src.ref,
-        taps=copy.deepcopy(src.taps) if config.bias_correction in DATA_MODES else {},
+        taps=_taps_for(src.taps, config),
     )
     ctx.qmodel = qmodel
     t = time.perf_counter()
     ctx.calibrators = set_ranges(qmodel, cals, prefix.tracker, config, info)
     info.stages["calibrate"] = info.stages.get("calibrate", 0.0) + time.perf_counter() - t
-    after = STAGES[[s.name for s in STAGES].index("calibrate") + 1 :]
-    run_stages(after, ctx)
+    run_stages(in_phase("solve"), ctx)
     attach(qmodel, info, config)
     return qmodel
 
 
+def _taps_for(taps: dict[str, Any], config: PTQConfig) -> dict[str, Any]:
+    """A copy of what the prefix's taps took, for the techniques that read it with ``config``."""
+    return {
+        t.name: copy.deepcopy(taps[t.name])
+        for t in pipeline()
+        if t.name in taps and t.takes_tap(config)
+    }
+
+
 __all__ = [
-    "PREFIX_FIELDS",
     "Prefix",
     "build_prefix",
     "can_serve",

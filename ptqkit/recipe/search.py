@@ -71,10 +71,8 @@ from ..errors import ConfigError, DataError, PTQError, PTQWarning
 from ..info import MIN_CALIBRATION_SAMPLES, info_of, sample_shortfall
 from ..pipeline import quantize
 from ..sync import active, from_first, guard
-from .candidates import (
-    CANDIDATES,
-    Candidate,
-)
+from ..techniques import candidates as registered_candidates
+from .candidates import Candidate
 from .holdout import HoldOut, split
 from .prefix import servable
 from .trials import Search, config_delta, config_key, plain
@@ -83,8 +81,8 @@ _TARGETS = ("max_degradation", "min_sqnr_db")
 
 
 def _as_candidates(candidates: Sequence[Any] | None) -> list[Candidate]:
-    if candidates is None:
-        return list(CANDIDATES)
+    if candidates is None:  # the registered ones, plugins included
+        return list(registered_candidates())
     out = []
     for c in candidates:
         if isinstance(c, Candidate):

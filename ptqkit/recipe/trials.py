@@ -18,6 +18,7 @@ from ..errors import PTQWarning
 from ..info import info_of
 from ..pipeline import quantize
 from ..sync import active
+from ..techniques import resolve
 from .candidates import measured_stages, stage_seconds, stages_of
 from .holdout import HoldOut, Score
 from .prefix import Prefix, build_prefix, can_serve, quantize_from, servable
@@ -164,12 +165,10 @@ class Search:
 
 
 def resolved(config: PTQConfig, qmodel: nn.Module) -> PTQConfig:
-    """``bias_correction="auto"`` replaced by what it did on this model (``"affine"`` or
-    ``False``): the candidates that set it explicitly are then recognized as the same recipe."""
-    if config.bias_correction != "auto":
-        return config
-    mode = info_of(qmodel).details.get("bias_correction", {}).get("mode")
-    return config.replace(bias_correction="affine" if mode == "affine" else False)
+    """``config`` with each ``"auto"`` setting replaced by what it did on this model
+    (``Technique.resolve``; e.g. ``bias_correction="auto"`` → ``"affine"`` or ``False``): the
+    candidates that set it explicitly are then recognized as the same recipe."""
+    return resolve(config, info_of(qmodel).details)
 
 
 __all__ = ["Search", "config_delta", "config_key", "plain", "resolved"]
