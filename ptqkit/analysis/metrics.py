@@ -13,32 +13,20 @@ and reports the storage size of both models (see :func:`size_bytes`).
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data import batch_size, batch_target, iter_batches, model_device, run_model, to_device
 from ..errors import ConfigError, DataError, ModelError, PTQWarning
 from ..info import PTQInfo
 from ..progress import progress
-from ..scorer import (
-    OutputSelector,
-    Pair,
-    as_rows,
-    compare,
-    discrete_hits,
-    is_discrete,
-    nonfinite_message,
-    select,
-    take,
-    topk_hits,
-)
+from ..scorer import OutputSelector, nonfinite_message
 from .coverage import Coverage, CoverageMeter, coverage_message
+from .eval_batch import Sums, score_batch, with_targets
 from .size import size_bytes
 
 #: degradation (points) above which :func:`evaluate` advises remedies (the chapter's 2-3 %)
@@ -194,119 +182,84 @@ def evaluate(
         DataError: empty data, a batch a model rejects (named by index), ``top1``/``top5``
             without labels, an unknown metric, or an output with no obvious tensor to score.
     """
+    name = _metric_name(metric)
+    _check_roles(fp32_model, qmodel)
+    with _eval_mode(fp32_model, qmodel):
+        meter = CoverageMeter(qmodel)
+        sums = Sums()
+        with torch.no_grad(), meter:
+            for i, batch in progress(with_targets(data), progress_bar, "evaluate"):
+                sums.add(score_batch(fp32_model, qmodel, i, batch, name, metric, output, meter))
+    msgs, res = _result(fp32_model, qmodel, name, metric, sums, meter.results())
+    for msg in msgs:
+        warnings.warn(msg, PTQWarning, stacklevel=2)
+    return res
+
+
+def _metric_name(metric: str | Metric) -> str:
+    """The name :class:`EvalResult` reports for ``metric``; an unknown one is a DataError."""
     if isinstance(metric, str):
         if metric not in ("top1", "top5", "agreement"):
             raise DataError(
                 f"unknown metric {metric!r}; use 'top1', 'top5', 'agreement' or a callable "
                 "(outputs, targets) -> float"
             )
-        name = metric
-    elif callable(metric):
-        name = getattr(metric, "__name__", type(metric).__name__)
-    else:
-        raise DataError(f"metric must be a name or a callable, got {type(metric).__name__}")
+        return metric
+    if callable(metric):
+        return getattr(metric, "__name__", type(metric).__name__)
+    raise DataError(f"metric must be a name or a callable, got {type(metric).__name__}")
 
-    _check_roles(fp32_model, qmodel)
-    modes = [(m, m.training) for m in (fp32_model, qmodel) if isinstance(m, nn.Module)]
+
+@contextlib.contextmanager
+def _eval_mode(*models: Any) -> Iterator[None]:
+    """The ``nn.Module`` among ``models`` in eval mode inside, each back in its mode after."""
+    modes = [(m, m.training) for m in models if isinstance(m, nn.Module)]
     for m, _ in modes:
         _set_training(m, False)
-    score_f = score_q = agree = kl = samples = 0.0
-    bad = [0, 0, 0]  # samples: non-finite input, float output, quantized output only
-    meter = CoverageMeter(qmodel)
     try:
-        with torch.no_grad(), meter:
-            for i, batch in progress(_with_targets(data), progress_bar, "evaluate"):
-                (args, kwargs), target = batch
-                if name in ("top1", "top5") and target is None:
-                    raise DataError(
-                        f"metric {name!r} needs labels, but batch {i} has none: give "
-                        "(input, labels) batches, or use metric='agreement' to compare the "
-                        "two models without labels"
-                    )
-                raw_f = select(_call(fp32_model, i, args, kwargs), output, "float")
-                if isinstance(qmodel, nn.Module):
-                    args, kwargs = to_device(args, kwargs, model_device(qmodel))
-                    meter.set_inputs(args, kwargs)
-                raw_q = select(_call(qmodel, i, args, kwargs), output, "quantized")
-                if raw_f.shape != raw_q.shape or is_discrete(raw_f) != is_discrete(raw_q):
-                    raise DataError(
-                        f"batch {i}: the float model returned {tuple(raw_f.shape)} "
-                        f"{raw_f.dtype} but the quantized model {tuple(raw_q.shape)} {raw_q.dtype}"
-                    )
-                p = compare(raw_f, raw_q, batch_size(args, kwargs), (args, kwargs))
-                f, q, same, kl_sum = _batch_sums(name, metric, p, take(target, p.keep))
-                score_f, score_q, agree, kl = score_f + f, score_q + q, agree + same, kl + kl_sum
-                samples += p.samples
-                bad = [bad[0] + p.bad_input, bad[1] + p.bad_float, bad[2] + p.bad_quant]
+        yield
     finally:
         for m, training in modes:
             _set_training(m, training)
-    nonfinite = nonfinite_message(bad[0], bad[1], bad[2], round(samples))
-    if samples == 0:
-        err = ModelError if bad[1] else DataError
-        raise err(f"evaluate: no sample can be scored: {nonfinite}")
 
+
+def _result(
+    fp32_model: Any,
+    qmodel: Any,
+    name: str,
+    metric: Any,
+    sums: Sums,
+    coverage: dict[str, Coverage],
+) -> tuple[list[str], EvalResult]:
+    """The advice to warn with and the :class:`EvalResult` of the summed batches; no scored
+    sample is a ModelError (the float model's outputs were not finite) or a DataError."""
+    samples = sums.samples
+    nonfinite = nonfinite_message(*sums.bad, round(samples))
+    if samples == 0:
+        err = ModelError if sums.bad[1] else DataError
+        raise err(f"evaluate: no sample can be scored: {nonfinite}")
     scale = 1.0 if callable(metric) and not isinstance(metric, str) else 100.0
-    fp32 = scale * score_f / samples
-    quantized = scale * score_q / samples
+    fp32 = scale * sums.score_f / samples
+    quantized = scale * sums.score_q / samples
     degradation = fp32 - quantized
-    coverage = meter.results()
     msgs = [nonfinite] if nonfinite else []
     msgs += _advice(degradation if isinstance(metric, str) else None, name, qmodel)
     msg = coverage_message(coverage)
     if msg is not None:
         msgs.append(msg)
-    for msg in msgs:
-        warnings.warn(msg, PTQWarning, stacklevel=2)
-    return EvalResult(
+    return msgs, EvalResult(
         metric=name,
         fp32=fp32,
         quantized=quantized,
         degradation=degradation,
-        agreement=100.0 * agree / samples,
-        kl=kl / samples,
+        agreement=100.0 * sums.agree / samples,
+        kl=sums.kl / samples,
         size_bytes_fp32=size_bytes(fp32_model),
         size_bytes_quantized=size_bytes(qmodel),
         samples=round(samples),
         warnings=msgs,
         coverage=coverage,
     )
-
-
-def _batch_sums(name: str, metric: Any, p: Pair, target: Any) -> tuple[float, float, float, float]:
-    """``(score_f, score_q, agreement, KL)`` sums of one batch (:func:`ptqkit.scorer.compare`
-    made ``p``: its scored samples only, each prediction row weighing ``samples / rows``)."""
-    ns = p.samples
-    if not ns:  # every sample of the batch left out (non-finite)
-        return 0.0, 0.0, 0.0, 0.0
-    if is_discrete(p.f):
-        return _discrete_sums(name, metric, p, target)
-    if name == "agreement":
-        return ns, p.agree, p.agree, p.kl
-    if name in ("top1", "top5"):
-        out_f, out_q = as_rows(p.f), as_rows(p.q)
-        k, w = (1 if name == "top1" else 5), ns / out_f.shape[0]
-        hits_f, hits_q = topk_hits(out_f, target, k), topk_hits(out_q, target, k, p.q_ok)
-        return hits_f * w, hits_q * w, p.agree, p.kl
-    return float(metric(p.f, target)) * ns, float(metric(p.q, target)) * ns, p.agree, p.kl
-
-
-def _discrete_sums(
-    name: str, metric: Any, p: Pair, target: Any
-) -> tuple[float, float, float, float]:
-    """The same sums for integer/bool outputs, compared by equality (KL is ``nan``)."""
-    ns = p.samples
-    if name == "agreement":
-        return ns, p.agree, p.agree, math.nan
-    if name == "top5":
-        raise DataError(
-            f"top5 needs class scores, but the models return {p.f.dtype} predictions; use "
-            "metric='top1' or 'agreement', or select a float output with output=..."
-        )
-    if name == "top1":
-        (hits_f, count), (hits_q, _) = discrete_hits(p.f, target), discrete_hits(p.q, target)
-        return hits_f * ns / count, hits_q * ns / count, p.agree, math.nan
-    return float(metric(p.f, target)) * ns, float(metric(p.q, target)) * ns, p.agree, math.nan
 
 
 def _quantized(model: Any) -> bool:
@@ -342,28 +295,3 @@ def _set_training(model: nn.Module, training: bool) -> None:
     ``torch.export`` program raises ``NotImplementedError``) runs as it is."""
     with contextlib.suppress(NotImplementedError):
         model.train(training)
-
-
-def _with_targets(data: Iterable[Any]) -> Iterable[tuple[int, tuple[Any, Any]]]:
-    """``(index, ((args, kwargs), target))`` for each batch, validated by :func:`iter_batches`."""
-    if isinstance(data, (torch.Tensor, dict)) or not isinstance(data, Iterable):
-        yield from iter_batches(data)  # raises the DataError that says what to pass instead
-        return
-    batches: list[Any] = []
-
-    def raw() -> Iterable[Any]:
-        for b in data:
-            batches.append(b)
-            yield b
-
-    for i, split in iter_batches(raw(), None):
-        target = batch_target(batches.pop())
-        yield i, (split, target)
-
-
-def _call(model: Any, index: int, args: tuple, kwargs: dict) -> Any:
-    if isinstance(model, nn.Module):
-        args, kwargs = to_device(args, kwargs, model_device(model))
-    elif not callable(model):
-        raise DataError(f"a model must be an nn.Module or a callable, got {type(model).__name__}")
-    return run_model(model, index, args, kwargs)
