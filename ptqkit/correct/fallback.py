@@ -24,6 +24,7 @@ Search, smallest change first (at most ``2·layers + 1`` passes, never a loop wi
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -87,33 +88,54 @@ def fallback(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PT
         return _fallback(qmodel, data, config, info)
 
 
+@dataclass(frozen=True)
+class _Goal:
+    """The targets that hold for this model's output (see :func:`_targets`), scored by ``ev``."""
+
+    ev: Evaluator
+    max_deg: float | None
+    min_sqnr: float | None
+
+    def meets(self, s: Score) -> bool:
+        ok = True
+        if self.max_deg is not None:
+            ok &= self.ev.float_metric - s.metric <= self.max_deg + 1e-9
+        if self.min_sqnr is not None:
+            ok &= s.sqnr_db >= self.min_sqnr
+        return ok
+
+    def goodness(self, s: Score) -> tuple[float, ...]:
+        """What "better" compares: the metric (then SQNR) for a degradation target, else SQNR."""
+        if self.max_deg is not None:
+            return (s.metric,) if self.ev.discrete else (s.metric, s.sqnr_db)
+        return (s.sqnr_db,)
+
+    def wanted(self) -> str:
+        want = []
+        if self.max_deg is not None:
+            want.append(f"at most {self.max_deg} points of {self.ev.metric_name} lost")
+        if self.min_sqnr is not None:
+            want.append(f"output SQNR at least {self.min_sqnr} dB")
+        return ", ".join(want)
+
+
+def _evaluator(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig) -> Evaluator:
+    """The scorer of the fallback search: over all ranks' shards under ``torch.distributed``."""
+    if active():
+        from .ranks import RanksEvaluator
+
+        return RanksEvaluator(qmodel, data, config)
+    return Evaluator(qmodel, data, config)
+
+
 def _fallback(
     qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo
 ) -> nn.Module:
     layers = quant_layers(qmodel)
-    if active():
-        from .ranks import RanksEvaluator
-
-        ev: Evaluator = RanksEvaluator(qmodel, data, config)
-    else:
-        ev = Evaluator(qmodel, data, config)
+    ev = _evaluator(qmodel, data, config)
     metric = ev.metric_name
-    max_deg, min_sqnr = _targets(ev, config, info)
-
-    def meets(s: Score) -> bool:
-        ok = True
-        if max_deg is not None:
-            ok &= ev.float_metric - s.metric <= max_deg + 1e-9
-        if min_sqnr is not None:
-            ok &= s.sqnr_db >= min_sqnr
-        return ok
-
-    def goodness(s: Score) -> tuple[float, ...]:
-        if max_deg is not None:
-            return (s.metric,) if ev.discrete else (s.metric, s.sqnr_db)
-        return (s.sqnr_db,)
-
-    target = {"max_degradation": max_deg, "min_sqnr_db": min_sqnr, "metric": metric}
+    goal = _Goal(ev, *_targets(ev, config, info))
+    target = {"max_degradation": goal.max_deg, "min_sqnr_db": goal.min_sqnr, "metric": metric}
     base = ev.measure()
     details: dict[str, Any] = {
         "target": target,
@@ -121,8 +143,9 @@ def _fallback(
         "before": _describe(base, metric),
         "samples": ev.samples,
     }
-    if meets(base) or not layers:
-        details.update(met=meets(base), kept_float=[], after=details["before"], passes=ev.passes)
+    if goal.meets(base) or not layers:
+        met = goal.meets(base)
+        details.update(met=met, kept_float=[], after=details["before"], passes=ev.passes)
         info.details["fallback"] = details
         if not layers:
             info.warn("fallback: the model has no quantized layer to keep in float")
@@ -132,45 +155,66 @@ def _fallback(
         n: ev.measure(floats=[n]) for n in progress(list(layers), config.progress, "fallback")
     }
     size = {n: layers[n].weight_fp.numel() for n in layers}
-    meeting = [n for n, s in single.items() if meets(s)]
-    tried: list[tuple[list[str], Score]] = [([], base)] + [([n], s) for n, s in single.items()]
-    if meeting:
-        chosen = [min(meeting, key=lambda n: (size[n], [-g for g in goodness(single[n])]))]
-        final = single[chosen[0]]
-    else:
-        order = sorted(layers, key=lambda n: (*tuple(-g for g in goodness(single[n])), size[n]))
-        chosen, final = [], base
-        for n in order:
-            chosen.append(n)
-            final = single[n] if len(chosen) == 1 else ev.measure(floats=chosen)
-            tried.append((list(chosen), final))
-            if meets(final):
-                break
-        if meets(final):
-            for n in reversed(chosen[:-1]):  # drop what the target does not need
-                rest = [m for m in chosen if m != n]
-                s = ev.measure(floats=rest)
-                tried.append((rest, s))
-                if meets(s):
-                    chosen, final = rest, s
-    met = meets(final)
+    chosen, final, tried = _search(goal, base, single, size)
+    met = goal.meets(final)
     if not met:
-        chosen, final = max(tried, key=lambda t: (goodness(t[1]), -len(t[0])))
-        want = []
-        if max_deg is not None:
-            want.append(f"at most {max_deg} points of {metric} lost")
-        if min_sqnr is not None:
-            want.append(f"output SQNR at least {min_sqnr} dB")
+        chosen, final = max(tried, key=lambda t: (goal.goodness(t[1]), -len(t[0])))
         info.warn(
-            f"fallback: the target ({', '.join(want)}) cannot be met even with every layer in "
+            f"fallback: the target ({goal.wanted()}) cannot be met even with every layer in "
             f"float (activation quantizers outside layers, e.g. after adds, stay); keeping the "
             f"best state measured: {len(chosen)} layer(s) in float, {metric} "
             f"{final.metric:.2f} vs float {ev.float_metric:.2f}, output SQNR "
             f"{final.sqnr_db:.1f} dB"
         )
+    kept = _keep_float(qmodel, info, chosen, ev, base, single, size)
+    details.update(met=met, kept_float=kept, after=_describe(final, metric), passes=ev.passes)
+    info.details["fallback"] = details
+    return qmodel
 
-    units = layer_quantizers(qmodel)
-    quants = act_quants(qmodel)
+
+def _search(
+    goal: _Goal, base: Score, single: dict[str, Score], size: dict[str, int]
+) -> tuple[list[str], Score, list[tuple[list[str], Score]]]:
+    """Steps 1-2 of the module docstring: ``(layers kept in float, their score, every state
+    measured)``; the score may miss the goal (step 3 is the caller's)."""
+    ev, goodness = goal.ev, goal.goodness
+    meeting = [n for n, s in single.items() if goal.meets(s)]
+    tried: list[tuple[list[str], Score]] = [([], base)] + [([n], s) for n, s in single.items()]
+    if meeting:
+        best = min(meeting, key=lambda n: (size[n], [-g for g in goodness(single[n])]))
+        return [best], single[best], tried
+    order = sorted(single, key=lambda n: (*tuple(-g for g in goodness(single[n])), size[n]))
+    chosen: list[str] = []
+    final = base
+    for n in order:
+        chosen.append(n)
+        final = single[n] if len(chosen) == 1 else ev.measure(floats=chosen)
+        tried.append((list(chosen), final))
+        if goal.meets(final):
+            break
+    if goal.meets(final):
+        for n in reversed(chosen[:-1]):  # drop what the target does not need
+            rest = [m for m in chosen if m != n]
+            s = ev.measure(floats=rest)
+            tried.append((rest, s))
+            if goal.meets(s):
+                chosen, final = rest, s
+    return chosen, final, tried
+
+
+def _keep_float(
+    qmodel: nn.Module,
+    info: PTQInfo,
+    chosen: list[str],
+    ev: Evaluator,
+    base: Score,
+    single: dict[str, Score],
+    size: dict[str, int],
+) -> list[dict[str, Any]]:
+    """Switch the ``chosen`` layers to float (weight, output and sole-input quantizers, listed in
+    ``info.disabled``); returns the ``kept_float`` record, with why each was chosen."""
+    layers, units, quants = quant_layers(qmodel), layer_quantizers(qmodel), act_quants(qmodel)
+    metric = ev.metric_name
     kept = []
     for n in chosen:
         layers[n].use_float()
@@ -185,9 +229,7 @@ def _fallback(
         kept.append(
             {"layer": n, "params": int(size[n]), "quantizers": units.get(n, []), "why": why}
         )
-    details.update(met=met, kept_float=kept, after=_describe(final, metric), passes=ev.passes)
-    info.details["fallback"] = details
-    return qmodel
+    return kept
 
 
 __all__ = ["fallback"]
