@@ -38,6 +38,10 @@ class QuantSpec:
     ``per_channel`` quantizes each slice along ``axis`` with its own scale (weights: axis 0, the
     output channels, for Conv and Linear alike).
 
+    ``dynamic`` (activations only): scale and zero point from the tensor at run time, not
+    calibrated: per row of ``x.reshape(-1, x.shape[-1])`` (``per_channel=True``: one per token)
+    or per tensor, by the formulas above (:mod:`ptqkit.quant.dynamic`).
+
     ``group_size`` (weights only; needs ``per_channel``): each output channel's weights, flattened
     to ``K`` input elements (a Linear's ``in_features``; a Conv's ``in_channels/groups·kh·kw`` in
     ``weight.reshape(out, -1)`` order), are cut into groups of ``group_size`` consecutive elements,
@@ -53,17 +57,23 @@ class QuantSpec:
     per_channel: bool = False
     axis: int = 0
     group_size: int | None = None
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise ConfigError(f"QuantSpec.bits must be an int, got {self.bits!r}")
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise ConfigError(f"QuantSpec.bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
-        for name in ("symmetric", "per_channel"):
+        for name in ("symmetric", "per_channel", "dynamic"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"QuantSpec.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.axis, bool) or not isinstance(self.axis, int):
             raise ConfigError(f"QuantSpec.axis must be an int, got {self.axis!r}")
+        if self.dynamic and (self.group_size is not None or (self.per_channel and self.axis)):
+            raise ConfigError(
+                f"QuantSpec(dynamic=True): per row (per_channel=True, axis=0) or per tensor, "
+                f"without group_size; got axis={self.axis}, group_size={self.group_size}"
+            )
         g = self.group_size
         if g is not None:
             if isinstance(g, bool) or not isinstance(g, int) or g < 2:
@@ -86,6 +96,8 @@ class QuantSpec:
         d = dataclasses.asdict(self)
         if d["group_size"] is None:  # the dict (and a saved file's) of a spec without groups
             del d["group_size"]  # stays as it was before group_size existed
+        if not d["dynamic"]:  # (the same for a static spec)
+            del d["dynamic"]
         return d
 
     @classmethod
@@ -102,7 +114,7 @@ def _default_activations() -> QuantSpec:
 
 
 #: what a scope can override (see :class:`Scope`)
-SCOPE_KEYS = ("weights", "float")
+SCOPE_KEYS = ("weights", "activations", "float")
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,8 @@ class Scope:
     from Python also a module type, ``nn.Linear``, which matches subclasses). Overrides:
 
     * ``weights``: the layer's weight spec (e.g. ``QuantSpec(bits=4, per_channel=True)``);
+    * ``activations``: a dynamic spec for the (Linear) layer's input; its output is left to
+      its consumers (static activation specs are model-wide);
     * ``float``: ``True`` leaves the layer in float (as ``skip`` does).
 
     In :attr:`PTQConfig.scopes` the scopes apply in order, the last match winning per override;
@@ -124,6 +138,7 @@ class Scope:
 
     pattern: Any  # str, or an nn.Module subclass
     weights: QuantSpec | None = None
+    activations: QuantSpec | None = None
     float: bool = False
 
     def __post_init__(self) -> None:
@@ -137,8 +152,16 @@ class Scope:
                 raise ConfigError(f"Scope pattern {p!r}: invalid regular expression: {e}") from None
         if isinstance(self.weights, dict):
             object.__setattr__(self, "weights", QuantSpec.from_dict(self.weights))
-        if self.weights is not None and not isinstance(self.weights, QuantSpec):
-            raise ConfigError(f"Scope {p!r}: weights must be a QuantSpec, got {self.weights!r}")
+        if self.weights is not None and not (
+            isinstance(self.weights, QuantSpec) and not self.weights.dynamic
+        ):
+            raise ConfigError(f"Scope {p!r}: weights must be a static QuantSpec: {self.weights!r}")
+        a = self.activations
+        if isinstance(a, dict):
+            object.__setattr__(self, "activations", a := QuantSpec.from_dict(a))
+        if a is not None and not (isinstance(a, QuantSpec) and a.dynamic):
+            raise ConfigError(f"Scope {p!r}: activations must be a QuantSpec(dynamic=True), got "
+                              f"{a!r}; static activation specs are model-wide")
         if not isinstance(self.float, bool):
             raise ConfigError(f"Scope {p!r}: float must be a bool, got {self.float!r}")
 
@@ -160,6 +183,8 @@ class Scope:
         d: dict[str, Any] = {"pattern": self.label}
         if self.weights is not None:
             d["weights"] = self.weights.to_dict()
+        if self.activations is not None:
+            d["activations"] = self.activations.to_dict()
         if self.float:
             d["float"] = True
         return d
@@ -237,6 +262,10 @@ class PTQConfig:
         range_margin: headroom m >= 0 added to every calibrated activation range,
             ``m·(hi - lo)`` on each side (a side at 0 stays), after calibration; a remedy when
             the real inputs exceed the calibration data (see :mod:`ptqkit.analysis.coverage`).
+        techniques: the registered techniques that have no field of their own, by name, each
+            with its options object (``True``: its defaults; a dict: its fields), e.g.
+            ``{"awq": AWQOptions(grid=20)}`` (:mod:`ptqkit.techniques`; checked against the
+            registry when :func:`ptqkit.quantize` starts).
     """
 
     weights: QuantSpec = field(default_factory=_default_weights)
@@ -261,9 +290,17 @@ class PTQConfig:
     progress: bool = True
     seed: int = 0
     range_margin: float = 0.0
+    techniques: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _positive_number(self.range_margin, "PTQConfig.range_margin", zero=True)
+        if not isinstance(self.techniques, dict) or not all(
+            isinstance(k, str) for k in self.techniques
+        ):
+            raise ConfigError(
+                "PTQConfig.techniques must be a dict {technique name: its options}, got "
+                f"{self.techniques!r}"
+            )
         if isinstance(self.weights, dict):
             object.__setattr__(self, "weights", QuantSpec.from_dict(self.weights))
         if isinstance(self.activations, dict):
@@ -363,6 +400,8 @@ class PTQConfig:
                 "gptq and adaround both choose the integer weights: set one of them "
                 "(gptq=None or adaround=False)"
             )
+        if self.weights.dynamic:
+            raise ConfigError("weights cannot be dynamic=True (that is for activations)")
         if isinstance(self.activations, QuantSpec) and self.activations.group_size is not None:
             raise ConfigError(
                 "PTQConfig.activations: group_size is for weights only (group-wise scales "

@@ -1,5 +1,9 @@
 """One streaming calibration pass: every activation quantizer observes its tensor as the data
-flows through the (float) model once; memory does not grow with the number of batches."""
+flows through the (float) model once; memory does not grow with the number of batches.
+
+Dynamic quantizers (``spec.dynamic``: their range comes from each input at run time) take no
+part: no calibrator, no outlier tracking, no range; a model whose quantizers are all dynamic
+is not run at all here."""
 
 from __future__ import annotations
 
@@ -57,9 +61,9 @@ def observe_all(
     """The observing half of :func:`calibrate`: one calibrator per activation quantizer (of
     ``name``, default the config's; ``AUTO_OBSERVER`` for ``"auto"``) fed by one pass over
     ``data``. Returns the calibrators by quantizer name and the outlier-batch tracker."""
-    quants = act_quants(model)
+    quants = {n: q for n, q in act_quants(model).items() if not q.spec.dynamic}
     spec = config.activations
-    if not quants or spec is None:
+    if not quants or spec is None or spec.dynamic:
         return {}, outliers.BatchMaxTracker({})
     if name is None:
         name = AUTO_OBSERVER if config.calibration == "auto" else config.calibration
@@ -108,7 +112,7 @@ def set_ranges(
     that set a range."""
     quants = act_quants(model)
     spec = config.activations
-    if not calibrators or spec is None:
+    if not calibrators or spec is None or spec.dynamic:
         return {}
     solved, ranges = {}, {}
     for qname, cal in calibrators.items():

@@ -15,6 +15,14 @@ Rules, applied to the traced graph (each op family is an entry of a registry, no
 4. One quantizer per tensor, shared by all its quantized consumers.
 
 Without a graph (untraceable model) each layer gets a quantizer on its input instead.
+
+A Linear with a **dynamic** activation spec (``PTQConfig.activations`` or a scope's
+``activations``) owns its input quantizer (``QuantLayer.input_quant``, per row at run time, part
+of its integer matmul: :mod:`ptqkit.quant.dynamic`): rules 2 and 3 pass it by, so its input
+gets no static quantizer and its output is quantized only where a consumer needs a grid (rule
+3), as ONNX Runtime's ``quantize_dynamic`` leaves a MatMul's output float. With a dynamic
+model-wide spec no static quantizer is placed at all. Convolutions have no dynamic form here
+(their features are not the last dim): :class:`~ptqkit.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import torch
 from torch import fx, nn
 
 from ..config import QuantSpec, Scope
+from ..errors import ConfigError
 from ..graph import (  # noqa: F401  (op registries: placement.* names kept for callers)
     ACT_FUNCTIONS,
     ACT_METHODS,
@@ -57,6 +66,24 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in args if isinstance(a, fx.Node) and a.op != "get_attr"]
 
 
+def set_dynamic(layer: QuantLayer, spec: QuantSpec, name: str) -> None:
+    """Give the Linear ``layer`` its own dynamic input quantizer (ConfigError for other layers)."""
+    if not isinstance(layer.layer, nn.Linear):
+        raise ConfigError(
+            f"{name} ({type(layer.layer).__name__}): dynamic activations (per row of "
+            "x.reshape(-1, features)) are for Linear layers; give this layer static "
+            "activations (scope the dynamic spec onto the Linears: ('Linear', {'activations': "
+            "spec}) with a static PTQConfig.activations) or leave it float (skip)"
+        )
+    layer.input_quant = ActQuant(spec, f"input of {name} (dynamic)")
+
+
+def is_dynamic(node: fx.Node, gm: nn.Module) -> bool:
+    """``node`` calls a layer that quantizes its own input dynamically."""
+    m = called_module(gm, node) if node.op == "call_module" else None
+    return isinstance(m, QuantLayer) and m.input_quant is not None and m.input_quant.spec.dynamic
+
+
 # -- skipping ------------------------------------------------------------------------------------
 def skipped(name: str, module: nn.Module, patterns: tuple[str, ...]) -> str | None:
     """The first pattern matching the module's name or class name, else ``None``."""
@@ -75,7 +102,8 @@ def wrap_layers(
     root: nn.Module, spec: QuantSpec, patterns: tuple[str, ...], scopes: tuple[Scope, ...] = ()
 ) -> tuple[list[str], list[str], set[str], dict[str, list[str]]]:
     """Replace every Conv/Linear (not skipped) by a :class:`QuantLayer`, with the weight spec
-    its scopes give it (the last matching scope that sets one; ``spec`` otherwise); a layer
+    its scopes give it (the last matching scope that sets one; ``spec`` otherwise) and the
+    dynamic input quantizer of the last matching scope that sets ``activations``; a layer
     whose last matching ``float`` scope says so stays float, like a skipped one.
 
     Returns ``(wrapped names, skipped names, skip patterns that matched, the labels of the
@@ -103,7 +131,11 @@ def wrap_layers(
             continue
         if layer_spec.per_channel:
             layer_spec = dataclasses.replace(layer_spec, axis=0)
-        _set_submodule(root, name, QuantLayer(m, layer_spec, name))
+        ql = QuantLayer(m, layer_spec, name)
+        act = next((sc.activations for sc in reversed(matched) if sc.activations), None)
+        if act is not None:
+            set_dynamic(ql, act, name)
+        _set_submodule(root, name, ql)
         wrapped.append(name)
     return wrapped, skip, used, scoped
 
@@ -111,6 +143,8 @@ def wrap_layers(
 # -- placement -----------------------------------------------------------------------------------
 def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
     """Insert :class:`ActQuant` nodes into ``gm`` by the rules of the module docstring."""
+    if spec.dynamic:
+        return place_on_inputs(gm, spec)
     graph = gm.graph
     names: list[str] = []
 
@@ -135,7 +169,7 @@ def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
         return bool(u.users) and all(to_output(v) for v in u.users)
 
     for node in list(graph.nodes):  # rule 2: outputs, after a following clipping activation
-        if not is_quant_op(node, gm):
+        if not is_quant_op(node, gm) or is_dynamic(node, gm):
             continue
         target = node
         while len(target.users) == 1 and is_activation(next(iter(target.users)), gm):
@@ -163,7 +197,7 @@ def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
 
     shared: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):  # rule 3: inputs not on a grid
-        if not is_quant_op(node, gm):
+        if not is_quant_op(node, gm) or is_dynamic(node, gm):
             continue
         for a in tensor_inputs(node):
             if on_grid(a):
@@ -177,10 +211,14 @@ def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
 
 
 def place_on_inputs(root: nn.Module, spec: QuantSpec) -> list[str]:
-    """Fallback without a graph: a quantizer on the input of every :class:`QuantLayer`."""
+    """Fallback without a graph (and a dynamic model-wide ``spec``): a quantizer on the input
+    of every :class:`QuantLayer` that has none (a scope's dynamic one stays)."""
     names = []
     for name, m in root.named_modules():
         if isinstance(m, QuantLayer):
-            m.input_quant = ActQuant(spec, f"input of {name}")
+            if m.input_quant is None and spec.dynamic:
+                set_dynamic(m, spec, name)
+            elif m.input_quant is None:
+                m.input_quant = ActQuant(spec, f"input of {name}")
             names.append(f"{name}.input_quant")
     return names

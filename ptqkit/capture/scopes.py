@@ -40,6 +40,9 @@ def record_scopes(
             "weights": layers[name].spec.to_dict(),
             "scopes": scoped.get(name, []),
         }
+        iq = layers[name].input_quant
+        if iq is not None and iq.spec.dynamic:
+            info.layer_settings[name]["activations"] = iq.spec.to_dict()
     for name in info.skipped:
         if name in scoped:
             info.layer_settings[name] = {"float": True, "scopes": scoped[name]}

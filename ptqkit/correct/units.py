@@ -47,7 +47,9 @@ def layer_quantizers(model: nn.Module) -> dict[str, list[str]]:
                 out.append(u)
         return out
 
-    units: dict[str, list[str]] = {n: [] for n in layers}
+    units: dict[str, list[str]] = {  # a layer's own input quantizer (a dynamic one) is its
+        n: [f"{n}.input_quant"] if m.input_quant is not None else [] for n, m in layers.items()
+    }
     for node in model.graph.nodes:
         if node.op != "call_module" or node.target not in units:
             continue

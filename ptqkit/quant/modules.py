@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from ..config import QuantSpec
-from ..errors import CalibrationError, ConfigError, ModelError
+from ..errors import CalibrationError, ConfigError, ExportError, ModelError
 from ..typed import optional_tensor_attr, tensor_attr
 from . import state
+from .dynamic import dynamic_fake_quant, export_linear
 from .primitives import dequantize, fake_quant, qparams, quantize, weight_qparam_shape
 
 #: Transposed convolutions: weight ``[in, out/groups, k...]``, output channels on axis 1.
@@ -90,7 +91,11 @@ def _no_script(module: nn.Module) -> nn.Module:
 
 class ActQuant(nn.Module):
     """Fake-quantization of one activation tensor:
-    ``x̂ = (clamp(round(x/s) + z, qmin, qmax) - z)·s``."""
+    ``x̂ = (clamp(round(x/s) + z, qmin, qmax) - z)·s``.
+
+    With a dynamic spec (``spec.dynamic``) ``s`` and ``z`` come from each input at run time
+    (:mod:`ptqkit.quant.dynamic`): such a quantizer never observes nor is ``calibrated`` (its
+    buffers stay unused), and "quant" is its only mode besides "off"."""
 
     __prepare_scriptable__ = _no_script
     scale: torch.Tensor
@@ -116,7 +121,9 @@ class ActQuant(nn.Module):
 
     def extra_repr(self) -> str:
         spec = self.spec
-        return f"{self.label!r}, bits={spec.bits}, symmetric={spec.symmetric}, mode={self.mode}"
+        dyn = f", dynamic per {'row' if spec.per_channel else 'tensor'}" if spec.dynamic else ""
+        sym = spec.symmetric
+        return f"{self.label!r}, bits={spec.bits}, symmetric={sym}{dyn}, mode={self.mode}"
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Set scale and zero point from the range ``[lo, hi]`` (see :func:`qparams`)."""
@@ -144,6 +151,15 @@ class ActQuant(nn.Module):
         # as one more node, and the placement may put a quantizer on it
         if self.mode == "off" or not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
             return x
+        if self.spec.dynamic:
+            if self.mode == "observe":
+                return x  # nothing to calibrate
+            if torch.onnx.is_in_onnx_export():
+                raise ExportError(
+                    f"{self.label}: a dynamic quantizer is exported with the Linear it feeds "
+                    "(MatMulInteger); this one feeds something else"
+                )
+            return dynamic_fake_quant(x, self.spec)
         if self.mode == "observe":
             try:
                 self.calibrator.observe(x)
@@ -299,8 +315,14 @@ class QuantLayer(nn.Module):
         return f"{self.name!r}, w{spec.bits}{gran} {state}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quant is not None:
-            x = self.input_quant(x)
+        iq = self.input_quant
+        if iq is not None and iq.spec.dynamic:  # part of the layer's integer matmul: it is
+            if not self.quantized or iq.mode != "quant":  # float when the layer is
+                return self.layer(x)
+            if torch.onnx.is_in_onnx_export() and isinstance(self.layer, nn.Linear):
+                return export_linear(self, x, iq.spec)
+        if iq is not None:
+            x = iq(x)
         if self.quantized and torch.onnx.is_in_onnx_export():
             cache = self.layer._buffers["weight"]
             zp = self.weight_zero_point.to(self.weight_int.dtype)
@@ -364,4 +386,7 @@ def set_act_mode(model: nn.Module, mode: str) -> None:
     if mode not in ("observe", "quant", "off"):
         raise ValueError(f"unknown mode {mode!r}")
     for q in act_quants(model).values():
-        q.mode = "off" if mode == "quant" and not q.calibrated else mode
+        if q.spec.dynamic:  # computes its range itself: nothing to observe, always ready
+            q.mode = "off" if mode == "observe" else mode
+        else:
+            q.mode = "off" if mode == "quant" and not q.calibrated else mode

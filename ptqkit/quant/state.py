@@ -72,7 +72,7 @@ def prepare_quantizer(q: Any, state: Any, prefix: str, errors: list[str]) -> boo
     """Before the copy: check and reshape; ``False`` (an error recorded) to stop."""
     s, z = state.get(prefix + "scale"), state.get(prefix + "zero_point")
     if isinstance(s, torch.Tensor) and isinstance(z, torch.Tensor):
-        bad = bad_qparams(s, z, q.spec, 1 if q.spec.per_channel else 0)
+        bad = bad_qparams(s, z, q.spec, 1 if q.spec.per_channel and not q.spec.dynamic else 0)
         if bad:
             errors.append(f"{prefix}scale/zero_point: {bad} ({q.label})")
             return False
