@@ -24,6 +24,7 @@ from .info import PTQInfo
 from .stage import Context
 from .sync import active
 from .technique import iterating_again, run_stages
+from .techniques import check as check_techniques
 from .techniques import pipeline
 
 
@@ -48,6 +49,7 @@ def quantize(model: nn.Module, data: Iterable[Any], config: PTQConfig | None = N
     if not isinstance(config, PTQConfig):
         raise ConfigError(f"config must be a PTQConfig, got {type(config).__name__}")
     check_calibration(config.calibration)
+    check_techniques(config)
     if config.adaround and torch.is_inference_mode_enabled():
         raise ConfigError(
             "adaround=True optimizes the rounding with autograd, which torch.inference_mode() "

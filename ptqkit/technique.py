@@ -119,6 +119,28 @@ class Technique:
         if self.phase not in PHASES:
             raise ConfigError(f"technique {self.name!r}: phase must be one of {PHASES}")
 
+    def options_in(self, config: PTQConfig) -> Any:
+        """Its options in ``config.techniques`` (``True`` or ``None``: the defaults; a dict:
+        their fields), or ``None`` when the config does not turn it on (absent or ``False``)."""
+        value = config.techniques.get(self.name, False)
+        if value is False:
+            return None
+        if self.options is None:
+            return value
+        if value is True or value is None:
+            return self.options()
+        if isinstance(value, Mapping):
+            try:
+                return self.options(**value)
+            except TypeError as e:
+                raise ConfigError(f"techniques[{self.name!r}]: {e}") from None
+        if not isinstance(value, self.options):
+            raise ConfigError(
+                f"techniques[{self.name!r}] must be a {self.options.__name__}, True or a dict "
+                f"of its fields, got {type(value).__name__}"
+            )
+        return value
+
     def takes_tap(self, config: PTQConfig) -> bool:
         """Whether, with ``config``, ``run`` reads what its tap collected."""
         if self.tap is None or not self.enabled(config):

@@ -80,7 +80,7 @@ def test_builtin_pipeline_order_and_phases():
     assert names[0] == "capture" and names[-1] == "fallback"
     assert names.index("calibrate") < names.index("weights") < names.index("bias_correction")
     assert [t.name for t in in_phase("calibrate")] == ["calibrate"]
-    assert {t.name for t in in_phase("prefix")} == {"capture", "cle", "smoothquant"}
+    assert {t.name for t in in_phase("prefix")} == {"capture", "cle", "smoothquant", "awq"}
     # the prefix key is what the prefix techniques read, nothing a solve reads
     assert {"weights", "activations", "cle", "smoothquant", "num_batches"} <= set(prefix_fields())
     assert "bias_correction" not in prefix_fields() and "calibration" not in prefix_fields()

@@ -222,7 +222,7 @@ def _consumers(node: fx.Node, gm: fx.GraphModule) -> set[fx.Node]:
     return out
 
 
-def _foldable_norm(
+def foldable_norm(
     src: fx.Node, group: list[fx.Node], gm: fx.GraphModule
 ) -> nn.LayerNorm | nn.RMSNorm | None:
     """The normalization module producing ``src`` if ``1/s`` can be folded into its affine
@@ -255,7 +255,7 @@ def _plan(
         tuple[list[str], nn.LayerNorm | nn.RMSNorm | tuple[fx.GraphModule, fx.Node] | None]
     ] = []
     for src, group in by_src.items():
-        norm = _foldable_norm(src, group, gm)
+        norm = foldable_norm(src, group, gm)
         if norm is not None:
             plan.append(([target_name(n) for n in group], norm))
         else:
@@ -263,7 +263,7 @@ def _plan(
     return plan
 
 
-def _explicit_in_graph(gm: fx.GraphModule, node: fx.Node, inv: torch.Tensor) -> None:
+def explicit_in_graph(gm: fx.GraphModule, node: fx.Node, inv: torch.Tensor) -> None:
     """Give ``node`` (a layer) its own :class:`SmoothedActQuant`, reading the tensor its current
     input quantizer reads; that quantizer goes when nothing else uses it."""
     old = input_node(node)
@@ -331,7 +331,7 @@ def smooth(model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQIn
             details["layers"][names[0]] = "explicit scale"
         else:
             gm, node = how
-            _explicit_in_graph(gm, node, 1.0 / s)
+            explicit_in_graph(gm, node, 1.0 / s)
             details["layers"][names[0]] = "explicit scale"
     if isinstance(model, fx.GraphModule):
         model.graph.lint()

@@ -62,6 +62,17 @@ def prefix_fields() -> tuple[str, ...]:
     return tuple(out)
 
 
+def check(config: PTQConfig) -> None:
+    """Every name in ``config.techniques`` is a registered technique, with valid options."""
+    known = {t.name: t for t in registered()}
+    for name in config.techniques:
+        if name not in known:
+            raise ConfigError(
+                f"PTQConfig.techniques: no technique named {name!r}; registered: {sorted(known)}"
+            )
+        known[name].options_in(config)
+
+
 def resolve(config: PTQConfig, details: Mapping[str, Any]) -> PTQConfig:
     """``config`` with each technique's ``"auto"`` setting replaced by what it did (read from
     ``PTQInfo.details``)."""
@@ -71,4 +82,4 @@ def resolve(config: PTQConfig, details: Mapping[str, Any]) -> PTQConfig:
     return config
 
 
-__all__ = ["candidates", "in_phase", "pipeline", "prefix_fields", "resolve", "technique"]
+__all__ = ["candidates", "check", "in_phase", "pipeline", "prefix_fields", "resolve", "technique"]

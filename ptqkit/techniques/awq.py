@@ -1,0 +1,263 @@
+"""AWQ (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration", arXiv:2306.00978): scale up the weight channels that meet large activations
+before rounding, so that they lose less to it.
+
+For the quantized Linears that read one tensor ``X`` (a normalization's output: q/k/v, or the
+first MLP layer), per input channel ``j``:
+
+    ``s_j = mean|X_j|^α``, normalized by ``sqrt(max s · min s)``;  ``W' = W·diag(s)``,
+    ``X' = X·diag(1/s)``
+
+so ``X'·W'ᵀ = X·Wᵀ``: the float function is unchanged. ``α`` is searched on a grid
+``{0, 1/n, …, (n-1)/n}`` (``AWQOptions.grid``, the paper's 20) to minimize, on cached rows of
+``X``, ``Σ_layers ||X·(Q(W·diag(s))·diag(1/s))ᵀ − X·Wᵀ||²`` with ``Q`` each layer's own weight
+quantizer (its spec: bits, per channel or group-wise; min-max ranges). ``α = 0`` is plain
+nearest rounding, so the chosen scales are never worse than it on those rows.
+
+``1/s`` goes where SmoothQuant puts it (:mod:`ptqkit.equalize.smoothquant`): folded into the
+normalization's ``γ, β`` when its output feeds only those Linears (pre-LN transformers; exact,
+free at run time), else into each layer's input quantizer (a multiply before it,
+``SmoothedActQuant``) when activations are quantized (static or dynamic). A group with
+neither (weights only, post-LN) is left as it is and recorded. Needs a traced graph (to see
+which layers read one tensor) and one pass over the calibration data of its own (before the
+calibration pass: it changes the activations), ``num_batches`` batches.
+
+Not here: AWQ's weight-clipping search, scales folded into a preceding Linear (v → o).
+Turned on with ``PTQConfig(techniques={"awq": AWQOptions()})``; composes with GPTQ.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..config import PTQConfig, QuantSpec
+from ..errors import ConfigError
+from ..stage import Context
+from ..technique import Technique, register
+
+NAME = "awq"
+
+
+@dataclass(frozen=True)
+class AWQOptions:
+    """AWQ's settings: ``grid`` values of ``α`` tried (the paper's 20) on at most ``rows``
+    cached input rows per group of layers (taken evenly from every batch)."""
+
+    grid: int = 20
+    rows: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("grid", "rows"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"AWQOptions.{name} must be a positive int, got {v!r}")
+
+
+def _rounded(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``Q(w)``: nearest rounding on min-max ranges with ``spec`` (per tensor, per channel or
+    group-wise), back in float."""
+    from ..calibrate.weights import group_range
+    from ..quant.primitives import fake_quant, qparams
+
+    if spec.group_size is not None:
+        lo, hi = group_range(w, spec, "minmax")
+    elif spec.per_channel:
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+    else:
+        lo, hi = w.min(), w.max()
+    scale, zp = qparams(lo, hi, spec)
+    return fake_quant(w, scale, zp, spec)
+
+
+def search_scale(
+    x: torch.Tensor, layers: list[Any], grid: int
+) -> tuple[torch.Tensor, float, float, float]:
+    """The AWQ scale ``s`` for the layers reading rows ``x`` (``[rows, C_in]``): the grid's best
+    ``α``, with the output error at that ``α`` and at ``α = 0`` (nearest rounding)."""
+    x = x.float()
+    mean_abs = x.abs().mean(dim=0).clamp_min(1e-8)
+    refs = [x @ layer.weight_fp.float().t() for layer in layers]
+    best: tuple[float, float, torch.Tensor] | None = None
+    plain = float("nan")
+    for k in range(grid):
+        alpha = k / grid
+        s = mean_abs.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for layer, ref in zip(layers, refs):
+            w = layer.weight_fp.float()
+            wq = _rounded(w * s, layer.spec) / s
+            err += float((x @ wq.t() - ref).pow(2).sum())
+        if k == 0:
+            plain = err
+        if best is None or err < best[0]:
+            best = (err, alpha, s)
+    assert best is not None
+    return best[2], best[1], best[0], plain
+
+
+def _input_of(node: fx.Node, gm: fx.GraphModule) -> Any:
+    """The tensor a layer reads, looking through its input quantizer."""
+    from ..quant.modules import ActQuant
+    from ..typed import submodule
+
+    x = node.args[0] if node.args else None
+    if isinstance(x, fx.Node) and x.op == "call_module" and isinstance(submodule(gm, x), ActQuant):
+        return x.args[0] if x.args else None
+    return x
+
+
+def groups(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+    """Quantized Linears by the normalization output they read (module or function)."""
+    from ..equalize.smoothquant import NORM_FUNCTIONS, NORMS
+    from ..quant.modules import quant_layers
+    from ..typed import submodule
+
+    linears = {n for n, m in quant_layers(gm).items() if isinstance(m.layer, nn.Linear)}
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in linears:
+            continue
+        src = _input_of(node, gm)
+        if isinstance(src, fx.Node) and (
+            (src.op == "call_module" and isinstance(submodule(gm, src), NORMS))
+            or (src.op == "call_function" and src.target in NORM_FUNCTIONS)
+        ):
+            out.setdefault(src, []).append(node)
+    return out
+
+
+def _collect(ctx: Context, first: dict[str, nn.Module], rows: int) -> dict[str, torch.Tensor]:
+    """One pass over the data: up to ``rows`` input rows of each group's first layer, taken
+    evenly from every batch."""
+    from ..data import iter_batches, model_device, run_model, to_device
+
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in first}
+
+    def hook(_mod: nn.Module, args: tuple, name: str = "") -> None:
+        x = args[0].detach()
+        seen[name].append(x.reshape(-1, x.shape[-1]).float().cpu())
+
+    handles = [
+        m.register_forward_pre_hook(functools.partial(hook, name=n)) for n, m in first.items()
+    ]
+    device = model_device(ctx.qmodel)
+    try:
+        with torch.no_grad():
+            for i, (args, kwargs) in iter_batches(ctx.data, ctx.config.num_batches):
+                args, kwargs = to_device(args, kwargs, device)
+                run_model(ctx.qmodel, i, args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, parts in seen.items():
+        x = torch.cat(parts) if parts else torch.zeros(0)
+        if x.shape[0] > rows:
+            x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
+        out[n] = x
+    return out
+
+
+def _apply(gm: fx.GraphModule, src: fx.Node, nodes: list[fx.Node], s: torch.Tensor) -> str:
+    """Scale the layers' weights by ``s`` and put ``1/s`` before them; how, or why not."""
+    from ..equalize.smoothquant import explicit_in_graph, foldable_norm
+    from ..quant.modules import ActQuant, QuantLayer
+    from ..typed import optional_tensor_attr, submodule, tensor_attr
+
+    norm = foldable_norm(src, nodes, gm)
+    quantized_in = all(
+        isinstance(n.args[0], fx.Node)
+        and n.args[0].op == "call_module"
+        and isinstance(submodule(gm, n.args[0]), ActQuant)
+        for n in nodes
+    )
+    if norm is None and not quantized_in:
+        return (
+            "not scaled: the normalization's output is read elsewhere and no input quantizer "
+            "can hold 1/s"
+        )
+    for n in nodes:
+        layer = submodule(gm, n)
+        assert isinstance(layer, QuantLayer)  # groups() keeps quantized layers only
+        layer.set_float_weight(layer.weight_fp * s.to(layer.weight_fp.device))
+    if norm is not None:
+        gamma, beta = tensor_attr(norm, "weight"), optional_tensor_attr(norm, "bias")
+        with torch.no_grad():
+            gamma.div_(s.to(gamma.device))
+            if beta is not None:
+                beta.div_(s.to(beta.device))
+        return f"folded into {src.target}"
+    for n in nodes:
+        explicit_in_graph(gm, n, 1.0 / s)
+    return "explicit scale before the input quantizer"
+
+
+def awq(ctx: Context) -> None:
+    """Apply AWQ to every group of quantized Linears reading one normalization output."""
+    from ..capture.verify import verify_stage
+    from ..quant.modules import act_quants
+    from ..sync import active
+    from ..typed import submodule
+
+    opts = TECHNIQUE.options_in(ctx.config)
+    info, gm = ctx.info, ctx.qmodel
+    details: dict[str, Any] = {"grid": opts.grid, "layers": {}}
+    info.details[NAME] = details
+    if active():
+        raise ConfigError("AWQ under torch.distributed is not supported yet; leave it off there")
+    if not isinstance(gm, fx.GraphModule):
+        info.warn("AWQ needs a traced graph (which layers read one tensor); nothing scaled")
+        return
+    found = groups(gm)
+    if not found:
+        info.warn("AWQ: no quantized nn.Linear reads a LayerNorm/RMSNorm output; nothing scaled")
+        return
+    first = {str(nodes[0].target): submodule(gm, nodes[0]) for nodes in found.values()}
+    cached = _collect(ctx, first, opts.rows)
+    for src, nodes in found.items():
+        x = cached[str(nodes[0].target)]
+        layers = [submodule(gm, n) for n in nodes]
+        if x.shape[0] == 0:
+            continue
+        s, alpha, err, plain = search_scale(x, layers, opts.grid)
+        how = _apply(gm, src, nodes, s)
+        for n in nodes:
+            details["layers"][str(n.target)] = {
+                "alpha": alpha,
+                "error": err,
+                "error_nearest": plain,
+                "how": how,
+            }
+    gm.graph.lint()
+    gm.recompile()
+    info.quantizers = {n: q.label for n, q in act_quants(gm).items()}
+    verify_stage(gm, ctx.ref, "AWQ", info)
+
+
+def _enabled(config: PTQConfig) -> bool:
+    return NAME in config.techniques and config.techniques[NAME] is not False
+
+
+TECHNIQUE = register(
+    Technique(
+        NAME,
+        310,  # after SmoothQuant (300), before the calibration pass (400)
+        awq,
+        enabled=_enabled,
+        again=lambda c: True,
+        phase="prefix",
+        fields=("techniques",),
+        options=AWQOptions,
+        cost_key=lambda c: NAME,
+        prior_passes={NAME: 2.0},
+        reference="Lin et al. 2023, arXiv:2306.00978",
+    )
+)
+
+__all__ = ["TECHNIQUE", "AWQOptions", "awq", "groups", "search_scale"]
