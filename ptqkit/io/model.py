@@ -128,13 +128,33 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
             zero point outside its grid, a shape the architecture does not have); or ``model``'s
             structure does not match it. The message names the entry or what differs.
     """
-    from ..capture import prepare
-    from ..capture.prepare import CAPTURES, zeros_like_specs
-    from ..capture.verify import reference as run_reference
     from ..pipeline import attach
 
     path = Path(path)
     tensors, doc = container.read(path)
+    config, layer_meta, quant_meta, saved_info = _metadata(path, tensors, doc)
+    qmodel = _rebuild(path, model, config, saved_info)
+    layers, quants = _matched_structure(path, qmodel, doc, tensors, layer_meta, quant_meta)
+
+    extra = {k: v for k, v in tensors.items() if k.startswith(restore.PREFIXES)}
+    # the modules' flags (quantized, mode) are in the metadata, which is what counts; a file
+    # written before they were in the state dict has none
+    state = {k: v for k, v in tensors.items() if k not in extra and not restore.is_flags(k)}
+    _say_dtype(path, extra, layers)
+    _restore_tensors(path, qmodel, (layers, layer_meta), (quants, quant_meta), state, extra)
+
+    known = {f.name for f in dataclasses.fields(PTQInfo)}
+    restored = PTQInfo(**{k: v for k, v in saved_info.items() if k in known})
+    restored.config = config.to_dict()
+    attach(qmodel, restored, config)
+    return qmodel
+
+
+def _metadata(
+    path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]
+) -> tuple[PTQConfig, dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, Any]]:
+    """``(config, layers, quantizers, info)`` of the file's metadata, each checked present; the
+    packed low-bit weights of ``tensors`` are unpacked in place."""
     try:
         config = PTQConfig.from_dict(_field(doc, "config", path))
     except ConfigError as e:
@@ -143,6 +163,16 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     packing.unpack_layers(path, tensors, layer_meta)
     quant_meta: dict[str, dict[str, Any]] = _field(doc, "quantizers", path)
     saved_info: dict[str, Any] = _field(doc, "info", path)
+    return config, layer_meta, quant_meta, saved_info
+
+
+def _rebuild(
+    path: Path, model: nn.Module, config: PTQConfig, saved_info: dict[str, Any]
+) -> nn.Module:
+    """ptqkit's prepare step on ``model``, with the capture the file was made with."""
+    from ..capture import prepare
+    from ..capture.prepare import CAPTURES, zeros_like_specs
+    from ..capture.verify import reference as run_reference
 
     info = PTQInfo(config=config.to_dict())
     capture = saved_info.get("capture") or None
@@ -157,9 +187,21 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     try:
         with warnings.catch_warnings():  # the quantize run already warned about these
             warnings.simplefilter("ignore")
-            qmodel = prepare(model, config.replace(progress=False), info, ref, capture=capture)
+            return prepare(model, config.replace(progress=False), info, ref, capture=capture)
     except PTQError as e:
         raise LoadError(f"{path}: cannot rebuild the quantized structure on this model: {e}") from e
+
+
+def _matched_structure(
+    path: Path,
+    qmodel: nn.Module,
+    doc: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    layer_meta: dict[str, Any],
+    quant_meta: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rebuilt model's quantized layers and activation quantizers, once its structural
+    modules are replayed from the file; each set must be the file's (else a LoadError)."""
     layers = quant_layers(qmodel)
     if set(layers) != set(layer_meta):
         raise _mismatch(path, "quantized layers", set(layer_meta), set(layers))
@@ -167,20 +209,28 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     layers, quants = quant_layers(qmodel), act_quants(qmodel)
     if set(quants) != set(quant_meta):
         raise _mismatch(path, "activation quantizers", set(quant_meta), set(quants))
+    return layers, quants
 
-    extra = {k: v for k, v in tensors.items() if k.startswith(restore.PREFIXES)}
-    # the modules' flags (quantized, mode) are in the metadata, which is what counts; a file
-    # written before they were in the state dict has none
-    state = {k: v for k, v in tensors.items() if k not in extra and not restore.is_flags(k)}
-    _say_dtype(path, extra, layers)
-    restore.install_biases(path, layers, extra)
+
+def _restore_tensors(
+    path: Path,
+    qmodel: nn.Module,
+    layers: tuple[dict[str, Any], dict[str, Any]],
+    quants: tuple[dict[str, Any], dict[str, Any]],
+    state: dict[str, torch.Tensor],
+    extra: dict[str, torch.Tensor],
+) -> None:
+    """The file's tensors into ``qmodel``: ``layers``/``quants`` are ``(modules, metadata)``,
+    ``extra`` the float references and biases (consumed: one left over is a LoadError)."""
+    (modules, layer_meta), (quantizers, quant_meta) = layers, quants
+    restore.install_biases(path, modules, extra)
     expected = {k for k in qmodel.state_dict() if not restore.is_flags(k)}
     if set(state) != expected:
         raise _mismatch(path, "tensors", set(state), expected)
     try:
-        restore.restore_layers(path, layers, layer_meta, state, extra)
-        restore.take_biases(path, layers, state)
-        restore.restore_quantizers(path, quants, quant_meta, state)
+        restore.restore_layers(path, modules, layer_meta, state, extra)
+        restore.take_biases(path, modules, state)
+        restore.restore_quantizers(path, quantizers, quant_meta, state)
     except (ConfigError, KeyError, TypeError, ValueError, IndexError) as e:
         if isinstance(e, LoadError):
             raise
@@ -193,11 +243,5 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     except RuntimeError as e:
         raise LoadError(f"{path}: the model does not match the file: {one_line(e)}") from None
     restore.check_structural(path, qmodel)
-    for layer in layers.values():  # the file carried the float reference of every layer
+    for layer in modules.values():  # the file carried the float reference of every layer
         layer.float_stale = False
-
-    known = {f.name for f in dataclasses.fields(PTQInfo)}
-    restored = PTQInfo(**{k: v for k, v in saved_info.items() if k in known})
-    restored.config = config.to_dict()
-    attach(qmodel, restored, config)
-    return qmodel
