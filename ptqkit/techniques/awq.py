@@ -16,9 +16,9 @@ nearest rounding, so the chosen scales are never worse than it on those rows.
 
 ``1/s`` goes where SmoothQuant puts it (:mod:`ptqkit.equalize.smoothquant`): folded into the
 normalization's ``γ, β`` when its output feeds only those Linears (pre-LN transformers; exact,
-free at run time), else into each layer's input quantizer (a multiply before it,
-``SmoothedActQuant``) when activations are quantized (static or dynamic). A group with
-neither (weights only, post-LN) is left as it is and recorded. Needs a traced graph (to see
+free at run time), else into each layer's static input quantizer (a multiply before it,
+``SmoothedActQuant``). A group with neither (weights only or dynamic activations, post-LN) is
+left as it is and recorded. Needs a traced graph (to see
 which layers read one tensor) and one pass over the calibration data of its own (before the
 calibration pass: it changes the activations), ``num_batches`` batches.
 
@@ -164,20 +164,26 @@ def _collect(ctx: Context, first: dict[str, nn.Module], rows: int) -> dict[str, 
     return out
 
 
+def _holds_inverse(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``1/s`` can go before the layer: a static input quantizer in the graph (a layer's
+    own dynamic quantizer is part of its integer matmul and cannot hold it yet)."""
+    from ..quant.modules import ActQuant
+    from ..typed import submodule
+
+    x = node.args[0] if node.args else None
+    return (
+        isinstance(x, fx.Node) and x.op == "call_module" and isinstance(submodule(gm, x), ActQuant)
+    )
+
+
 def _apply(gm: fx.GraphModule, src: fx.Node, nodes: list[fx.Node], s: torch.Tensor) -> str:
     """Scale the layers' weights by ``s`` and put ``1/s`` before them; how, or why not."""
     from ..equalize.smoothquant import explicit_in_graph, foldable_norm
-    from ..quant.modules import ActQuant, QuantLayer
+    from ..quant.modules import QuantLayer
     from ..typed import optional_tensor_attr, submodule, tensor_attr
 
     norm = foldable_norm(src, nodes, gm)
-    quantized_in = all(
-        isinstance(n.args[0], fx.Node)
-        and n.args[0].op == "call_module"
-        and isinstance(submodule(gm, n.args[0]), ActQuant)
-        for n in nodes
-    )
-    if norm is None and not quantized_in:
+    if norm is None and not all(_holds_inverse(gm, n) for n in nodes):
         return (
             "not scaled: the normalization's output is read elsewhere and no input quantizer "
             "can hold 1/s"

@@ -112,6 +112,11 @@ def test_post_ln_goes_before_the_input_quantizer_or_is_recorded_as_not_scaled():
     assert q.ptq_info.details["awq"]["layers"]["fc1"]["how"].startswith("explicit")
     assert any(isinstance(m, SmoothedActQuant) for m in act_quants(q).values())
     assert _sqnr(model, q, calib) > 10
+    per_token = QuantSpec(bits=8, symmetric=False, per_channel=True, dynamic=True)
+    dyn = ptqkit.quantize(model, calib, cfg.replace(activations=per_token))
+    # a layer's own dynamic quantizer cannot hold 1/s: recorded, the model left as it was
+    assert dyn.ptq_info.details["awq"]["layers"]["fc1"]["how"].startswith("not scaled")
+    assert dyn.ptq_info.capture_checks["AWQ"] < 1e-6
     wo = ptqkit.quantize(model, calib, WEIGHT_ONLY.replace(techniques={"awq": True}))
     assert wo.ptq_info.details["awq"]["layers"]["fc1"]["how"].startswith("not scaled")
 
