@@ -27,7 +27,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -36,7 +35,8 @@ from ..errors import ExportError
 from ..io.files import check_writable, write_bytes
 from ..quant.modules import act_quants, quant_layers
 from . import tensorrt
-from .graph import DQ, Graph, Q
+from .onnx_dynamic import check_dynamic, matmul_weights_to_uint8
+from .onnx_encodings import strip_qdq
 from .passes import PASSES, run_passes
 from .weights import resolve_weight_dtype, weights_to_uint8
 
@@ -88,6 +88,7 @@ def export_onnx(
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be an int in {MIN_OPSET}..{MAX_OPSET}, got {opset!r}")
     check_exportable(qmodel)
+    check_dynamic(act_quants(qmodel), target, format)  # run-time scales: MatMulInteger
     weight_dtype = resolve_weight_dtype(tensorrt.check_target(target, format, weights, qmodel))
     path = _check_path(path)
     args = _check_example(qmodel, example_input)
@@ -104,6 +105,7 @@ def export_onnx(
         encodings = strip_qdq(model)
     elif weight_dtype == "uint8":
         weights_to_uint8(model)
+        matmul_weights_to_uint8(model)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:  # a bug of ptqkit's passes, not the user's
@@ -121,10 +123,13 @@ def encodings_path(path: str | os.PathLike) -> Path:
 
 
 # -- checks --------------------------------------------------------------------------------------
-def quantized_parts(qmodel: Any, groupwise: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def quantized_parts(
+    qmodel: Any, groupwise: str, dynamic: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(quantized layers, activation quantizers)`` of ``qmodel`` after the checks every export
     shares (raising :class:`ExportError`): a ptqkit quantized ``nn.Module``, no quantizer still
-    calibrating, no group-wise weights (``groupwise``: why this export cannot state them)."""
+    calibrating, no group-wise weights (``groupwise``: why this export cannot state them), no
+    dynamic activation quantizer unless the export writes them (``dynamic``)."""
     if not isinstance(qmodel, nn.Module):
         raise ExportError(f"expected a ptqkit quantized nn.Module, got {type(qmodel).__name__}")
     layers, quants = quant_layers(qmodel), act_quants(qmodel)
@@ -136,6 +141,9 @@ def quantized_parts(qmodel: Any, groupwise: str) -> tuple[dict[str, Any], dict[s
     for name, q in quants.items():
         if q.mode == "observe":
             raise ExportError(f"activation quantizer {name} is still calibrating (mode 'observe')")
+        if q.spec.dynamic and q.mode == "quant" and not dynamic:
+            raise ExportError(f"{name} ({q.label}) is dynamic (scales computed at run time): "
+                              f"this export has no form for it; export_onnx writes it")
     for name, layer in layers.items():
         if layer.quantized and layer.spec.group_size is not None:
             raise ExportError(
@@ -152,10 +160,10 @@ def check_exportable(qmodel: Any) -> None:
     ONNX Runtime integer kernels (8-bit activations, weights of at most 8 bits)."""
     layers, quants = quantized_parts(
         qmodel, "ONNX QDQ export writes one scale per output channel and would compute other "
-        "weights"
+        "weights", dynamic=True
     )
     for name, q in quants.items():
-        if q.mode == "quant" and q.spec.bits != 8:
+        if q.mode == "quant" and q.spec.bits != 8 and not q.spec.dynamic:
             raise ExportError(
                 f"activation quantizer {name} ({q.label}) has {q.spec.bits} bits; ONNX QDQ "
                 "export supports 8-bit activations only (ONNX Runtime has no integer kernels "
@@ -326,71 +334,6 @@ def _explain(e: Exception, log: str, opset: int, qmodel: nn.Module) -> str:
 
 def _write(path: Path, data: bytes) -> None:
     write_bytes(path, data, ExportError)
-
-
-# -- fp32 + encodings ----------------------------------------------------------------------------
-def _encoding(scale: np.ndarray, zp: np.ndarray) -> dict[str, Any]:
-    kind = {np.dtype(np.uint8): "uint8", np.dtype(np.int8): "int8", np.dtype(np.int32): "int32"}
-    dtype = kind.get(zp.dtype, str(zp.dtype))
-    return {
-        "dtype": dtype,
-        "bits": zp.dtype.itemsize * 8,
-        "symmetric": bool(dtype != "uint8" and not zp.any()),
-        "scale": scale.astype(np.float64).reshape(-1).tolist(),
-        "zero_point": zp.astype(np.int64).reshape(-1).tolist(),
-    }
-
-
-def strip_qdq(model: onnx.ModelProto) -> dict[str, Any]:
-    """Turn a QDQ model into its float twin, in place; return the encodings removed.
-
-    ``DQ(integer initializer)`` (weights, int32 biases) becomes the dequantized float initializer
-    (``(q - z)·s``, so quantizing it again with the recorded encoding gives back exactly ``q``);
-    a ``Q → DQ`` pair on an activation disappears. Encodings: ``{"activations": {tensor: enc},
-    "params": {initializer: enc}}`` with ``enc`` = dtype, bits, symmetric, scale and zero point
-    (lists: one entry per channel along ``axis``), real = ``(q - zero_point)·scale``.
-    """
-    g = Graph(model)
-    acts: dict[str, Any] = {}
-    params: dict[str, Any] = {}
-    for dq in [n for n in g.nodes if n.op_type == DQ]:
-        x, s = g.const(dq.input[0]), g.const(dq.input[1])
-        z = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-        if s is None:
-            continue
-        if z is None:  # no zero point: 0 of the quantized tensor's type (uint8 by default)
-            z = np.zeros(s.shape, x.dtype if x is not None else np.uint8)
-        if x is not None:  # a parameter
-            axis = g.attr(dq, "axis", 1) % max(x.ndim, 1)
-            shape = [-1 if k == axis else 1 for k in range(x.ndim)] if s.size > 1 else []
-            w = (x.astype(np.float64) - z.astype(np.float64).reshape(shape)) * s.astype(
-                np.float64
-            ).reshape(shape)
-            name = g.add_init(w.astype(np.float32), dq.input[0].rsplit("_int", 1)[0] + "_fp32")
-            params[name] = {**_encoding(s, z), "axis": axis if s.size > 1 else None}
-            _replace(g, dq.output[0], name)
-            continue
-        q = g.producer.get(dq.input[0])
-        if q is None or q.op_type != Q:
-            continue
-        acts[q.input[0]] = _encoding(s, z)
-        _replace(g, dq.output[0], q.input[0])
-    g.reindex()
-    from .passes.tidy import prune
-
-    prune(g)
-    g.finish()
-    return {"format": "ptqkit-encodings/1", "activations": acts, "params": params}
-
-
-def _replace(g: Graph, old: str, new: str) -> None:
-    """Make every reader of ``old`` read ``new`` (a graph output keeps its name via Identity)."""
-    for n in g.users.get(old, []):
-        for k, name in enumerate(n.input):
-            if name == old:
-                n.input[k] = new
-    if old in g.outputs:
-        g.nodes.append(onnx.helper.make_node("Identity", [new], [old], g.fresh(old + "_id")))
 
 
 __all__ = ["FORMATS", "check_exportable", "encodings_path", "export_onnx", "strip_qdq"]

@@ -49,8 +49,11 @@ def reference(x: np.ndarray, bits: int, symmetric: bool, per_row: bool) -> np.nd
     return out.reshape(x.shape)
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"b{s.bits}{'s' if s.symmetric else 'a'}"
-                         f"{'row' if s.per_channel else 'tensor'}")
+@pytest.mark.parametrize(
+    "spec",
+    SPECS,
+    ids=lambda s: f"b{s.bits}{'s' if s.symmetric else 'a'}{'row' if s.per_channel else 'tensor'}",
+)
 def test_equals_the_per_row_reference(spec):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 24, generator=g) * torch.logspace(-2, 2, 7).reshape(1, 7, 1)
@@ -159,12 +162,16 @@ def test_block_close_to_float(block):
     rounding. All-dynamic (the attention matmuls and adds float) measured 53 dB, also on the
     tokens beside 300x outlier tokens; mixed (dynamic Linears, static per-tensor grids on the
     attention matmuls and residual adds) 37.5 dB. Bounds 30 / 25 dB."""
-    row = ptqkit.quantize(block, [tokens(8, i, outliers=True) for i in range(4)],
-                          _cfg(activations=PER_ROW))
+    row = ptqkit.quantize(
+        block, [tokens(8, i, outliers=True) for i in range(4)], _cfg(activations=PER_ROW)
+    )
     x, plain = tokens(16, 99, outliers=True), tokens(16, 98)
     assert _sqnr(block, row, x, slice(1, None)) > 30.0 and _sqnr(block, row, plain) > 30.0
-    mixed = ptqkit.quantize(block, [tokens(8, i) for i in range(4)],
-                            _cfg(scopes=[(nn.Linear, {"activations": PER_ROW})]))
+    mixed = ptqkit.quantize(
+        block,
+        [tokens(8, i) for i in range(4)],
+        _cfg(scopes=[(nn.Linear, {"activations": PER_ROW})]),
+    )
     assert _sqnr(block, mixed, plain) > 25.0
     assert all(quant_layers(mixed)[n].input_quant.spec.dynamic for n in LINEARS)
     assert any(not a.spec.dynamic and a.calibrated for a in act_quants(mixed).values())
@@ -202,12 +209,16 @@ def test_float_layer_means_float_input(block):
 def test_bias_correction_and_fallback_run(block):
     data = [tokens(8, i) for i in range(4)]
     for bc in ("empirical", "affine"):
-        q = ptqkit.quantize(block, data, PTQConfig(progress=False, bias_correction=bc,
-                                                   activations=PER_ROW))
+        q = ptqkit.quantize(
+            block, data, PTQConfig(progress=False, bias_correction=bc, activations=PER_ROW)
+        )
         assert _sqnr(block, q, tokens(16, 7)) > 30.0
     # a target no quantized layer can meet: the fallback keeps layers float until it holds
-    q = ptqkit.quantize(block, data, PTQConfig(progress=False, bias_correction=False,
-                                               activations=PER_ROW, min_sqnr_db=60.0))
+    q = ptqkit.quantize(
+        block,
+        data,
+        PTQConfig(progress=False, bias_correction=False, activations=PER_ROW, min_sqnr_db=60.0),
+    )
     kept = q.ptq_info.details["fallback"]["kept_float"]
     assert kept and all(k["quantizers"] == [f"{k['layer']}.input_quant"] for k in kept)
     for k in kept:
