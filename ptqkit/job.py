@@ -1,10 +1,12 @@
 """The whole job as one call: quantize → evaluate → (compare, sensitivity) → save → export →
-time → report, with its summary. ``ptqkit quantize``/``demo``/``report`` are this function plus
-argument parsing and printing; a Python user gets the same files and the same summary::
+time (PyTorch, ONNX Runtime, PyTorch int8 through Inductor) → report, with its summary.
+``ptqkit quantize``/``demo``/``report`` are this function plus argument parsing and printing;
+a Python user gets the same files and the same summary::
 
     job = ptqkit.run_job(model, calib_data, eval_data, cfg, out_dir="out/")
     print(job.table())                      # FP32 vs INT8: metric, agreement, KL, size, latency
     job.summary["files"]                    # model.ptq.safetensors, model.int8.onnx, report.html …
+    job.summary["int8_runtimes"]            # which runtimes ran int8, how many layers, how fast
 
 Nothing here prints: progress goes through the optional ``log`` (a :class:`JobLog`), warnings
 through :mod:`warnings` (:class:`~ptqkit.errors.PTQWarning`), results into :class:`JobResult`.
@@ -38,8 +40,16 @@ from .pipeline import quantize
 from .recipe import tune
 from .report.html import write_report
 from .report.measure import collect
-from .report.table import result_table
-from .report.timing import JobLog, _batch_of, _Silent, export_and_time, latency_ms
+from .report.table import int8_runtimes, result_table, runtime_lines
+from .report.timing import (
+    PT2_ROW,
+    JobLog,
+    _batch_of,
+    _Silent,
+    export_and_time,
+    latency_ms,
+    time_pt2,
+)
 
 
 @dataclass
@@ -50,6 +60,9 @@ class JobResult:
     result: Any  # EvalResult
     latency_ms: dict[str, float] = field(default_factory=dict)
     onnx: dict[str, Any] = field(default_factory=dict)
+    #: the PyTorch int8 row (:func:`~ptqkit.report.timing.time_pt2`): program, kernel count,
+    #: agreement with the simulation and FP32, latency by batch; ``error`` if it failed
+    pt2: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     advice: list[Any] = field(default_factory=list)
     comparison: Any = None
@@ -61,7 +74,12 @@ class JobResult:
 
     def table(self) -> str:
         """The short FP32 vs INT8 table (metric, agreement and KL, size, latencies)."""
-        return result_table(self.result, self.latency_ms, self.latency_batch)
+        return result_table(self.result, self.latency_ms, self.latency_batch, self.pt2)
+
+    def int8_runtimes(self) -> list[dict[str, Any]]:
+        """Every runtime that ran the model on integer kernels: layers on integer and float
+        kernels, latency (ms) by batch (``summary["int8_runtimes"]``)."""
+        return int8_runtimes(self.latency_ms, self.onnx, self.pt2, self.latency_batch)
 
 
 def example_input(batches: Iterable[Any], n: int = 1) -> tuple | None:
@@ -129,6 +147,12 @@ class JobOptions:
         sensitivity: also measure per-layer sensitivity (:func:`ptqkit.sensitivity`).
         export: export and time the ONNX models (needs ``out_dir``).
         latency: time the models.
+        pt2: with ``latency``, also run the model on int8 kernels inside PyTorch:
+            :func:`ptqkit.export_pt2` (``model.int8.pt2`` in ``out_dir``) compiled by
+            :func:`ptqkit.compile_int8` (Inductor; about 10 s for a small CNN, tens of seconds
+            for an EfficientNet), its conv/linear kernels counted, its outputs compared with
+            the simulation and FP32 on the evaluation data, timed at batch 1 and the latency
+            batch. A model it cannot take is recorded (``pt2["error"]``) and warned about.
         example: positional input of the export and the latencies (default: the first sample of
             the first calibration batch; a program exported with a static batch size needs a
             whole batch).
@@ -151,6 +175,7 @@ class JobOptions:
     sensitivity: bool = False
     export: bool = True
     latency: bool = True
+    pt2: bool = True
     example: tuple | None = None
     layer_sqnr: bool = True
     tune_budget_s: float | None = None
@@ -200,7 +225,8 @@ def run_job(
     ``model`` on ``eval_data`` (on the calibration data when ``None``, and the report says so),
     then do what ``options`` (a :class:`JobOptions`) asks: compare every method, measure
     per-layer sensitivity and, with ``out_dir``, save ``model.ptq.safetensors``, export
-    ``model.int8.onnx`` and ``model.fp32.onnx``, time them in ONNX Runtime, write
+    ``model.int8.onnx`` and ``model.fp32.onnx``, time them in ONNX Runtime, export
+    ``model.int8.pt2`` and time it on int8 kernels in PyTorch (Inductor), write
     ``summary.json`` and the HTML report. Returns a :class:`JobResult`.
 
     ``fields`` are :class:`JobOptions` fields given by name, a shorthand for
@@ -231,6 +257,9 @@ def run_job(
     job.latency_ms, job.onnx = export_and_time(
         log, model, qmodel, example, out, export=opts.export, latency=opts.latency
     )
+    if opts.pt2 and opts.latency:
+        lat, job.pt2 = time_pt2(log, model, qmodel, example, evald, out)
+        job.latency_ms.update(lat)
     _report(job, model, calib_data, None if on_calib else evald, eval_desc, opts, log)
     _write_summary(job, on_calib, eval_desc, opts)
     return job
@@ -309,19 +338,19 @@ def _report(
             max_weights=opts.max_plots,
             batches=opts.report_batches,
         )
-        if job.onnx.get("int8"):
-            rep.summary.append(
-                (
-                    "ONNX Runtime kernels",
-                    f"{job.onnx['int_kernels']} integer, "
-                    f"{job.onnx['float_kernels']} float conv/matmul/gemm",
-                )
-            )
+        rep.summary += [
+            (f"int8 on {name}", text) for name, text in runtime_lines(job.int8_runtimes())
+        ]
+        for name, rec in (("ONNX export", job.onnx), (PT2_ROW, job.pt2)):
+            if "error" in rec:
+                rep.summary.append((f"{name} failed", rec["error"]))
         if path is not None:
             write_report(None, path, report=rep)
             job.files["report"] = str(path)
     job.report, job.advice = rep, list(rep.advice)
     job.files.update({f"onnx_{k}": v for k, v in job.onnx.items() if k in ("int8", "fp32")})
+    if "program" in job.pt2:
+        job.files["pt2_int8"] = job.pt2["program"]
 
 
 def _write_summary(job: JobResult, on_calib: bool, eval_desc: str, opts: JobOptions) -> None:
@@ -337,6 +366,8 @@ def _write_summary(job: JobResult, on_calib: bool, eval_desc: str, opts: JobOpti
             "evaluated_on_calibration_data": on_calib,
             "latency_ms": job.latency_ms,
             "onnx": job.onnx,
+            "pt2": job.pt2,
+            "int8_runtimes": job.int8_runtimes(),
             "files": job.files,
             "advice": [a.to_dict() for a in job.advice],
             "comparison": job.comparison.to_dict() if job.comparison is not None else None,

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import ptqkit
+from ptqkit.errors import PTQWarning
 from ptqkit.export import OrtModule, parity
 from ptqkit.job import run_job
+from ptqkit.quant.primitives import sqnr_db
 
 CFG = ptqkit.PTQConfig(progress=False)
 
@@ -53,6 +55,24 @@ def test_run_job_writes_everything_and_prints_nothing(
         assert torch.equal(loaded(x), job.qmodel(x))
     res = parity(job.qmodel, OrtModule(files["onnx_int8"], threads=1), test_batches)
     assert res.top1_agreement >= 97.0 and res.max_steps <= 2.0, res
+    # PyTorch int8 (Inductor): every conv/linear on a oneDNN int8 kernel, its outputs the
+    # simulation's (a rounding near-tie may move one step: SQNR, not equality), timed
+    pt2 = job.pt2
+    assert (pt2["layers"], pt2["int_kernels"], pt2["float_kernels"]) == (4, 4, 0), pt2
+    agree = pt2["agreement"]
+    assert agree["samples"] == 360 and agree["sqnr_db_vs_simulation"] > 30, agree
+    assert agree["top1_vs_simulation"] >= 97.0 and agree["top1_vs_fp32"] >= 95.0, agree
+    assert summary["pt2"]["latency_ms"]["1"] == job.latency_ms["INT8 PyTorch Inductor"] > 0
+    assert [r["runtime"] for r in summary["int8_runtimes"]] == [
+        "ONNX Runtime", "PyTorch int8 (Inductor)"
+    ]
+    assert "latency PyTorch int8 (Inductor)" in job.table() and "4/4 conv/linear" in job.table()
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "int8 on PyTorch int8 (Inductor)" in html and "4/4 conv/linear" in html
+    # the saved program is the one that was checked: load it back, compare with the simulation
+    program = ptqkit.export.load_pt2(files["pt2_int8"])
+    with torch.no_grad():
+        assert sqnr_db(job.qmodel(x), program.module()(x)) > 30
 
 
 def test_run_job_without_a_folder_evaluates_on_calibration_data(digits_cnn, calib_batches):
@@ -70,7 +90,7 @@ def test_run_job_times_the_example_it_is_given(digits_cnn, calib_batches):
     example = example_input(calib_batches, 4)
     assert example is not None and example[0].shape[0] == 4
     job = run_job(digits_cnn, calib_batches, None, CFG, export=False, example=example,
-                  layer_sqnr=False)
+                  layer_sqnr=False, pt2=False)
     assert job.latency_batch == 4 and "batch 4)" in job.table()
     assert set(job.latency_ms) == {"FP32 PyTorch", "INT8 simulated PyTorch"}
     assert job.report.sqnr == {} and job.result.agreement >= 95.0
@@ -112,3 +132,37 @@ def test_run_job_takes_an_options_object(digits_cnn, calib_batches):
     with pytest.raises(ptqkit.ConfigError, match="JobOptions"):
         run_job(digits_cnn, calib_batches, None, CFG, {"export": False})
     assert JobOptions(out_dir="o").report is not None and JobOptions().report is None
+
+
+class DataDependent(torch.nn.Module):
+    """A branch on a value (``if y.mean() > 0``): torch.export cannot follow it (ptqkit quantizes
+    it with hooks), so the PyTorch int8 row cannot be built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4 * 36, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x)).flatten(1)
+        if y.mean() > 0:
+            y = y * 2
+        return self.fc(y)
+
+
+def test_a_model_torch_export_cannot_follow_is_recorded_not_raised(calib_batches, tmp_path):
+    torch.manual_seed(0)
+    model = DataDependent().eval()
+    with pytest.warns(PTQWarning, match=r"PyTorch int8 \(Inductor\) failed: torch.export failed"):
+        job = run_job(model, calib_batches, None, CFG, out_dir=tmp_path / "o", export=False)
+    assert job.pt2["error"].startswith("torch.export failed") and "\n" not in job.pt2["error"]
+    assert job.result.agreement > 90 and "INT8 PyTorch Inductor" not in job.latency_ms
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["pt2"] == job.pt2 and summary["int8_runtimes"] == []
+    assert "PyTorch int8 (Inductor) failed" in (tmp_path / "o" / "report.html").read_text()
+    assert not (tmp_path / "o" / "model.int8.pt2").exists()
+
+
+def test_pt2_off(digits_cnn, calib_batches):
+    job = run_job(digits_cnn, calib_batches, None, CFG, export=False, pt2=False, layer_sqnr=False)
+    assert job.pt2 == {} and job.summary["pt2"] == {} and job.summary["int8_runtimes"] == []
+    assert set(job.latency_ms) == {"FP32 PyTorch", "INT8 simulated PyTorch"}

@@ -11,6 +11,7 @@ from typing import Any
 from ..config import PTQConfig
 from ..io.files import write_text
 from ..job import JobOptions, JobResult, example_input, run_job
+from ..report.table import runtime_lines
 from .config_file import load_config
 from .console import Console
 from .inputs_data import Data, load_data
@@ -51,7 +52,8 @@ def run(
     qmodel: Any = None,
 ) -> JobResult:
     """:func:`ptqkit.run_job` with the command's arguments; prints the FP32 vs INT8 table, the
-    ONNX Runtime kernels, the comparison of methods, the advice and the files written."""
+    runtimes that ran int8 (kernels, latency), the comparison of methods, the advice and the
+    files written."""
     size = static_batch_size(model)
     options = JobOptions(
         out_dir=out_dir,
@@ -61,6 +63,7 @@ def run(
         sensitivity=getattr(args, "sensitivity", False),
         export=not getattr(args, "no_onnx", False),
         latency=not getattr(args, "no_latency", False),
+        pt2=not getattr(args, "no_pt2", False),
         example=None if size is None else example_input(calib.batches, size),
         layer_sqnr=size is None,
         tune_budget_s=_tune_budget(getattr(args, "tune", None)),
@@ -82,11 +85,8 @@ def run(
         log=console,
     )
     console.out(job.table())
-    if job.onnx.get("int8"):
-        console.out(
-            f"ONNX Runtime runs {job.onnx['int_kernels']} integer kernels and "
-            f"{job.onnx['float_kernels']} float conv/matmul/gemm ops"
-        )
+    for name, text in runtime_lines(job.int8_runtimes()):
+        console.out(f"int8 on {name}: {text}")
     if job.comparison is not None:
         console.out("\n" + job.comparison.table())
     print_advice(console, job.advice)
@@ -152,7 +152,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
             raise UsageError(f"--quantized {args.quantized}: no such file")
         with console.step(f"loading {args.quantized}"):
             qmodel = ptqkit.load(args.quantized, model)
-    args.no_onnx = True
+    args.no_onnx = args.no_pt2 = True  # a report of the model: no export, no int8 runtimes
     which = f", quantized model {args.quantized}." if args.quantized else "."
     notes = [f"Model {args.model}{which}"]
     title = f"ptqkit report: {args.model}"

@@ -71,6 +71,11 @@ def _run_options(
     p.add_argument("--compare", action="store_true", help=compare_help)
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    p.add_argument(
+        "--no-pt2",
+        action="store_true",
+        help="skip the PyTorch int8 run (torch.export + Inductor compilation: 10-60 s)",
+    )
     p.add_argument("--max-plots", type=int, default=max_plots, help="plots per report section")
     p.add_argument(
         "--tune",

@@ -147,6 +147,7 @@ def test_quantize_writes_everything(work):
         "q1",
         "--max-plots",
         "4",
+        "--no-pt2",
     )
     assert p.returncode == 0, p.stderr
     out = work / "q1"
@@ -158,6 +159,10 @@ def test_quantize_writes_everything(work):
     assert s["quantization"]["layers"] == 4 and s["quantization"]["calibration_samples"] == 256
     assert s["onnx"]["int_kernels"] >= 4
     assert {"FP32 PyTorch", "INT8 ONNX Runtime"} <= set(s["latency_ms"])
+    # --no-pt2: no PyTorch int8 (Inductor) row; ONNX Runtime is the runtime that ran int8
+    assert s["pt2"] == {} and not (out / "model.int8.pt2").exists()
+    assert [r["runtime"] for r in s["int8_runtimes"]] == ["ONNX Runtime"]
+    assert "int8 on ONNX Runtime:" in p.stdout and "Inductor" not in p.stdout
     assert "top1" in p.stdout and "degradation" in p.stdout and "report:" in p.stdout
     assert "ptqkit: quantizing" in p.stderr  # plain log lines: stderr is not a terminal
     # the saved model loads back onto the float architecture and computes the same outputs
@@ -404,7 +409,12 @@ def test_demo_as_the_readme_says(tmp_path):
     for name in ("report.html", "summary.json", "model.int8.onnx", "model.ptq.safetensors"):
         assert (out / name).is_file(), name
     assert "top1" in p.stdout and "latency ONNX Runtime" in p.stdout
+    # the demo runs the model on int8 kernels inside PyTorch too (Inductor), and says so
+    assert "latency PyTorch int8 (Inductor)" in p.stdout
+    assert "int8 on PyTorch int8 (Inductor): 4/4 conv/linear on oneDNN int8 kernels" in p.stdout
+    assert (out / "model.int8.pt2").is_file()
     s = json.loads((out / "summary.json").read_text())
+    assert [r["runtime"] for r in s["int8_runtimes"]] == ["ONNX Runtime", "PyTorch int8 (Inductor)"]
     assert s["evaluation"]["fp32"] > 90 and s["evaluation"]["degradation"] < 2
     assert seconds < 120, seconds
     # the recipe was searched (--tune, default on): every trial recorded, in the report too
