@@ -59,7 +59,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..calibrate.weights import weight_range
 from ..config import AdaRoundOptions, PTQConfig
@@ -196,47 +196,13 @@ def _adaround(
         info.warn("AdaRound: the model has no layer with weights to round; nothing was done")
         info.details["adaround"] = {"layers": {}}
         return qmodel
-    opts = config.adaround_options
-    if opts.granularity == "block":
-        why = "runs on one process only (torch.distributed is active)" if active() else None
-        if why is None:
-            from .brecq import reconstruct_blocks
-
-            why = reconstruct_blocks(qmodel, data, config, info)
-            if why is None:
-                return qmodel
-        info.warn(f"Block reconstruction not possible: {why}; AdaRound rounds layer by layer")
+    if config.adaround_options.granularity == "block" and _blocks(qmodel, data, config, info):
+        return qmodel
     _announce(qmodel, config)
     empty = empty_shard(data)  # this rank has no data (torch.distributed): it only follows
-    traced = can_propagate(qmodel)  # the order is read off the graph, not the data
-    order = list(layers) if empty and not traced else layer_order(qmodel, data, config)
-    if active() and not can_propagate(qmodel):  # untraced: the order of a rank that ran
-        order = from_data("adaround: layer order", order, not empty)
+    order = _order(qmodel, data, config, layers, empty)
     seeds = {n: config.seed + k for k, n in enumerate(order) if layers[n].weight_fp.numel() > 0}
-    report: dict[str, Any] = {}
-
-    def learn(name: str, rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        layer = layers[name]
-        dev = layer.weight_fp.device
-        everyone = exchange(f"adaround: {name} rows", rows) if active() else [rows]
-        shared = [r for r in everyone if r is not None]
-        if not shared:  # no rank has rows: nearest rounding, below
-            return
-
-        def solve() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-            x, y = (torch.cat([r[k].to(dev) for r in shared]) for k in (0, 1))
-            lo, hi = weight_range(layer, config.weight_calibration)
-            scale, zp = qparams(lo, hi, layer.spec)
-            act = activation_after(qmodel, name)
-            q, losses = round_layer(
-                layer, scale, zp, x, y, act, config.adaround_iters, seeds[name], opts
-            )
-            return q, scale, zp, {**losses, "rows": int(x.shape[0])}
-
-        q, scale, zp, record = from_first(f"adaround: {name}", solve)
-        layer.set_quantized(q.to(dev), scale.to(dev), zp.to(dev))
-        report[name] = record
-
+    learn = _Learner(qmodel, layers, config, seeds)
     engine: dict[str, Any] = {"cached_inputs": False}
     plans: dict[str, Rows]
     feeds: list[Batch]
@@ -247,25 +213,14 @@ def _adaround(
     picked = add_up("adaround: layers with rows", {n: int(bool(p.picks)) for n, p in plans.items()})
     used = [n for n in order if picked.get(n)]  # on any rank
     if can_propagate(qmodel, used):
-        bar = iter(progress(used, config.progress, "adaround"))
-
-        def visit(name: str, layer: QuantLayer, inputs: Any, outputs: Any) -> Rerun:
-            next(bar, None)
-            plan = plans[name]
-            learn(name, (input_rows(layer, plan, inputs), plan.target()) if plan.picks else None)
-            return RERUN
-
-        with torch.no_grad():
-            walked = propagate(qmodel, feeds, visit, used, opts.memory_budget)
-        counts = {k: walked[k] for k in ("batches", "spilled")}
-        engine = {"cached_inputs": True, **walked, **add_up("adaround: engine", counts)}
-        next(bar, None)
+        engine = _propagated(qmodel, learn, used, plans, feeds)
     else:
         del plans, feeds  # the untraced path collects per layer
         for name in progress(used, config.progress, "adaround"):
             layer = layers[name]
             rows = None if empty else collect_prefix(qmodel, layer, data, config, seeds[name])
             learn(name, rows)
+    report = learn.report
     for name in order:
         if name not in report:
             layers[name].set_weight_range(*weight_range(layers[name], config.weight_calibration))
@@ -278,6 +233,112 @@ def _adaround(
         "engine": engine,
     }
     return qmodel
+
+
+def _blocks(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo) -> bool:
+    """``granularity="block"``: whether block reconstruction (:mod:`ptqkit.correct.brecq`) did
+    the rounding; when it cannot, a warning says why and AdaRound goes layer by layer."""
+    why = "runs on one process only (torch.distributed is active)" if active() else None
+    if why is None:
+        from .brecq import reconstruct_blocks
+
+        why = reconstruct_blocks(qmodel, data, config, info)
+        if why is None:
+            return True
+    info.warn(f"Block reconstruction not possible: {why}; AdaRound rounds layer by layer")
+    return False
+
+
+def _order(
+    qmodel: nn.Module,
+    data: Iterable[Any],
+    config: PTQConfig,
+    layers: dict[str, QuantLayer],
+    empty: bool,
+) -> list[str]:
+    """The layers in execution order: read off the traced graph, else off the data (under
+    ``torch.distributed``, an untraced model takes the order of a rank that ran)."""
+    traced = can_propagate(qmodel)  # the order is read off the graph, not the data
+    order = list(layers) if empty and not traced else layer_order(qmodel, data, config)
+    if active() and not can_propagate(qmodel):  # untraced: the order of a rank that ran
+        order = from_data("adaround: layer order", order, not empty)
+    return order
+
+
+class _Learner:
+    """``learner(name, rows)``: learn the rounding of layer ``name`` from its sampled ``(x, y)``
+    rows (all ranks' rows, solved on rank 0 and sent to every rank) and set its integer
+    weights; ``report`` holds each learned layer's record."""
+
+    def __init__(
+        self,
+        qmodel: nn.Module,
+        layers: dict[str, QuantLayer],
+        config: PTQConfig,
+        seeds: dict[str, int],
+    ) -> None:
+        self.qmodel, self.layers, self.config, self.seeds = qmodel, layers, config, seeds
+        self.report: dict[str, Any] = {}
+
+    def __call__(self, name: str, rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        layer = self.layers[name]
+        dev = layer.weight_fp.device
+        everyone = exchange(f"adaround: {name} rows", rows) if active() else [rows]
+        shared = [r for r in everyone if r is not None]
+        if not shared:  # no rank has rows: nearest rounding, in _adaround
+            return
+        q, scale, zp, record = from_first(f"adaround: {name}", lambda: self._solve(name, shared))
+        layer.set_quantized(q.to(dev), scale.to(dev), zp.to(dev))
+        self.report[name] = record
+
+    def _solve(
+        self, name: str, shared: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        layer, config = self.layers[name], self.config
+        dev = layer.weight_fp.device
+        x, y = (torch.cat([r[k].to(dev) for r in shared]) for k in (0, 1))
+        lo, hi = weight_range(layer, config.weight_calibration)
+        scale, zp = qparams(lo, hi, layer.spec)
+        act = activation_after(self.qmodel, name)
+        q, losses = round_layer(
+            layer,
+            scale,
+            zp,
+            x,
+            y,
+            act,
+            config.adaround_iters,
+            self.seeds[name],
+            config.adaround_options,
+        )
+        return q, scale, zp, {**losses, "rows": int(x.shape[0])}
+
+
+def _propagated(
+    graph: fx.GraphModule,
+    learn: _Learner,
+    used: list[str],
+    plans: dict[str, Rows],
+    feeds: list[Batch],
+) -> dict[str, Any]:
+    """The traced path: one pass of the partially quantized network over the cached batches,
+    each layer rounded right before it runs (:func:`ptqkit.walk.propagate`); returns the
+    engine's record."""
+    config = learn.config
+    bar = iter(progress(used, config.progress, "adaround"))
+
+    def visit(name: str, layer: QuantLayer, inputs: Any, outputs: Any) -> Rerun:
+        next(bar, None)
+        plan = plans[name]
+        learn(name, (input_rows(layer, plan, inputs), plan.target()) if plan.picks else None)
+        return RERUN
+
+    with torch.no_grad():
+        walked = propagate(graph, feeds, visit, used, config.adaround_options.memory_budget)
+    counts = {k: walked[k] for k in ("batches", "spilled")}
+    engine = {"cached_inputs": True, **walked, **add_up("adaround: engine", counts)}
+    next(bar, None)
+    return engine
 
 
 __all__ = ["adaround", "round_layer"]
