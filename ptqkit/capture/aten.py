@@ -59,74 +59,16 @@ def lift_aten(gm: fx.GraphModule) -> fx.GraphModule:
     """Turn the ATen conv/linear/batch-norm calls of an exported graph back into ``nn`` modules
     (named after their weights) and the ATen ops of :data:`ATEN_FUNCTIONS` into their ``torch``
     functions, in place; returns ``gm``."""
-
-    def attr(node: Any) -> Any:
-        if node is None:
-            return None
-        if getattr(node, "op", None) != "get_attr":
-            raise LookupError
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        return obj
-
     used: set[str] = set()
-
-    def install(node: Any, module: nn.Module, weight_node: Any) -> None:
-        """Call ``module`` instead of ``node``; it takes the place of the plain module that held
-        its weights (same qualified name) when that one holds nothing else."""
-        name = weight_node.target.rpartition(".")[0]
-        existing = dict(gm.named_modules()).get(name) if name else None
-        if existing is None or list(existing.children()) or name in used:
-            name = f"{(name or node.name).replace('.', '_')}_{node.name}"
-        used.add(name)
-        parent, _, leaf = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (node.args[0],))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        t, a = node.target, list(node.args)
+        t = node.target
         try:
-            if t in ATEN_CONVS and not node.kwargs:
-                w, b = attr(a[1]), attr(a[2] if len(a) > 2 else None)
-                stride, padding, dilation, groups = (a[3:7] + [1, 0, 1, 1][len(a[3:7]) :])[:4]
-                conv = ATEN_CONVS[t](
-                    w.shape[1] * groups,
-                    w.shape[0],
-                    tuple(w.shape[2:]),
-                    stride=stride,
-                    padding=padding,
-                    dilation=dilation,
-                    groups=groups,
-                    bias=b is not None,
-                )
-                conv.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-                if b is not None:
-                    conv.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
-                install(node, conv, a[1])
-            elif t == aten.linear.default and not node.kwargs:
-                w, b = attr(a[1]), attr(a[2] if len(a) > 2 else None)
-                lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-                lin.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-                if b is not None:
-                    lin.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
-                install(node, lin, a[1])
-            elif t == aten.batch_norm.default and len(a) >= 8 and not a[5]:
-                w, b, mean, var = (attr(x) for x in a[1:5])
-                val = node.meta.get("val")
-                cls = _NORMS.get(val.dim() if hasattr(val, "dim") else 4, nn.BatchNorm2d)
-                bn = cls(mean.shape[0], eps=a[7], momentum=a[6], affine=w is not None)
-                bn.running_mean, bn.running_var = mean.detach().clone(), var.detach().clone()
-                if w is not None:
-                    bn.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-                    bn.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
-                install(node, bn.eval(), a[1] if w is not None else a[3])
-            elif t == aten.add.Tensor and len(a) == 2 and not node.kwargs:
+            lifted = _module_of(gm, node)
+            if lifted is not None:
+                _install(gm, used, node, *lifted)
+            elif t == aten.add.Tensor and len(node.args) == 2 and not node.kwargs:
                 node.target = operator.add
             elif t in ATEN_FUNCTIONS:
                 node.target = ATEN_FUNCTIONS[t]
@@ -140,6 +82,81 @@ def lift_aten(gm: fx.GraphModule) -> fx.GraphModule:
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
     return gm
+
+
+def _attr(gm: fx.GraphModule, node: Any) -> Any:
+    """The tensor a ``get_attr`` node reads (``None`` for ``None``); else a LookupError."""
+    if node is None:
+        return None
+    if getattr(node, "op", None) != "get_attr":
+        raise LookupError
+    obj: Any = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=False)
+
+
+def _module_of(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, Any] | None:
+    """``(module, the node of its weight)`` computing the ATen conv/linear/batch-norm call
+    ``node``, or ``None`` for any other op; a LookupError when its weights are not attributes."""
+    t, a = node.target, list[Any](node.args)
+    if t in ATEN_CONVS and not node.kwargs:
+        w, b = _attr(gm, a[1]), _attr(gm, a[2] if len(a) > 2 else None)
+        stride, padding, dilation, groups = (a[3:7] + [1, 0, 1, 1][len(a[3:7]) :])[:4]
+        conv = ATEN_CONVS[t](
+            w.shape[1] * groups,
+            w.shape[0],
+            tuple(w.shape[2:]),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=b is not None,
+        )
+        conv.weight = _frozen(w)
+        if b is not None:
+            conv.bias = _frozen(b)
+        return conv, a[1]
+    if t == aten.linear.default and not node.kwargs:
+        w, b = _attr(gm, a[1]), _attr(gm, a[2] if len(a) > 2 else None)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        lin.weight = _frozen(w)
+        if b is not None:
+            lin.bias = _frozen(b)
+        return lin, a[1]
+    if t == aten.batch_norm.default and len(a) >= 8 and not a[5]:  # a[5]: training
+        w, b, mean, var = (_attr(gm, x) for x in a[1:5])
+        val: Any = node.meta.get("val")
+        cls = _NORMS.get(val.dim() if hasattr(val, "dim") else 4, nn.BatchNorm2d)
+        bn = cls(mean.shape[0], eps=a[7], momentum=a[6], affine=w is not None)
+        bn.running_mean, bn.running_var = mean.detach().clone(), var.detach().clone()
+        if w is not None:
+            bn.weight, bn.bias = _frozen(w), _frozen(b)
+        return bn.eval(), a[1] if w is not None else a[3]
+    return None
+
+
+def _install(
+    gm: fx.GraphModule, used: set[str], node: fx.Node, module: nn.Module, weight_node: Any
+) -> None:
+    """Call ``module`` instead of ``node``; it takes the place of the plain module that held
+    its weights (same qualified name) when that one holds nothing else (``used``: the names
+    taken so far)."""
+    name = weight_node.target.rpartition(".")[0]
+    existing = dict(gm.named_modules()).get(name) if name else None
+    if existing is None or list(existing.children()) or name in used:
+        name = f"{(name or node.name).replace('.', '_')}_{node.name}"
+    used.add(name)
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (node.args[0],))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
 
 
 __all__ = ["ATEN_CONVS", "ATEN_FUNCTIONS", "lift_aten"]
