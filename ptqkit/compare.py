@@ -226,15 +226,7 @@ def compare(
         on_row: called with each row as soon as it is measured (for logging).
         progress_bar: show a progress bar over the methods (on a terminal).
     """
-    from .quant.modules import act_quants, quant_layers
-
-    if isinstance(model, nn.Module) and (quant_layers(model) or act_quants(model)):
-        # every method would fail with the same error, and two quantized models compared with
-        # each other have no float reference: say it once, before any method runs
-        raise ModelError(
-            "compare(model, ...) needs the float model: this one already holds ptqkit's "
-            "quantized layers; pass the float model it was made from"
-        )
+    _refuse_quantized(model)
     base = PTQConfig() if base is None else base
     base = base.replace(progress=False, max_degradation=None, min_sqnr_db=None)
     eval_data = data if eval_data is None else eval_data
@@ -258,24 +250,43 @@ def compare(
     else:
         run(calibrator_methods(base, calibrators, granularity), "compare calibrators")
         if recovery:
-            done = {r.method: r for r in result.rows}
-            todo: list[Method] = []
-            for pc in sorted({r.per_channel for r in result.rows}, reverse=True):
-                ok = [r for r in done.values() if r.per_channel == pc and not r.error]
-                if not ok:
-                    continue
-                top = min(ok, key=_key)
-                weights = dataclasses.replace(base.weights, per_channel=pc)
-                cfg = base.replace(
-                    weights=weights, calibration=top.calibration, cle=False, bias_correction=False
-                )
-                if top.calibration != base.calibration:
-                    cfg = cfg.replace(calibrator_options={})
-                todo += [m for m in recovery_methods(cfg) if m.name not in done]
-            run(todo, "compare recovery")
+            run(_recovery_methods(base, result.rows), "compare recovery")
     result.rows.sort(key=_key)
     result.best_model = best[1] if best is not None else None
     return result
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """A model that already holds ptqkit's quantizers is a ModelError: every method would fail
+    with the same error, and two quantized models compared with each other have no float
+    reference: say it once, before any method runs."""
+    from .quant.modules import act_quants, quant_layers
+
+    if isinstance(model, nn.Module) and (quant_layers(model) or act_quants(model)):
+        raise ModelError(
+            "compare(model, ...) needs the float model: this one already holds ptqkit's "
+            "quantized layers; pass the float model it was made from"
+        )
+
+
+def _recovery_methods(base: PTQConfig, rows: list[Row]) -> list[Method]:
+    """Phase 2: CLE / bias correction on the best calibrator of phase 1, for each weight
+    granularity that has one (per-channel first), minus the methods already run."""
+    done = {r.method: r for r in rows}
+    todo: list[Method] = []
+    for pc in sorted({r.per_channel for r in rows}, reverse=True):
+        ok = [r for r in done.values() if r.per_channel == pc and not r.error]
+        if not ok:
+            continue
+        top = min(ok, key=_key)
+        weights = dataclasses.replace(base.weights, per_channel=pc)
+        cfg = base.replace(
+            weights=weights, calibration=top.calibration, cle=False, bias_correction=False
+        )
+        if top.calibration != base.calibration:
+            cfg = cfg.replace(calibrator_options={})
+        todo += [m for m in recovery_methods(cfg) if m.name not in done]
+    return todo
 
 
 __all__ = [
