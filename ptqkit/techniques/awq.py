@@ -18,9 +18,10 @@ nearest rounding, so the chosen scales are never worse than it on those rows.
 normalization's ``γ, β`` when its output feeds only those Linears (pre-LN transformers; exact,
 free at run time), else into each layer's static input quantizer (a multiply before it,
 ``SmoothedActQuant``). A group with neither (weights only or dynamic activations, post-LN) is
-left as it is and recorded. Needs a traced graph (to see
-which layers read one tensor) and one pass over the calibration data of its own (before the
-calibration pass: it changes the activations), ``num_batches`` batches.
+left as it is and recorded. Which layers read one normalization output is read from the graph,
+or, for a model captured with hooks, seen by tensor identity during the pass. One pass over the
+calibration data of its own (before the calibration pass: it changes the activations),
+``num_batches`` batches; not with SmoothQuant (both put scales there).
 
 Not here: AWQ's weight-clipping search, scales folded into a preceding Linear (v → o).
 Turned on with ``PTQConfig(techniques={"awq": AWQOptions()})``; composes with GPTQ.
@@ -132,20 +133,11 @@ def groups(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
     return out
 
 
-def _collect(ctx: Context, first: dict[str, nn.Module], rows: int) -> dict[str, torch.Tensor]:
-    """One pass over the data: up to ``rows`` input rows of each group's first layer, taken
-    evenly from every batch."""
+def _run_pass(ctx: Context, handles: list[Any]) -> None:
+    """One pass over the calibration data (``num_batches``) with ``handles`` (hooks) attached,
+    removed at the end."""
     from ..data import iter_batches, model_device, run_model, to_device
 
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in first}
-
-    def hook(_mod: nn.Module, args: tuple, name: str = "") -> None:
-        x = args[0].detach()
-        seen[name].append(x.reshape(-1, x.shape[-1]).float().cpu())
-
-    handles = [
-        m.register_forward_pre_hook(functools.partial(hook, name=n)) for n, m in first.items()
-    ]
     device = model_device(ctx.qmodel)
     try:
         with torch.no_grad():
@@ -155,13 +147,98 @@ def _collect(ctx: Context, first: dict[str, nn.Module], rows: int) -> dict[str, 
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for n, parts in seen.items():
-        x = torch.cat(parts) if parts else torch.zeros(0)
-        if x.shape[0] > rows:
-            x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
-        out[n] = x
-    return out
+
+
+def _rows_of(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """At most ``rows`` rows of ``x.reshape(-1, C)``, evenly spaced, float32 on the CPU."""
+    x = x.detach().reshape(-1, x.shape[-1])
+    if x.shape[0] > rows:
+        x = x[torch.linspace(0, x.shape[0] - 1, rows, device=x.device).long()]
+    return x.float().cpu()
+
+
+def _collect(ctx: Context, first: dict[str, nn.Module], rows: int) -> dict[str, torch.Tensor]:
+    """One pass over the data: up to ``rows`` input rows of each group's first layer, taken
+    evenly from every batch."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in first}
+
+    def hook(_mod: nn.Module, args: tuple, name: str = "") -> None:
+        seen[name].append(_rows_of(args[0], rows))
+
+    _run_pass(
+        ctx,
+        [m.register_forward_pre_hook(functools.partial(hook, name=n)) for n, m in first.items()],
+    )
+    return {n: _rows_of(torch.cat(p), rows) if p else torch.zeros(0) for n, p in seen.items()}
+
+
+def _collect_hooked(ctx: Context, rows: int) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """Without a graph: the quantized Linears whose input is the very tensor a normalization
+    module returned (seen by identity, as SmoothQuant does), by that module, with up to ``rows``
+    rows of that tensor."""
+    from ..equalize.smoothquant import NORMS
+    from ..quant.modules import quant_layers
+
+    outs: dict[str, torch.Tensor] = {}  # this batch's normalization outputs
+    taken: set[str] = set()
+    members: dict[str, list[str]] = {}
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def on_model(_mod: nn.Module, _args: tuple) -> None:
+        outs.clear()
+        taken.clear()
+
+    def on_norm(_mod: nn.Module, _args: tuple, out: Any, name: str = "") -> None:
+        outs[name] = out
+
+    def on_layer(_mod: nn.Module, args: tuple, name: str = "") -> None:
+        src = next((k for k, t in outs.items() if args[0] is t), None)
+        if src is None:
+            return
+        if name not in members.setdefault(src, []):
+            members[src].append(name)
+        if src not in taken:
+            taken.add(src)
+            seen.setdefault(src, []).append(_rows_of(args[0], rows))
+
+    model = ctx.qmodel
+    handles = [model.register_forward_pre_hook(on_model)]
+    handles += [
+        m.register_forward_hook(functools.partial(on_norm, name=n))
+        for n, m in model.named_modules()
+        if isinstance(m, NORMS)
+    ]
+    handles += [
+        m.register_forward_pre_hook(functools.partial(on_layer, name=n))
+        for n, m in quant_layers(model).items()
+        if isinstance(m.layer, nn.Linear)
+    ]
+    try:
+        _run_pass(ctx, handles)
+    finally:
+        outs.clear()
+    return {k: (_rows_of(torch.cat(seen[k]), rows), v) for k, v in members.items()}
+
+
+def _apply_hooked(model: nn.Module, names: list[str], s: torch.Tensor) -> str:
+    """Without a graph, ``1/s`` can only go into each layer's own static input quantizer."""
+    from ..equalize.smoothquant import SmoothedActQuant
+    from ..quant.modules import QuantLayer
+
+    layers: list[QuantLayer] = []
+    for n in names:
+        layer = model.get_submodule(n)
+        assert isinstance(layer, QuantLayer)  # _collect_hooked hooks quantized layers only
+        iq = layer.input_quant
+        if iq is None or iq.spec.dynamic:
+            return "not scaled: no static input quantizer inside the layer can hold 1/s"
+        layers.append(layer)
+    for layer in layers:
+        old = layer.input_quant
+        assert old is not None
+        layer.set_float_weight(layer.weight_fp * s.to(layer.weight_fp.device))
+        layer.input_quant = SmoothedActQuant(old.spec, f"{old.label} (AWQ)", 1.0 / s)
+    return "explicit scale before the input quantizer"
 
 
 def _holds_inverse(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -204,6 +281,12 @@ def _apply(gm: fx.GraphModule, src: fx.Node, nodes: list[fx.Node], s: torch.Tens
     return "explicit scale before the input quantizer"
 
 
+def _record(details: dict[str, Any], names: list[str], found: tuple, how: str) -> None:
+    _s, alpha, err, plain = found
+    for n in names:
+        details["layers"][n] = {"alpha": alpha, "error": err, "error_nearest": plain, "how": how}
+
+
 def awq(ctx: Context) -> None:
     """Apply AWQ to every group of quantized Linears reading one normalization output."""
     from ..capture.verify import verify_stage
@@ -217,31 +300,32 @@ def awq(ctx: Context) -> None:
     info.details[NAME] = details
     if active():
         raise ConfigError("AWQ under torch.distributed is not supported yet; leave it off there")
+    if ctx.config.smoothquant is not None:
+        raise ConfigError(
+            "AWQ and SmoothQuant both move per-channel scales into the layers' inputs; turn one "
+            "off (PTQConfig.smoothquant=None, or techniques without 'awq')"
+        )
     if not isinstance(gm, fx.GraphModule):
-        info.warn("AWQ needs a traced graph (which layers read one tensor); nothing scaled")
-        return
-    found = groups(gm)
-    if not found:
+        for x, names in _collect_hooked(ctx, opts.rows).values():
+            layers = [gm.get_submodule(n) for n in names]
+            found = search_scale(x, layers, opts.grid)
+            _record(details, names, found, _apply_hooked(gm, names, found[0]))
+    else:
+        groups_ = groups(gm)
+        first = {str(nodes[0].target): submodule(gm, nodes[0]) for nodes in groups_.values()}
+        cached = _collect(ctx, first, opts.rows) if first else {}
+        for src, nodes in groups_.items():
+            x = cached[str(nodes[0].target)]
+            if x.shape[0]:
+                found = search_scale(x, [submodule(gm, n) for n in nodes], opts.grid)
+                _record(
+                    details, [str(n.target) for n in nodes], found, _apply(gm, src, nodes, found[0])
+                )
+        gm.graph.lint()
+        gm.recompile()
+    if not details["layers"]:
         info.warn("AWQ: no quantized nn.Linear reads a LayerNorm/RMSNorm output; nothing scaled")
         return
-    first = {str(nodes[0].target): submodule(gm, nodes[0]) for nodes in found.values()}
-    cached = _collect(ctx, first, opts.rows)
-    for src, nodes in found.items():
-        x = cached[str(nodes[0].target)]
-        layers = [submodule(gm, n) for n in nodes]
-        if x.shape[0] == 0:
-            continue
-        s, alpha, err, plain = search_scale(x, layers, opts.grid)
-        how = _apply(gm, src, nodes, s)
-        for n in nodes:
-            details["layers"][str(n.target)] = {
-                "alpha": alpha,
-                "error": err,
-                "error_nearest": plain,
-                "how": how,
-            }
-    gm.graph.lint()
-    gm.recompile()
     info.quantizers = {n: q.label for n, q in act_quants(gm).items()}
     verify_stage(gm, ctx.ref, "AWQ", info)
 

@@ -61,6 +61,16 @@ class PostLN(nn.Module):
         return h + self.fc2(torch.relu(self.fc1(h)))
 
 
+class Untraceable(PostLN):
+    """The same block with data-dependent control flow: captured with hooks, no graph."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        if h.sum() > 1e9:  # fx cannot trace this; torch.export cannot either
+            h = h * 2
+        return h + self.fc2(torch.relu(self.fc1(h)))
+
+
 def _data(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(4, 16, D, generator=g) for _ in range(n)]
@@ -121,6 +131,21 @@ def test_post_ln_goes_before_the_input_quantizer_or_is_recorded_as_not_scaled():
     assert wo.ptq_info.details["awq"]["layers"]["fc1"]["how"].startswith("not scaled")
 
 
+def test_without_a_graph_the_layers_are_found_by_tensor_identity():
+    model, calib, held = _model(Untraceable), _data(), _data(4, seed=1)
+    cfg = PTQConfig(weights=W4, bias_correction=False, progress=False)
+    with pytest.warns(ptqkit.PTQWarning, match="captured with hooks"):
+        q = ptqkit.quantize(model, calib, cfg.replace(techniques={"awq": True}))
+    rec = q.ptq_info.details["awq"]["layers"]
+    assert set(rec) == {"fc1"} and rec["fc1"]["how"].startswith("explicit")
+    assert isinstance(q.get_submodule("fc1").input_quant, SmoothedActQuant)
+    assert q.ptq_info.capture_checks["AWQ"] < 1e-4
+    plain = ptqkit.quantize(model, calib, cfg)
+    assert _sqnr(model, q, held) > _sqnr(model, plain, held) - 0.5  # never much worse
+    wo = ptqkit.quantize(model, calib, WEIGHT_ONLY.replace(techniques={"awq": True}))
+    assert wo.ptq_info.details["awq"]["layers"]["fc1"]["how"].startswith("not scaled")
+
+
 def test_awq_model_saves_and_reloads_bit_identically(tmp_path):
     model, calib = _model(PostLN), _data()
     cfg = PTQConfig(weights=W4, bias_correction=False, progress=False, techniques={"awq": True})
@@ -138,5 +163,9 @@ def test_bad_technique_settings_are_config_errors():
         ptqkit.quantize(model, _data(1), WEIGHT_ONLY.replace(techniques={"awk": True}))
     with pytest.raises(ConfigError, match=r"AWQOptions\.grid"):
         ptqkit.quantize(model, _data(1), WEIGHT_ONLY.replace(techniques={"awq": {"grid": 0}}))
+    with pytest.raises(ConfigError, match="SmoothQuant"):
+        ptqkit.quantize(
+            model, _data(1), PTQConfig(progress=False, smoothquant=0.5, techniques={"awq": True})
+        )
     with pytest.raises(ConfigError, match="must be a AWQOptions"):
         ptqkit.quantize(model, _data(1), WEIGHT_ONLY.replace(techniques={"awq": 3}))
