@@ -1,13 +1,16 @@
-"""What the nodes of a prepared ``torch.fx`` graph are, for the stages that walk it (CLE,
-bias correction, AdaRound, sensitivity): the clipping bounds of an activation node
-(:func:`activation_bounds`), whether a node is ``flatten(x, 1)`` (:func:`is_flatten_1`), and the
-per-input-channel view of a layer's weight (:func:`input_channel_view`).
+"""What the nodes of a prepared ``torch.fx`` graph are, for the stages that walk it (placement,
+CLE, bias correction, AdaRound, sensitivity, fallback): the clipping bounds of an activation node
+(:func:`activation_bounds`), whether a node is ``flatten(x, 1)`` (:func:`is_flatten_1`), the
+per-input-channel view of a layer's weight (:func:`input_channel_view`), the one set of op
+registries (quantized ops, clipping activations, value-preserving ops: ``QUANT_*``, ``ACT_*``,
+``PASS_*``) and the walks over them (:func:`through_passthrough` back to the node a value comes
+from, :func:`after_activations` forward past a layer's activation, :func:`input_quantizer`).
 
 :class:`ChannelClamp`, the per-channel clip that cross-layer equalization installs in place of a
 ReLU6 (see :mod:`ptqkit.equalize.cle`), lives here too: it is one of the activations
 :func:`activation_bounds` knows, and a saved model replays it without depending on CLE.
 
-Low level: imports only torch (no ptqkit stage).
+Low level: imports torch and ptqkit's quantized modules only (no ptqkit stage).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .quant.modules import QuantLayer
+from .quant.modules import ActQuant, QuantLayer
 from .typed import submodule
 
 
@@ -217,11 +220,40 @@ def is_quant_op(node: fx.Node, gm: nn.Module) -> bool:
 
 
 def is_activation(node: fx.Node, gm: nn.Module) -> bool:
-    return _in(node, gm, ACT_MODULES, ACT_FUNCTIONS, ACT_METHODS)
+    """A clipping activation: one of the ``ACT_*`` registries, or the :class:`ChannelClamp` CLE
+    puts in the place of one."""
+    return _in(node, gm, (*ACT_MODULES, ChannelClamp), ACT_FUNCTIONS, ACT_METHODS)
 
 
 def is_passthrough(node: fx.Node, gm: nn.Module) -> bool:
+    """A value-preserving op (the ``PASS_*`` registries): its output is on its input's grid."""
     return _in(node, gm, PASS_MODULES, PASS_FUNCTIONS, PASS_METHODS)
+
+
+def through_passthrough(node: fx.Node, gm: nn.Module) -> fx.Node:
+    """The node whose value ``node`` carries unchanged: back along the first argument of
+    value-preserving ops (:func:`is_passthrough`) as far as that argument is a node."""
+    while is_passthrough(node, gm) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def after_activations(node: fx.Node, gm: nn.Module) -> fx.Node:
+    """The last of the clipping activations (:func:`is_activation`) that follow ``node`` one
+    after another, each the only user of the one before; ``node`` itself when none does."""
+    while len(node.users) == 1 and is_activation(next(iter(node.users)), gm):
+        node = next(iter(node.users))
+    return node
+
+
+def input_quantizer(node: fx.Node, gm: nn.Module) -> fx.Node | None:
+    """The :class:`~ptqkit.quant.modules.ActQuant` call whose output reaches the first argument
+    of ``node`` unchanged (through value-preserving ops), or ``None``."""
+    a = node.args[0] if node.args else None
+    if not isinstance(a, fx.Node):
+        return None
+    a = through_passthrough(a, gm)
+    return a if isinstance(called_module(gm, a), ActQuant) else None
 
 
 __all__ = [
@@ -236,11 +268,14 @@ __all__ = [
     "ChannelClamp",
     "activation_after",
     "activation_bounds",
+    "after_activations",
     "called_module",
     "input_channel_view",
+    "input_quantizer",
     "is_activation",
     "is_flatten_1",
     "is_passthrough",
     "is_quant_op",
     "node_arg",
+    "through_passthrough",
 ]

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from torch import fx, nn
 
-from ..graph import activation_bounds
+from ..graph import after_activations, input_quantizer, is_passthrough
 from ..quant.modules import ActQuant, act_quants, quant_layers
 from ..typed import submodule, target_name
 
@@ -30,10 +30,6 @@ def layer_quantizers(model: nn.Module) -> dict[str, list[str]]:
             n: ([f"{n}.input_quant"] if m.input_quant is not None else [])
             for n, m in layers.items()
         }
-    from ..capture.placement import is_passthrough
-
-    def is_activation(n: fx.Node, gm: fx.GraphModule) -> bool:  # CLE's clamps included
-        return activation_bounds(n, gm) is not None
 
     def is_aq(n: fx.Node) -> bool:
         return n.op == "call_module" and isinstance(submodule(model, n), ActQuant)
@@ -53,17 +49,11 @@ def layer_quantizers(model: nn.Module) -> dict[str, list[str]]:
     for node in model.graph.nodes:
         if node.op != "call_module" or node.target not in units:
             continue
-        cur = node
-        while len(cur.users) == 1 and is_activation(next(iter(cur.users)), model):
-            cur = next(iter(cur.users))
-        units[node.target] += [u.target for u in cur.users if is_aq(u)]
-        a = node.args[0] if node.args else None
-        while isinstance(a, fx.Node) and is_passthrough(a, model) and a.args:
-            a = a.args[0]
-        if (  # the layer's own quantizer (nothing else reads it)
-            isinstance(a, fx.Node)
-            and is_aq(a)
-            and all(c.op == "call_module" and c.target == node.target for c in consumers(a))
+        cur = after_activations(node, model)  # CLE's clamps included
+        units[node.target] += [target_name(u) for u in cur.users if is_aq(u)]
+        a = input_quantizer(node, model)
+        if a is not None and all(  # the layer's own quantizer (nothing else reads it)
+            c.op == "call_module" and c.target == node.target for c in consumers(a)
         ):
             units[node.target].append(target_name(a))
     return units
