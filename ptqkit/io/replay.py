@@ -208,7 +208,7 @@ def _check_same_network(
     same user modules. Anything else means another architecture."""
     from collections import Counter
 
-    from ..capture.placement import ACT_MODULES
+    from ..graph import ACT_MODULES
 
     own = tuple(c for c, _ in classes.values())
 
