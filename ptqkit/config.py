@@ -113,6 +113,10 @@ def _default_activations() -> QuantSpec:
     return QuantSpec(bits=8, symmetric=False, per_channel=False)
 
 
+#: PTQConfig fields that say how a run is shown, not what model it gives: left out of a recipe
+#: (:meth:`PTQConfig.recipe`), so two configs that differ only there are the same recipe
+RUNTIME_FIELDS = ("progress",)
+
 #: what a scope can override (see :class:`Scope`)
 SCOPE_KEYS = ("weights", "activations", "float")
 
@@ -414,6 +418,14 @@ class PTQConfig:
         d["activations"] = None if self.activations is None else self.activations.to_dict()
         d["skip"] = list(self.skip)
         d["scopes"] = [sc.to_dict() for sc in self.scopes]
+        return d
+
+    def recipe(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the run-time settings (:data:`RUNTIME_FIELDS`): what decides
+        the quantized model."""
+        d = self.to_dict()
+        for name in RUNTIME_FIELDS:
+            del d[name]
         return d
 
     @classmethod

@@ -291,3 +291,9 @@ def test_ptqconfig_dict_round_trip(cfg):
     assert PTQConfig.from_dict(d) == cfg
     # through JSON, as a config file would be read
     assert PTQConfig.from_dict(json.loads(json.dumps(d))) == cfg
+
+
+def test_recipe_leaves_out_run_time_settings():
+    a, b = PTQConfig(progress=True), PTQConfig(progress=False)
+    assert a.recipe() == b.recipe() and "progress" not in a.recipe()
+    assert PTQConfig(cle=True).recipe() != a.recipe()

@@ -39,13 +39,13 @@ def plain(v: Any) -> Any:
 
 def config_key(config: PTQConfig) -> str:
     """The recipe as a string: two configs with the same key give the same model."""
-    return json.dumps(config.replace(progress=False).to_dict(), sort_keys=True, default=str)
+    return json.dumps(config.recipe(), sort_keys=True, default=str)
 
 
 def config_delta(base: PTQConfig, config: PTQConfig) -> dict[str, Any]:
     """The fields ``config`` changes from ``base`` (JSON-friendly values)."""
-    a, b = base.to_dict(), config.to_dict()
-    return {k: plain(b[k]) for k in b if b[k] != a[k] and k != "progress"}
+    a, b = base.recipe(), config.recipe()
+    return {k: plain(b[k]) for k in b if b[k] != a[k]}
 
 
 class Search:
