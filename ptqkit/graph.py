@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .quant.modules import ActQuant, QuantLayer
-from .typed import submodule
+from .typed import submodule, target_name
 
 
 class ChannelClamp(nn.Module):
@@ -198,6 +199,12 @@ PASS_METHODS = {
 }
 
 
+def module_calls(gm: fx.GraphModule) -> Counter[str]:
+    """How many ``call_module`` nodes of ``gm``'s graph call each module (by qualified name): a
+    module called more than once runs on several inputs with one set of weights."""
+    return Counter(target_name(n) for n in gm.graph.nodes if n.op == "call_module")
+
+
 def called_module(gm: nn.Module, node: fx.Node) -> nn.Module | None:
     """The module a ``call_module`` node calls, ``None`` for other nodes."""
     return submodule(gm, node) if node.op == "call_module" else None
@@ -276,6 +283,7 @@ __all__ = [
     "is_flatten_1",
     "is_passthrough",
     "is_quant_op",
+    "module_calls",
     "node_arg",
     "through_passthrough",
 ]

@@ -17,6 +17,7 @@ from ptqkit.graph import (
     after_activations,
     input_quantizer,
     is_activation,
+    module_calls,
     through_passthrough,
 )
 
@@ -97,3 +98,16 @@ def test_relu6_function_is_an_activation() -> None:
     with gm.graph.inserting_after(_node(gm, "_0")):
         act = gm.graph.call_function(F.relu6, (_node(gm, "_0"),))
     assert is_activation(act, gm)
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(self.a(x)))
+
+
+def test_module_calls_counts_each_call() -> None:
+    assert dict(module_calls(fx.symbolic_trace(_Twice()))) == {"a": 2, "b": 1}

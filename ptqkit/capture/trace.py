@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ModelError
+from ..graph import module_calls
 from ..quant.modules import TRANSPOSED_LAYERS, WEIGHT_LAYERS, ActQuant, QuantLayer, out_channels
 from ..typed import target_name
 
@@ -88,11 +89,7 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
 def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
     """Fold every BatchNorm that directly follows a conv/linear used once; returns their names."""
     modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            name = target_name(node)
-            calls[name] = calls.get(name, 0) + 1
+    calls = module_calls(gm)
     folded = []
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCHNORMS):

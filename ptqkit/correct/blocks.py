@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from ..graph import module_calls
 from ..quant.modules import quant_layers
 
 
@@ -62,9 +63,8 @@ def _cuts(gm: fx.GraphModule) -> tuple[list[int], list[fx.Node]]:
 
 def why_not(gm: fx.GraphModule) -> str | None:
     """Why :func:`split` cannot cut ``gm`` into blocks, or ``None`` if it can."""
-    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     layers = quant_layers(gm)
-    twice = sorted({str(t) for t in called if t in layers and called.count(t) > 1})
+    twice = sorted(t for t, k in module_calls(gm).items() if t in layers and k > 1)
     if twice:
         return f"layer {twice[0]} is called more than once"
     cuts, nodes = _cuts(gm)

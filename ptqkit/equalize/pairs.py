@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ModelError
-from ..graph import activation_bounds, input_channel_view, is_flatten_1
+from ..graph import activation_bounds, input_channel_view, is_flatten_1, module_calls
 from ..quant.modules import ActQuant, QuantLayer
 from ..typed import submodule, target_name
 
@@ -88,11 +88,7 @@ def _as_vec(v: torch.Tensor | float, n: int) -> torch.Tensor:
 
 def find_pairs(gm: fx.GraphModule) -> tuple[list[Pair], dict[str, str]]:
     """The equalizable pairs of ``gm`` in graph order, and why other layers are not in one."""
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            called = target_name(n)
-            calls[called] = calls.get(called, 0) + 1
+    calls = module_calls(gm)
     pairs: list[Pair] = []
     why: dict[str, str] = {}
     for n in gm.graph.nodes:
