@@ -142,6 +142,10 @@ class MinMaxCalibrator(_Base):
     def observe(self, x: torch.Tensor) -> None:
         self.stats.update(x)
 
+    def observe_bounded(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """:meth:`observe` given ``x``'s (per-tensor) ``lo``/``hi``: no second read of ``x``."""
+        self.stats.update(x, (lo, hi))
+
     def merge(self, other: MinMaxCalibrator) -> None:
         self.stats.merge(other.stats)
 
@@ -235,6 +239,10 @@ class _HistogramCalibrator(_Base):
 
     def observe(self, x: torch.Tensor) -> None:
         self.stats.update(x)
+
+    def observe_bounded(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """:meth:`observe` given ``x``'s (per-tensor) ``lo``/``hi``: no second read of ``x``."""
+        self.stats.update(x, (lo, hi))
 
     def merge(self, other: _HistogramCalibrator) -> None:
         self.stats.merge(other.stats)

@@ -80,6 +80,14 @@ def robust(cal: Any) -> bool:
     return isinstance(getattr(cal, "stats", None), HistogramStats)
 
 
+class Extremes:
+    """Per-sample ``min`` and ``max`` of a batch's tensor, and ``m = max |x_s|`` (float32)."""
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.lo, self.hi = lo, hi
+        self.m = torch.maximum(hi, -lo).float()
+
+
 class Watch:
     """Wraps one quantizer's calibrator for one pass (see the module docstring)."""
 
@@ -88,7 +96,10 @@ class Watch:
         self.robust = robust(inner)
         self.history: list[torch.Tensor] = []  # per-sample max |x| of the samples kept
         self.seen = 0
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (batch, x, m)
+        self.pending: list[tuple[int, torch.Tensor, Extremes]] = []  # (batch, x, extremes)
+        # a per-tensor calibrator that takes the extremes of x with it (no second read of x)
+        bounded = getattr(inner, "observe_bounded", None)
+        self.bounded = bounded if getattr(inner, "axis", None) is None else None
 
     # the calibrator protocol, for whoever reads it during the pass
     def __getattr__(self, item: str) -> Any:
@@ -111,18 +122,18 @@ class Watch:
             self.inner.observe(x)
             return
         rows = xd.reshape(n, -1)
-        m = torch.maximum(rows.amax(1), -rows.amin(1)).float()
-        finite = torch.isfinite(m)
+        ext = Extremes(rows.amin(1), rows.amax(1))
+        finite = torch.isfinite(ext.m)
         if not bool(finite.all()):
             self._refuse(f", sample {int((~finite).nonzero()[0])} of it,")
         if self.pending or self.seen + n < MIN_REFERENCE:
-            self.pending.append((self.shared.batch, xd.clone(), m))
+            self.pending.append((self.shared.batch, xd.clone(), ext))
             self.seen += n
             if self.seen >= MIN_REFERENCE:
                 self._flush()
             return
         self.seen += n
-        self._decide(self.shared.batch, x, m)
+        self._decide(self.shared.batch, x, ext)
 
     def _axis0(self, x: torch.Tensor) -> bool:
         axis = getattr(self.inner, "axis", None)
@@ -133,15 +144,16 @@ class Watch:
         pending, self.pending = self.pending, []
         if not pending:
             return
-        ref = self._reference([m for _, _, m in pending])
-        for batch, x, m in pending:
-            self._decide(batch, x, m, ref)
+        ref = self._reference([e.m for _, _, e in pending])
+        for batch, x, e in pending:
+            self._decide(batch, x, e, ref)
 
     def _reference(self, extra: list[torch.Tensor]) -> float:
         """The median sample's max |x| over the samples kept so far and ``extra``."""
         return float(torch.cat([h.reshape(-1).cpu() for h in [*self.history, *extra]]).median())
 
-    def _decide(self, batch: int, x: torch.Tensor, m: torch.Tensor, ref: float = -1.0) -> None:
+    def _decide(self, batch: int, x: torch.Tensor, ext: Extremes, ref: float = -1.0) -> None:
+        m = ext.m
         if ref < 0:
             ref = self._reference([m])
         bad = (m > SAMPLE_RATIO * ref) if ref > 0 else torch.zeros_like(m, dtype=torch.bool)
@@ -157,11 +169,19 @@ class Watch:
         if self.robust and out:
             keep[sorted(i for i in out if i < keep.numel())] = False
         if bool(keep.all()):
-            self.inner.observe(x)
+            self._observe(x, ext.lo, ext.hi)
             self.history.append(m)
         elif bool(keep.any()):
-            self.inner.observe(x[keep.to(x.device)])
+            k = keep.to(x.device)
+            self._observe(x[k], ext.lo[k], ext.hi[k])
             self.history.append(m[keep])
+
+    def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """The calibrator observes ``x``, whose samples' extremes are ``lo``/``hi``."""
+        if self.bounded is not None:
+            self.bounded(x, lo.min().reshape(1), hi.max().reshape(1))
+        else:
+            self.inner.observe(x)
 
     def finish(self) -> Any:
         """Decide what is still held; returns the calibrator this watch wrapped."""
