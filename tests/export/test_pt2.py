@@ -276,3 +276,19 @@ def test_inductor_runs_int8_kernels(q_branch, branch_net, calib_batches, digits_
     assert math.isfinite(sqnr_db(q(x), compiled(x)))
     with pytest.raises(ExportError, match="ExportedProgram"):
         compile_int8(q)  # type: ignore[arg-type]
+
+
+def test_kernel_count_reads_every_float_conv_form():
+    """Float convs as Inductor writes them with freezing (seen in its code for conv → ReLU → conv
+    + a depthwise conv added in place), int8 ones, and a comment line that must not count."""
+    from ptqkit.export.pt2.inductor import count_kernels
+
+    code = "\n".join([
+        "buf0 = torch.ops.mkldnn._convolution_pointwise.default(arg0_1, w, b, [0, 0])",
+        "torch.ops.mkldnn._convolution_pointwise_.binary(buf2, buf0, w2, b2, [1, 1])",
+        "buf3 = extern_kernels.addmm(b3, buf2, w3)",
+        "buf4 = torch.ops.onednn.qconv_pointwise.default(buf3, 0.1, 3, w4)",
+        "    # torch.ops.onednn.qlinear_pointwise.default(buf4) (a comment)",
+    ])
+    k = count_kernels(code, 4)
+    assert (k.int8, k.float, k.kernels) == (1, 3, {"qconv_pointwise": 1}) and not k.all_int8

@@ -31,10 +31,11 @@ from .program import program_report
 
 #: oneDNN int8 conv/linear kernels in Inductor's generated code
 INT8_KERNEL = re.compile(r"torch\.ops\.onednn\.(q(?:conv|linear)\w*)(?:\.\w+)?\(")
-#: float conv/linear kernels (Inductor's extern kernels, mkldnn/mkl packed float ops)
+#: float conv/linear kernels (Inductor's extern kernels, mkldnn/mkl packed float ops; a conv fused
+#: with a following add is the in-place ``mkldnn._convolution_pointwise_.binary``)
 FLOAT_KERNEL = re.compile(
     r"(extern_kernels\.(?:convolution|mm|addmm|bmm)|torch\.ops\.mkldnn\._(?:convolution|linear)"
-    r"_pointwise|torch\.ops\.mkl\._mkl_linear|torch\.ops\.aten\.(?:convolution|mm|addmm))"
+    r"_pointwise_?|torch\.ops\.mkl\._mkl_linear|torch\.ops\.aten\.(?:convolution|mm|addmm))"
     r"(?:\.\w+)?\("
 )
 
