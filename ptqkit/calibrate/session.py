@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import PTQConfig
-from ..data import batch_size, iter_batches, model_device, run_model, to_device
+from ..data import batch_size, channels_last, iter_batches, model_device, run_model, to_device
 from ..info import PTQInfo, sample_shortfall
 from ..progress import progress
 from ..quant.modules import act_quants, set_act_mode
@@ -38,12 +38,15 @@ def observe(
     """Run ``data`` through ``model`` with every quantizer in observe mode; returns batches seen.
     ``on_start(i, samples)`` is called before batch ``i``, ``on_batch(i)`` after it."""
     device = model_device(model)
+    layout = channels_last if info.details.get("channels_last") else None  # (capture/verify.py)
     batches = samples = 0
     with torch.no_grad():
         for i, (args, kwargs) in progress(
             iter_batches(data, config.num_batches), config.progress, desc
         ):
             args, kwargs = to_device(args, kwargs, device)
+            if layout is not None:
+                args, kwargs = layout(args, kwargs)
             if on_start is not None:
                 on_start(i, batch_size(args, kwargs))
             run_model(model, i, args, kwargs)

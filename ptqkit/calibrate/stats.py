@@ -44,13 +44,26 @@ import torch
 from ..errors import CalibrationError
 
 
+def memory_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` as ``[n, M]`` rows along its first axis, each row's values in memory order: a view,
+    not a copy, when ``x`` is dense with its first axis outermost in another order than the
+    default (channels-last activations), for statistics that do not depend on the order."""
+    if x.dim() < 3 or x.is_contiguous():
+        return x.reshape(n, -1)
+    strides = x.stride()
+    order = [0, *sorted(range(1, x.dim()), key=lambda d: -strides[d])]
+    p = x.permute(order)
+    return p.reshape(n, -1) if p.is_contiguous() else x.reshape(n, -1)
+
+
 def as_channels(x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """View ``x`` as ``[C, M]``: one row per channel along ``axis``, or one row (per tensor)."""
+    """View ``x`` as ``[C, M]``: one row per channel along ``axis``, or one row (per tensor,
+    in memory order: :func:`memory_rows`)."""
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):  # ints, and half / bfloat16 (bincount
         x = x.float()  # and the bin arithmetic need float32 at least)
     if axis is None or x.dim() == 0:
-        return x.reshape(1, -1)
+        return memory_rows(x, 1)
     if not -x.dim() <= axis < x.dim():
         raise CalibrationError(
             f"channel axis {axis} out of range for a tensor of shape {tuple(x.shape)}"

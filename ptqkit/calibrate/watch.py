@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import NonFiniteDataError
-from .stats import HistogramStats
+from .stats import HistogramStats, memory_rows
 
 #: ``max |x_s|`` beyond this many times the median sample's makes ``s`` an outlier sample
 SAMPLE_RATIO = 100.0
@@ -121,7 +121,7 @@ class Watch:
             self._flush()
             self.inner.observe(x)
             return
-        rows = xd.reshape(n, -1)
+        rows = memory_rows(xd, n)  # (a view of a channels-last tensor, no copy)
         ext = Extremes(rows.amin(1), rows.amax(1))
         finite = torch.isfinite(ext.m)
         if not bool(finite.all()):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from .placement import place_in_graph, place_on_inputs, skipped, wrap_layers
 from .scopes import record_scopes
 from .state import StateRestore
 from .trace import fold_batchnorms, trace
-from .verify import Reference, check
+from .verify import Reference, check_capture
 from .verify import reference as run_reference
 
 #: a captured copy, or ``None`` and why not
@@ -223,11 +224,9 @@ def prepare(
         if ref is not None:
             t1 = time.perf_counter()
             state = StateRestore(candidate)  # the check's forward must not advance the copy
-            try:
-                err, where, tol = check(candidate, ref)
-            except Exception as e:  # the copy cannot even run the batch the model runs
-                err, where, tol = float("inf"), f"{type(e).__name__}: {str(e)[:200]}", -1.0
-            state.restore(candidate)
+            restore = partial(state.restore, candidate)
+            graph = method in GRAPH_CAPTURES
+            err, where, tol, fast = check_capture(candidate, ref, restore, graph)
             info.stages["verify"] = info.stages.get("verify", 0.0) + time.perf_counter() - t1
             if tol < 0:
                 info.capture_attempts.append(f"{method}: the copy fails on the batch ({where})")
@@ -239,6 +238,7 @@ def prepare(
                 )
                 continue
             info.capture_error = info.capture_checks["capture"] = err
+            info.details["channels_last"] = fast  # (the calibration pass's layout, verify.py)
         info.capture_attempts.append(f"{method}: used")
         qmodel, info.capture = candidate, method
         break

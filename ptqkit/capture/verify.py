@@ -16,20 +16,27 @@ user's object is never run). A traced graph does not replay ``self.calls += 1``,
 or a buffer written in ``forward``; such a model is captured with hooks, which keep its forward.
 
 Cost: one forward of the user's model (reference, once) and one forward of the copy per check.
+
+Layout (:func:`check_capture`): the capture's check runs the copy with its 4-D inputs in
+channels-last memory (:func:`ptqkit.data.channels_last`, the same values; oneDNN's NHWC
+convolutions, about 25 % faster on EfficientNet-Lite0 with 2 threads); when it passes, the
+calibration pass runs that way too (``info.details["channels_last"]``). A copy that fails or
+differs that way is checked again in the inputs' own layout (one more forward, only then), and
+calibrates in it. Graph captures only: a hooks capture runs the user's own forward as given.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data import to_device
+from ..data import channels_last, to_device
 from ..errors import ModelError
 from ..quant.modules import float_mode
 
@@ -195,15 +202,46 @@ def first_batch(data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
     return first, data
 
 
-def check(qmodel: nn.Module, ref: Reference) -> tuple[float, str, float]:
-    """``(error, worst output, tolerance)`` of ``qmodel`` in float mode against ``ref``."""
+def check(
+    qmodel: nn.Module, ref: Reference, channels_last_inputs: bool = False
+) -> tuple[float, str, float]:
+    """``(error, worst output, tolerance)`` of ``qmodel`` in float mode against ``ref``
+    (``channels_last_inputs``: its 4-D inputs in channels-last memory)."""
     args, kwargs = _clone_inputs(ref.args, ref.kwargs)
+    if channels_last_inputs:
+        args, kwargs = channels_last(args, kwargs)
     params = list(qmodel.parameters()) + list(qmodel.buffers())
     if params:
         args, kwargs = to_device(args, kwargs, params[0].device)
     with torch.no_grad(), float_mode(qmodel):
         got = qmodel(*args, **kwargs)
     return output_error(got, ref.output)
+
+
+def _images(args: tuple, kwargs: dict) -> bool:
+    """Whether a batch has an input channels-last memory would change (4-D floating point)."""
+    vals = [*args, *kwargs.values()]
+    return any(isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() for v in vals)
+
+
+def check_capture(
+    qmodel: nn.Module, ref: Reference, restore: Callable[[], Any], graph: bool = True
+) -> tuple[float, str, float, bool]:
+    """The check of a capture (see the module docstring's *Layout*): ``(error, worst output,
+    tolerance, whether it passed with channels-last inputs)``; a copy that cannot run the batch
+    gives tolerance ``-1``. ``restore()`` is called after each forward (the copy's state).
+    ``graph=False`` (a capture that runs the user's own forward, hooks): the inputs' layout only
+    (that code may need it; and its check then stays exact, error 0)."""
+    fast = graph and _images(ref.args, ref.kwargs)
+    for cl in (True, False) if fast else (False,):
+        try:
+            err, where, tol = check(qmodel, ref, channels_last_inputs=cl)
+        except Exception as e:  # the copy cannot even run the batch the model runs
+            err, where, tol = float("inf"), f"{type(e).__name__}: {str(e)[:200]}", -1.0
+        restore()
+        if tol >= 0 and err <= tol:
+            return err, where, tol, cl
+    return err, where, tol, False
 
 
 def verify_stage(qmodel: nn.Module, ref: Reference | None, stage: str, info: Any) -> None:

@@ -363,3 +363,27 @@ def test_an_outlier_does_not_change_the_bins_of_the_other_values():
     assert torch.equal(ec[0, :-1][lc], ed[0, :-1][ld])
     assert torch.equal(fc[0][lc], fd[0][ld])
     assert float(fc[0][lc].sum()) > 40_900  # nearly every ordinary value is compared
+
+
+# -- layouts and the caller's extremes ------------------------------------------------------------
+
+
+def test_channels_last_input_and_given_bounds_give_the_same_state():
+    """A channels-last batch (read in memory order, no copy) and the extremes handed over by the
+    caller (the outlier watch's) leave exactly the state of the plain contiguous batch; so do
+    per-tensor data with -0.0 and subnormals (the 16-bit key path moves -0.0 to +0.0)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 5, 7, generator=g)
+    x[0, 0, 0, :3] = torch.tensor([0.0, -0.0, -1e-40])
+    x[1] = x[1].relu()
+    cl = x.contiguous(memory_format=torch.channels_last)
+    plain, other, given = HistogramStats(64), HistogramStats(64), HistogramStats(64)
+    for b in (x[:2], x[2:] * 50):
+        plain.update(b.contiguous())
+    for b in (cl[:2], cl[2:] * 50):
+        other.update(b)
+        given.update(b, (b.amin().reshape(1), b.amax().reshape(1)))
+    assert_same_state(plain, other)
+    assert_same_state(plain, given)
+    _check_direct_histogram(other, torch.cat([x[:2].reshape(1, -1), 50 * x[2:].reshape(1, -1)], 1))
+    assert float(other.zeros[0]) == float((x == 0).sum()) == 2 + float((x[1] == 0).sum())

@@ -237,3 +237,32 @@ def test_a_hook_capture_chosen_for_state_loads_with_hooks(tmp_path):
     assert loaded.ptq_info.capture == "hooks"
     with torch.no_grad():
         assert torch.equal(loaded(data[0]), q(data[0]))
+
+
+# -- the layout of the check and of the calibration pass ---------------------------------------
+class ConvNet(nn.Module):
+    def __init__(self, flatten_by_view: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+        self.view = flatten_by_view
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        # .view needs the default layout: fails on a channels-last conv output
+        return self.fc(y.view(y.shape[0], -1) if self.view else y.flatten(1))
+
+
+@pytest.mark.parametrize("by_view", [False, True])
+def test_channels_last_calibration_only_where_the_check_passed_that_way(by_view):
+    """A graph capture is checked with channels-last inputs and calibrates that way; one whose
+    graph cannot run them (a .view) is checked again in the default layout and calibrates in
+    it, with the same capture; both match the float model."""
+    torch.manual_seed(0)
+    m = ConvNet(by_view).eval()
+    data = _data((8, 3, 6, 6))
+    q = ptqkit.quantize(m, data, CFG.replace(bias_correction=False))
+    info = q.ptq_info
+    assert info.capture == "fx" and info.details["channels_last"] is (not by_view)
+    assert info.capture_error <= 1e-4
+    assert _sqnr(m, q, data[0]) > 25
