@@ -46,7 +46,7 @@ from ptqkit.zoo.data import photo_crops
 #: (label, module, attribute): what the breakdown times, inclusive of what each calls
 TIMED: list[tuple[str, str, str]] = [
     ("capture: reference forward (model, batch 0)", "ptqkit.capture.prepare", "run_reference"),
-    ("capture: check forward (copy, batch 0)", "ptqkit.capture.prepare", "check"),
+    ("capture: check forward(s) (copy, batch 0)", "ptqkit.capture.prepare", "check_capture"),
     ("capture: fx trace", "ptqkit.capture.prepare", "trace"),
     ("capture: state hold/restore", "ptqkit.capture.state", "StateRestore.restore"),
     ("calibrate: data pass (forward + observers)", "ptqkit.calibrate.session", "observe"),
