@@ -44,7 +44,7 @@ Per-layer optimization (the cost that remains; same algorithm, cheaper steps):
   depthwise layer (9 weights per channel) steps on ``depthwise_rows_per_step`` (256) rows instead
   of ``rows_per_step`` (1,024);
 * the steps of a layer with fewer than ``SMALL_STEP`` multiply-adds per step (the Gram-matrix
-  steps of small layers) run on one thread (see :func:`_threads`; the thread count is restored
+  steps of small layers) run on one thread (see :data:`SMALL_STEP`; the thread count is restored
   after); larger ones use the caller's threads;
 * early stop (``AdaRoundOptions.early_stop``, on by default): once the regularizer is on and
   every ``h`` is exactly 0 or 1, both gradients are zero and the rounding is decided; the
@@ -54,8 +54,7 @@ Per-layer optimization (the cost that remains; same algorithm, cheaper steps):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -75,34 +74,21 @@ from .cost import adaround_seconds, layer_work, probe
 from .recon import Bounds, RowObjective, objective
 from .rounding import SoftRounding, adam_step, beta_at, settled
 from .samples import Rows, collect_prefix, float_targets, input_rows
+from .threads import threads
 
 logger = logging.getLogger("ptqkit.adaround")
 
 #: multiply-adds per step below which a layer's optimization runs on one thread
+#: (:func:`ptqkit.correct.threads.threads`). A layer's step is ~40 tensor operations of
+#: ~10³-10⁶ elements: with several threads each parallel one waits for every thread. On an
+#: otherwise idle 2-core machine, two threads are faster for every row-based step of
+#: MobileNetV2-style (W4A8, 500 steps/layer: 24.3 s of optimization on one thread, 16.5 s with
+#: the Gram steps of fewer than ``2¹⁸`` multiply-adds on one thread and the others on two); on a
+#: loaded machine they can be far slower (a 16→32 3×3 conv, 8,192 rows, 200 steps, under load:
+#: 0.57 s on one thread, 8.2 s on two), which is why the test suite runs single-threaded. The
+#: choice depends on the layer's size only, so the result does not depend on the load. Layers
+#: with at least this many multiply-adds per step keep the caller's threads.
 SMALL_STEP = 1 << 18
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Within the block, torch's intra-op threads are ``n`` (unchanged for ``None``; restored on
-    exit). A layer's step is ~40 tensor operations of ~10³-10⁶ elements: with several threads
-    each parallel one waits for every thread. On an otherwise idle 2-core machine, two threads
-    are faster for every row-based step of MobileNetV2-style (W4A8, 500 steps/layer: 24.3 s of
-    optimization on one thread, 16.5 s with the Gram steps of fewer than ``2¹⁸`` multiply-adds
-    on one thread and the others on two); on a loaded machine they can be far slower (a 16→32
-    3×3 conv, 8,192 rows, 200 steps, under load: 0.57 s on one thread, 8.2 s on two), which is
-    why the test suite runs single-threaded. The choice depends on the layer's size only, so
-    the result does not depend on the load. Layers with at least :data:`SMALL_STEP`
-    multiply-adds per step keep the caller's threads."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def round_layer(
@@ -141,7 +127,7 @@ def round_layer(
     )
     nearest = exact.loss(r.dequant(r.nearest_q))
     steps = iters
-    with _threads(1 if goal.step_macs < SMALL_STEP else None):
+    with threads(1 if goal.step_macs < SMALL_STEP else None):
         for t in range(iters):
             if settled(t, iters, opts, [r]):
                 steps = t

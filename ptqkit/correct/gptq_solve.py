@@ -41,8 +41,6 @@ Everything is batched over ``G`` independent problems (the groups of a grouped /
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,22 +49,7 @@ import torch
 from ..calibrate.weights import mse_groups
 from ..config import GPTQOptions, QuantSpec
 from ..quant.primitives import qparams
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch's intra-op threads set to 1 inside the block (restored after). The column loop is
-    ~10 small operations per column (``O`` to ``O·B`` elements): with several threads each one
-    waits for every thread, and on a loaded machine that wait dominates (a 4096x4096 solve
-    measured 5 to 50 s with 2 threads under other processes' load); the block products and the
-    factorization outside it keep the caller's threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
+from .threads import threads
 
 #: times the damping is multiplied by 10 when the Cholesky factorization fails
 DAMP_RETRIES = 4
@@ -195,7 +178,11 @@ def solve(
                 cur[:, :, late] -= err[:, :, :i] @ u[:, i1 : i1 + i][:, :, pos[late]]
             return cur
 
-        with one_thread():
+        # one thread for the column loop: ~10 small operations per column (``O`` to ``O·B``
+        # elements); with several threads each waits for every thread, and on a loaded machine
+        # that wait dominates (a 4096x4096 solve measured 5 to 50 s with 2 threads under other
+        # processes' load); the block products and the factorization keep the caller's threads
+        with threads(1):
             for i in range(i2 - i1):
                 s, z = grid.at(i1 + i, lambda pos, i=i: current(pos, i))
                 s, z = s.to(dtype), z.to(dtype)
