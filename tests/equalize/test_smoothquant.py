@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import warnings
 
+import _blocks as blocks
 import pytest
 import torch
+from _blocks import outlier_norm
 from torch import nn
 
 import ptqkit
@@ -20,12 +22,7 @@ D = 16
 
 def _outlier_norm(dim: int = D) -> nn.LayerNorm:
     """A LayerNorm whose gain makes two channels ~30× larger, like real transformers'."""
-    ln = nn.LayerNorm(dim)
-    with torch.no_grad():
-        ln.weight.uniform_(0.5, 1.5)
-        ln.weight[[3, 11]] = 30.0
-        ln.bias.uniform_(-0.1, 0.1)
-    return ln
+    return outlier_norm(dim, (3, 11), 30.0)
 
 
 class PreLN(nn.Module):
@@ -42,25 +39,14 @@ class PreLN(nn.Module):
         return x + self.out(self.q(h) * self.k(h) + self.v(h))
 
 
-class PostLN(nn.Module):
-    """Post-LN (BERT) style: the LayerNorm output also feeds the residual add (no folding)."""
-
+class PostLN(blocks.PostLN):
     def __init__(self) -> None:
-        super().__init__()
-        self.ln = _outlier_norm()
-        self.fc1, self.fc2 = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.ln(x)
-        return h + self.fc2(torch.relu(self.fc1(h)))
+        super().__init__(D, 4 * D, _outlier_norm())
 
 
-class Untraceable(PostLN):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.ln(x)
-        if h.mean() > 100:  # data-dependent control flow: torch.fx cannot trace it
-            h = h * 0
-        return h + self.fc2(torch.relu(self.fc1(h)))
+class Untraceable(blocks.UntraceablePostLN):
+    def __init__(self) -> None:
+        super().__init__(D, 4 * D, _outlier_norm())
 
 
 def _model(cls: type) -> nn.Module:

@@ -5,8 +5,10 @@ on outlier activations it brings the quantized model closer to FP32."""
 
 from __future__ import annotations
 
+import _blocks as blocks
 import pytest
 import torch
+from _blocks import outlier_norm
 from torch import nn
 
 import ptqkit
@@ -21,13 +23,7 @@ W4 = QuantSpec(bits=4, symmetric=True, per_channel=True, group_size=32)
 
 
 def _outlier_norm() -> nn.LayerNorm:
-    """A LayerNorm whose gain makes a few channels ~20× larger, as in real transformers."""
-    ln = nn.LayerNorm(D)
-    with torch.no_grad():
-        ln.weight.uniform_(0.5, 1.5)
-        ln.weight[[3, 17, 40]] = 20.0
-        ln.bias.uniform_(-0.1, 0.1)
-    return ln
+    return outlier_norm(D, (3, 17, 40), 20.0)
 
 
 class PreLN(nn.Module):
@@ -48,27 +44,14 @@ class PreLN(nn.Module):
         return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
 
 
-class PostLN(nn.Module):
-    """Post-LN (BERT): the LayerNorm output also feeds the residual add (no fold)."""
-
+class PostLN(blocks.PostLN):
     def __init__(self) -> None:
-        super().__init__()
-        self.ln = _outlier_norm()
-        self.fc1, self.fc2 = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.ln(x)
-        return h + self.fc2(torch.relu(self.fc1(h)))
+        super().__init__(D, 2 * D, _outlier_norm())
 
 
-class Untraceable(PostLN):
-    """The same block with data-dependent control flow: captured with hooks, no graph."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.ln(x)
-        if h.sum() > 1e9:  # fx cannot trace this; torch.export cannot either
-            h = h * 2
-        return h + self.fc2(torch.relu(self.fc1(h)))
+class Untraceable(blocks.UntraceablePostLN):
+    def __init__(self) -> None:
+        super().__init__(D, 2 * D, _outlier_norm())
 
 
 def _data(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
