@@ -75,7 +75,8 @@ def export_onnx(
             zero point + 128) or ``"auto"`` (default: ``int8`` where ONNX Runtime's u8×s8 kernels
             are exact on this CPU, ``uint8`` on x86 without VNNI, where they saturate; see
             :mod:`ptqkit.export.weights`).
-        target: ``"onnxruntime"`` (default; also read by OpenVINO) or ``"tensorrt"``: signed
+        target: ``"onnxruntime"`` (default), ``"openvino"`` (the same file with ``int8``
+            weights on every CPU: :mod:`ptqkit.export.openvino`) or ``"tensorrt"``: signed
             int8 activations, float biases, checked against TensorRT's Q/DQ rules; needs a model
             quantized with symmetric int8 activations (:mod:`ptqkit.export.tensorrt`).
 

@@ -31,8 +31,9 @@ import onnx
 from ..errors import ExportError
 from ..quant.modules import act_quants, quant_layers
 from .graph import DQ, Graph, Q
+from .openvino import check_weights
 
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "openvino", "tensorrt")
 #: the ONNX Runtime passes the TensorRT profile leaves out
 SKIPPED_PASSES = ("uint8_activations", "bias_to_int32")
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -52,6 +53,8 @@ def check_target(target: Any, fmt: str, weights: str, qmodel: Any) -> str:
     container to use (TensorRT reads ``int8`` weights only)."""
     if target not in TARGETS:
         raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
+    if target == "openvino":  # the ONNX Runtime file, int8 weights on every CPU
+        return check_weights(weights)
     if target != "tensorrt":
         return weights
     if fmt != "qdq":
