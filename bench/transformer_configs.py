@@ -13,12 +13,15 @@ import ptqkit
 
 FFN_DOWN = "*layer.?.output.dense"  # the 6 FFN down-projections (not attention.output.dense)
 PER_TENSOR = ptqkit.QuantSpec(8, symmetric=True, per_channel=False)
+#: dynamic per-token activations (issue 25): a scale and zero point per row of each Linear input
+PER_TOKEN = ptqkit.QuantSpec(8, symmetric=False, per_channel=True, dynamic=True)
 #: SmoothQuant alpha of the configs that use it
 ALPHA = 0.5
 
 
 def configs(quick: bool) -> dict[str, dict]:
-    """name -> PTQConfig keyword arguments (W8A8: activations 8-bit asymmetric per tensor)."""
+    """name -> PTQConfig keyword arguments (W8A8: activations 8-bit asymmetric per tensor, or
+    per token at run time where the name says dynamic)."""
     full = {
         "weights only (W8, float activations)": {"activations": None},
         "per-tensor W, minmax": {"weights": PER_TENSOR},
@@ -36,6 +39,12 @@ def configs(quick: bool) -> dict[str, dict]:
         f"per-channel W, minmax, SmoothQuant {ALPHA}, FFN down-proj float": {
             "smoothquant": ALPHA,
             "skip": (FFN_DOWN,),
+        },
+        # every Linear on a dynamic per-token grid, the attention matmuls float (the ops ONNX
+        # Runtime's quantize_dynamic quantizes); then the same Linears beside static grids
+        "per-channel W, dynamic per-token A8 (Linears)": {"activations": PER_TOKEN},
+        "per-channel W, dynamic per-token A8 (Linears), static mse elsewhere": {
+            "scopes": [("Linear", {"activations": PER_TOKEN})],
         },
     }
     if not quick:

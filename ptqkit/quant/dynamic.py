@@ -23,7 +23,13 @@ Linear factors into an integer matmul (Jacob et al. 2018, eq. 4; Dettmers et al.
             = s_r · s_w[n] · (A[r, n] - z_r · c[n]) + b[n],
     A = MatMulInteger(q_x, q_wᵀ, 0, z_w),   c[n] = Σ_k (q_w[n,k] - z_w[n])
 
-which :func:`export_linear` writes for ONNX (``A`` and ``z_r·c`` in int32: exact). Per tensor
+which :func:`export_linear` writes for ONNX (``A`` and ``z_r·c`` in int32: exact), and which
+:func:`integer_linear` computes in the simulation the same way: the integer sum exactly (in
+float64, exact while ``K·(2^b-1)·2^8 < 2^53``), then ``float32(acc)·(s_r·s_w[n]) + b[n]`` in
+float32, the runtime's own operations in its order, so that simulation and ONNX Runtime agree
+bit for bit (a float32 sum of the dequantized products would differ in the last bits, and a
+last-bit difference in one layer moves the next layer's per-row rounding: through MiniLM's 6
+layers that alone changed the embeddings by up to 7e-3). Per tensor
 with the 8-bit asymmetric grid it writes ONNX Runtime's own form instead,
 ``DynamicQuantizeLinear → MatMulInteger(q_x, q_wᵀ, z_x, z_w) → Cast → Mul(s_x·s_w)``, the
 pattern ONNX Runtime fuses into ``DynamicQuantizeMatMul``.
@@ -75,6 +81,21 @@ def dynamic_fake_quant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``x̂ = (q - z)·s`` per row, in ``x``'s shape and dtype."""
     q, scale, zp = dynamic_quantize(x, spec)
     return ((q - zp) * scale).reshape(x.shape).to(x.dtype)
+
+
+def integer_linear(layer: Any, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """A Linear ``layer`` (:class:`~ptqkit.quant.modules.QuantLayer` with integer weights) on
+    the dynamically quantized ``x``, computed as the runtime does (module docstring)."""
+    q, s, z = dynamic_quantize(x, spec)
+    wq = layer.weight_int.double() - layer.weight_zero_point.double().reshape(-1, 1)  # [N, K]
+    k = x.shape[-1]
+    acc = (q.reshape(-1, k).double() - z.double()) @ wq.t()  # exact integers
+    sw = layer.weight_scale.float().reshape(-1)
+    y = (acc.float() * (s * sw)).reshape(*x.shape[:-1], wq.shape[0])
+    bias = layer.bias
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 # -- ONNX export -----------------------------------------------------------------------------------
@@ -135,7 +156,10 @@ def export_linear(layer: Any, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
             z = torch.clamp(torch.round(spec.qmin - lo / s), spec.qmin, spec.qmax)
             q = torch.clamp(torch.round(xf / s) + z, spec.qmin, spec.qmax)
         acc = _MatMulInteger.apply(q.to(torch.uint8), qw, zw)
-        colsum = (layer.weight_int.int() - zw.int().reshape(-1, 1)).sum(1)  # c[n], constant
+        c = (layer.weight_int.int() - layer.weight_zero_point.int().reshape(-1, 1)).sum(1)
+        # c[n] as a constant of the trace (an int32 [N] initializer), not ReduceSum of an int64
+        # copy of the weight, which the exporter does not fold
+        colsum = torch.tensor(c.tolist(), dtype=torch.int32, device=x.device)
         acc = acc - z.to(torch.int32) * colsum
         y = acc.float() * (s * sw)
     if bias is not None:

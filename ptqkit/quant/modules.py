@@ -27,7 +27,7 @@ from ..config import QuantSpec
 from ..errors import CalibrationError, ConfigError, ExportError, ModelError
 from ..typed import optional_tensor_attr, tensor_attr
 from . import state
-from .dynamic import dynamic_fake_quant, export_linear
+from .dynamic import dynamic_fake_quant, export_linear, integer_linear
 from .primitives import dequantize, fake_quant, qparams, quantize, weight_qparam_shape
 
 #: Transposed convolutions: weight ``[in, out/groups, k...]``, output channels on axis 1.
@@ -319,8 +319,11 @@ class QuantLayer(nn.Module):
         if iq is not None and iq.spec.dynamic:  # part of the layer's integer matmul: it is
             if not self.quantized or iq.mode != "quant":  # float when the layer is
                 return self.layer(x)
-            if torch.onnx.is_in_onnx_export() and isinstance(self.layer, nn.Linear):
-                return export_linear(self, x, iq.spec)
+            if type(self.layer).forward is nn.Linear.forward:  # the runtime's integer sum
+                if torch.onnx.is_in_onnx_export():
+                    return export_linear(self, x, iq.spec)
+                if not (x.requires_grad and torch.is_grad_enabled()):
+                    return integer_linear(self, x, iq.spec)
         if iq is not None:
             x = iq(x)
         if self.quantized and torch.onnx.is_in_onnx_export():
