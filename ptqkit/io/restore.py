@@ -210,7 +210,8 @@ def restore_quantizers(
         s, z, r = (state.pop(f"{name}.{k}") for k in ("scale", "zero_point", "range"))
         if s.shape != z.shape:
             raise LoadError(f"{path}: {name}: scale and zero point shapes differ")
-        if s.dim() != (1 if q.spec.per_channel else 0):
+        # a dynamic quantizer's scale is computed per input: its buffers stay scalars
+        if s.dim() != (1 if q.spec.per_channel and not q.spec.dynamic else 0):
             raise _bad(path, f"{name}.scale", f"has shape {tuple(s.shape)} for spec {q.spec}")
         check_qparams(path, f"{name}.scale/zero_point", s, z, q.spec)
         if r.shape != (2,) or not torch.is_floating_point(r) or not torch.isfinite(r).all():
