@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import ExportError
 from ..io.files import check_writable, write_bytes
 from ..quant.modules import act_quants, quant_layers
-from . import tensorrt
+from . import onnx_nbits, tensorrt
 from .onnx_dynamic import check_dynamic, matmul_weights_to_uint8
 from .onnx_encodings import strip_qdq
 from .passes import PASSES, run_passes
@@ -56,6 +56,7 @@ def export_onnx(
     output_names: list[str] | None = None,
     weights: str = "auto",
     target: str = "onnxruntime",
+    weight_only: str = "matmulnbits",
 ) -> Path:
     """Export a ptqkit quantized model to ONNX and return the written path.
 
@@ -79,6 +80,11 @@ def export_onnx(
             weights on every CPU: :mod:`ptqkit.export.openvino`) or ``"tensorrt"``: signed
             int8 activations, float biases, checked against TensorRT's Q/DQ rules; needs a model
             quantized with symmetric int8 activations (:mod:`ptqkit.export.tensorrt`).
+        weight_only: the form of weight-only Linears (float input, weights group-wise or of
+            fewer than 8 bits): ``"matmulnbits"`` (default: ONNX Runtime's
+            ``com.microsoft.MatMulNBits``, packed 2/4-bit weights; 3-bit in the 4-bit
+            container) or ``"qdq"`` (``DequantizeLinear`` with ``block_size`` on int4/uint4
+            weights + ``MatMul``: the file is opset 21) (:mod:`ptqkit.export.onnx_nbits`).
 
     Raises:
         ExportError: not a ptqkit quantized model, unsupported bits, a path that cannot be
@@ -88,12 +94,19 @@ def export_onnx(
         raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be an int in {MIN_OPSET}..{MAX_OPSET}, got {opset!r}")
-    check_exportable(qmodel)
+    onnx_nbits.check_form(weight_only)
+    wo = {}  # weight-only Linears: MatMulNBits / block DequantizeLinear (ONNX Runtime only)
+    if (format, target) == ("qdq", "onnxruntime"):
+        ex = example_input
+        wo = onnx_nbits.select(qmodel, tuple(ex) if isinstance(ex, (tuple, list)) else (ex,))
+    check_exportable(qmodel, set(wo))
     check_dynamic(act_quants(qmodel), target, format)  # run-time scales: MatMulInteger
     weight_dtype = resolve_weight_dtype(tensorrt.check_target(target, format, weights, qmodel))
     path = _check_path(path)
     args = _check_example(qmodel, example_input)
-    model = _torch_export(qmodel, args, opset, dynamic_batch, input_names, output_names)
+    with onnx_nbits.tracing(wo) as order:
+        model = _torch_export(qmodel, args, opset, dynamic_batch, input_names, output_names)
+    onnx_nbits.rewrite(model, order, weight_only)
     run_passes(model, tensorrt.passes(list(PASSES), target))
     broken = tensorrt.violations(model) if target == "tensorrt" else []
     if broken:  # ptqkit's placement where TensorRT wants another: not written
@@ -125,12 +138,13 @@ def encodings_path(path: str | os.PathLike) -> Path:
 
 # -- checks --------------------------------------------------------------------------------------
 def quantized_parts(
-    qmodel: Any, groupwise: str, dynamic: bool = False
+    qmodel: Any, groupwise: str, dynamic: bool = False, weight_only: set[str] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(quantized layers, activation quantizers)`` of ``qmodel`` after the checks every export
     shares (raising :class:`ExportError`): a ptqkit quantized ``nn.Module``, no quantizer still
     calibrating, no group-wise weights (``groupwise``: why this export cannot state them), no
-    dynamic activation quantizer unless the export writes them (``dynamic``)."""
+    dynamic activation quantizer unless the export writes them (``dynamic``); the layers named
+    in ``weight_only`` are written in a weight-only form and may be group-wise."""
     if not isinstance(qmodel, nn.Module):
         raise ExportError(f"expected a ptqkit quantized nn.Module, got {type(qmodel).__name__}")
     layers, quants = quant_layers(qmodel), act_quants(qmodel)
@@ -146,7 +160,8 @@ def quantized_parts(
             raise ExportError(f"{name} ({q.label}) is dynamic (scales computed at run time): "
                               f"this export has no form for it; export_onnx writes it")
     for name, layer in layers.items():
-        if layer.quantized and layer.spec.group_size is not None:
+        grouped = layer.quantized and layer.spec.group_size is not None
+        if grouped and name not in (weight_only or ()):
             raise ExportError(
                 f"layer {name} has group-wise weights (group_size={layer.spec.group_size}, "
                 f"scales {tuple(layer.weight_scale.shape)}); {groupwise}: not exported. "
@@ -156,12 +171,14 @@ def quantized_parts(
     return layers, quants
 
 
-def check_exportable(qmodel: Any) -> None:
+def check_exportable(qmodel: Any, weight_only: set[str] | None = None) -> None:
     """Raise :class:`ExportError` unless ``qmodel`` is a ptqkit quantized model whose grids have
     ONNX Runtime integer kernels (8-bit activations, weights of at most 8 bits)."""
     layers, quants = quantized_parts(
-        qmodel, "ONNX QDQ export writes one scale per output channel and would compute other "
-        "weights", dynamic=True
+        qmodel, "its input is quantized (static activations): ONNX QDQ export writes one "
+        "weight scale per output channel there, and only weight-only Linears (float input) "
+        "are written group-wise (MatMulNBits / DequantizeLinear block_size)", dynamic=True,
+        weight_only=weight_only,
     )
     for name, q in quants.items():
         if q.mode == "quant" and q.spec.bits != 8 and not q.spec.dynamic:

@@ -66,6 +66,10 @@ def session_options(threads: int = 2, level: str = "all", spinning: bool = True)
     so.inter_op_num_threads = 1
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
     so.log_severity_level = 3
+    # ONNX Runtime fuses DequantizeLinear(block_size) + MatMul into MatMulNBits with
+    # accuracy_level 4 by default (A quantized to int8: measured 3.5e-3 off the simulation on a
+    # W4 g32 MLP); 0 keeps A in float32, what weight-only export means (export/onnx_nbits.py)
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
