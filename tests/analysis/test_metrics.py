@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -9,12 +10,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _certain import certain_agreement, kl_bound
 from torch import nn
 
 import ptqkit
 from ptqkit import DataError, EvalResult, PTQConfig, PTQWarning, QuantSpec
 from ptqkit.analysis.metrics import size_bytes
 from ptqkit.quant.modules import act_quants, quant_layers
+from ptqkit.quant.primitives import sqnr_db
 
 CFG = PTQConfig(calibration="minmax", bias_correction=False, progress=False)  # the classic recipe
 
@@ -40,7 +43,11 @@ def test_top1_matches_a_direct_computation(digits_cnn, quantized_digits, test_ba
     logq, logp = F.log_softmax(q64, 1), F.log_softmax(f64, 1)
     kl = F.kl_div(logq, logp, log_target=True, reduction="batchmean")
     assert res.kl == pytest.approx(kl.item(), rel=1e-6, abs=1e-12)
-    assert res.fp32 > 90 and res.agreement >= 98 and 0 <= res.kl < 0.01
+    # quality against the float model of the same machine, not a band on how it trained (issue
+    # 27): W8A8 gives 38.9-40.8 dB on the digits CNN trained from 6 seeds, a broken grid < 10;
+    # agreement and KL within what that error allows, by arithmetic (tests/_certain.py)
+    assert sqnr_db(f, q) > 25
+    assert res.agreement >= certain_agreement(f, q) and 0 <= res.kl <= kl_bound(f, q)
     assert res.warnings == []
 
 
@@ -48,7 +55,13 @@ def test_top5_is_at_least_top1(digits_cnn, quantized_digits, test_batches):
     top1 = _quiet_evaluate(digits_cnn, quantized_digits, test_batches)
     top5 = _quiet_evaluate(digits_cnn, quantized_digits, test_batches, metric="top5")
     assert top5.metric == "top5"
-    assert top5.fp32 >= top1.fp32 and top5.quantized >= top1.quantized and top5.fp32 > 99
+    assert top5.fp32 >= top1.fp32 and top5.quantized >= top1.quantized
+    x = torch.cat([b[0] for b in test_batches])
+    y = torch.cat([b[1] for b in test_batches])
+    with torch.no_grad():  # the reference: the label among the 5 largest logits
+        for model, got in ((digits_cnn, top5.fp32), (quantized_digits, top5.quantized)):
+            hit = (model(x).topk(5, dim=1).indices == y[:, None]).any(dim=1)
+            assert got == pytest.approx(100 * hit.double().mean().item())
 
 
 def test_agreement_needs_no_labels(digits_cnn, quantized_digits, digits_data):
@@ -177,7 +190,11 @@ def test_float_model_mode_is_restored_and_its_statistics_untouched(
     model = digits_cnn.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = _quiet_evaluate(model, quantized_digits, test_batches)
-    assert model.training and res.fp32 > 90  # evaluated in eval mode
+    x = torch.cat([b[0] for b in test_batches])
+    y = torch.cat([b[1] for b in test_batches])
+    with torch.no_grad():  # evaluated in eval mode: the top-1 of an eval-mode copy, exactly
+        want = 100 * (copy.deepcopy(model).eval()(x).argmax(1) == y).double().mean().item()
+    assert model.training and res.fp32 == pytest.approx(want)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -266,11 +283,11 @@ def test_dense_outputs_count_one_prediction_per_position():
 
 
 def test_callable_metric_of_unknown_unit_gets_no_degradation_advice(digits_cnn, test_batches):
-    def mean_abs_logit(outputs, targets):
-        return outputs.abs().mean().item()
+    def nonzero_logits(outputs, targets):  # 100 for any float model, 0 for a zero output:
+        return 100.0 * (outputs != 0).double().mean().item()  # mean |logit| was ~2.6-3.0
 
     with torch.no_grad():
         res = _quiet_evaluate(  # warnings are errors here
-            digits_cnn, lambda x: 0 * digits_cnn(x), test_batches, metric=mean_abs_logit
+            digits_cnn, lambda x: 0 * digits_cnn(x), test_batches, metric=nonzero_logits
         )
-    assert res.degradation > 2 and res.warnings == []
+    assert res.fp32 > 99 and res.quantized == 0.0 and res.warnings == []
