@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from _certain import certain_agreement
 
 import ptqkit
 from ptqkit.errors import PTQWarning
@@ -15,6 +16,18 @@ from ptqkit.job import run_job
 from ptqkit.quant.primitives import sqnr_db
 
 CFG = ptqkit.PTQConfig(progress=False)
+
+
+def onednn() -> bool:
+    """Whether Inductor may lower the int8 program onto oneDNN kernels (x86-64 wheels: yes,
+    unless a user turned ``torch.backends.mkldnn`` off)."""
+    return bool(torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available())
+
+
+def _outputs(model, qmodel, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in batches])
+    with torch.no_grad():
+        return model(x), qmodel(x)
 
 
 class _Recorder:
@@ -46,7 +59,12 @@ def test_run_job_writes_everything_and_prints_nothing(
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["evaluation"]["metric"] == "top1"
     assert summary["evaluation"]["agreement"] == pytest.approx(job.result.agreement)
-    assert job.result.agreement >= 95.0 and abs(job.result.degradation) <= 2.0
+    # against the same model's FP32 outputs, not a band on how it trained (issue 27): 8-bit is
+    # > 25 dB (~40 here), and the agreement and the top-1 change within what that error allows
+    f, q = _outputs(digits_cnn, job.qmodel, test_batches)
+    sure = certain_agreement(f, q)
+    assert sqnr_db(f, q) > 25 and job.result.agreement >= sure
+    assert abs(job.result.degradation) <= 100 - job.result.agreement + 1e-9 <= 100 - sure + 2e-9
     assert "top-1 agreement" in job.table() and "latency ONNX Runtime" in job.table()
     # the saved model is the quantized model, and the int8 ONNX computes what it computes
     loaded = ptqkit.load(files["quantized_model"], digits_cnn)
@@ -54,21 +72,25 @@ def test_run_job_writes_everything_and_prints_nothing(
     with torch.no_grad():
         assert torch.equal(loaded(x), job.qmodel(x))
     res = parity(job.qmodel, OrtModule(files["onnx_int8"], threads=1), test_batches)
-    assert res.top1_agreement >= 97.0 and res.max_steps <= 2.0, res
+    assert res.max_steps <= 2.0, res  # rounding: ORT and the simulation differ by <= 2 steps
+    assert res.top1_agreement >= certain_agreement(q, q + res.max_abs_diff), res
     # PyTorch int8 (Inductor): every conv/linear on a oneDNN int8 kernel, its outputs the
     # simulation's (a rounding near-tie may move one step: SQNR, not equality), timed
     pt2 = job.pt2
-    assert (pt2["layers"], pt2["int_kernels"], pt2["float_kernels"]) == (4, 4, 0), pt2
+    want = (4, 4, 0) if onednn() else (4, 0, 4)  # torch.backends.mkldnn off: float kernels
+    assert (pt2["layers"], pt2["int_kernels"], pt2["float_kernels"]) == want, pt2
     agree = pt2["agreement"]
     assert agree["samples"] == 360 and agree["sqnr_db_vs_simulation"] > 30, agree
-    assert agree["top1_vs_simulation"] >= 97.0 and agree["top1_vs_fp32"] >= 95.0, agree
+    # flips vs FP32 <= flips of the simulation vs FP32 + flips of Inductor vs the simulation
+    assert agree["top1_vs_fp32"] >= sure - (100 - agree["top1_vs_simulation"]), agree
     assert summary["pt2"]["latency_ms"]["1"] == job.latency_ms["INT8 PyTorch Inductor"] > 0
     assert [r["runtime"] for r in summary["int8_runtimes"]] == [
         "ONNX Runtime", "PyTorch int8 (Inductor)"
     ]
-    assert "latency PyTorch int8 (Inductor)" in job.table() and "4/4 conv/linear" in job.table()
+    kernels = f"{want[1]}/4 conv/linear"
+    assert "latency PyTorch int8 (Inductor)" in job.table() and kernels in job.table()
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "int8 on PyTorch int8 (Inductor)" in html and "4/4 conv/linear" in html
+    assert "int8 on PyTorch int8 (Inductor)" in html and kernels in html
     # the saved program is the one that was checked: load it back, compare with the simulation
     program = ptqkit.export.load_pt2(files["pt2_int8"])
     with torch.no_grad():
@@ -93,7 +115,8 @@ def test_run_job_times_the_example_it_is_given(digits_cnn, calib_batches):
                   layer_sqnr=False, pt2=False)
     assert job.latency_batch == 4 and "batch 4)" in job.table()
     assert set(job.latency_ms) == {"FP32 PyTorch", "INT8 simulated PyTorch"}
-    assert job.report.sqnr == {} and job.result.agreement >= 95.0
+    f, q = _outputs(digits_cnn, job.qmodel, calib_batches)
+    assert job.report.sqnr == {} and job.result.agreement >= certain_agreement(f, q)
 
 
 def test_run_job_is_public():
@@ -155,7 +178,9 @@ def test_a_model_torch_export_cannot_follow_is_recorded_not_raised(calib_batches
     with pytest.warns(PTQWarning, match=r"PyTorch int8 \(Inductor\) failed: torch.export failed"):
         job = run_job(model, calib_batches, None, CFG, out_dir=tmp_path / "o", export=False)
     assert job.pt2["error"].startswith("torch.export failed") and "\n" not in job.pt2["error"]
-    assert job.result.agreement > 90 and "INT8 PyTorch Inductor" not in job.latency_ms
+    f, q = _outputs(model, job.qmodel, calib_batches)
+    assert job.result.agreement >= certain_agreement(f, q) and sqnr_db(f, q) > 25
+    assert "INT8 PyTorch Inductor" not in job.latency_ms
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["pt2"] == job.pt2 and summary["int8_runtimes"] == []
     assert "PyTorch int8 (Inductor) failed" in (tmp_path / "o" / "report.html").read_text()
