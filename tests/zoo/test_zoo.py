@@ -58,10 +58,14 @@ def test_digits_cnn_trains_and_cache_is_reused(cache_home, monkeypatch):
     model = pretrained("digits_cnn")
     assert not model.training
     _, _, x_test, y_test = task_data("digits_cnn")
-    assert accuracy(model, x_test, y_test) >= 95.0
+    # trained, not a band on how well it trained on this machine (issue 27): far above the
+    # untrained architecture (97-99% here; chance is 10%), and the cache records what it scores
+    top1 = accuracy(model, x_test, y_test)
+    torch.manual_seed(0)
+    assert top1 > 50.0 and top1 > accuracy(DigitsCNN().eval(), x_test, y_test) + 30.0
     files = list(cache_home.glob("digits_cnn-*.safetensors"))
     assert files == [train.cache_path("digits_cnn")]
-    assert float(train.cached_info("digits_cnn")["test_top1"]) >= 95.0
+    assert float(train.cached_info("digits_cnn")["test_top1"]) == pytest.approx(top1, abs=0.01)
 
     def no_training(name):
         raise AssertionError(f"{name} was retrained despite a valid cache")
