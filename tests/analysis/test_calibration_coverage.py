@@ -3,6 +3,7 @@ advice blames the calibration data only when it should, and the ``range_margin``
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -98,10 +99,13 @@ def test_range_margin_widens_ranges_and_its_in_distribution_cost_is_measured():
         width = (b.spec.qmax - b.spec.qmin) * float(b.scale)
         assert hi_w == pytest.approx(hi_b + 0.25 * width, rel=0.02), name
         assert (lo_w == 0.0) if lo_b >= 0 else lo_w == pytest.approx(lo_b - 0.25 * width, rel=0.02)
-    # the cost in distribution: a 1.5x coarser activation step (measured: 38.0 -> 36.3 dB)
+    # the cost in distribution: a 1.5x coarser activation step, rounding noise ∝ step², at most
+    # 20·log10(1.5) = 3.5 dB where it is all the error (the 8-bit weights' share is unchanged).
+    # The model is a seeded random init, not trained: measured 38.17 -> 36.54 dB, the same with
+    # ATEN_CPU_CAPABILITY=default/avx2/avx512 and torch.backends.mkldnn off (issue 27)
     sqnr_base = _sqnr_db(model, base, _data(1))
     sqnr_wide = _sqnr_db(model, wide, _data(1))
-    assert 1.0 < sqnr_base - sqnr_wide < 5.0
+    assert 1.0 < sqnr_base - sqnr_wide < 20 * math.log10(1.5) + 0.3
     # the gain on shifted data: fewer values outside the ranges
     shifted = [0.5 * x for x in _data(0)]
     res_b, _ = _evaluate(model, ptqkit.quantize(model, shifted, CFG), _data(1))
