@@ -179,6 +179,11 @@ class _WeightOnly(torch.autograd.Function):
 def _forward(self: QuantLayer, x: torch.Tensor) -> torch.Tensor:
     if not torch.onnx.is_in_onnx_export():
         return type(self).forward(self, x)
+    if x.dtype != torch.float32:
+        raise ExportError(
+            f"layer {self.name}: weight-only export writes float32 activations and scales; its "
+            f"input is {x.dtype}: export the float32 model (qmodel.float())"
+        )
     y = _WeightOnly.apply(x, self.weight.to(x.dtype), self._ptq_nbits_index)
     return y if self.bias is None else y + self.bias
 

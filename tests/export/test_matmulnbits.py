@@ -125,4 +125,7 @@ def test_bad_form_and_static_groupwise_refused(tmp_path):
         export_onnx(q, tmp_path / "m.onnx", torch.randn(1, 256), weight_only="int4")
     with pytest.raises(ExportError, match="group-wise weights"):
         export_onnx(q, tmp_path / "m.onnx", torch.randn(1, 256), format="fp32+encodings")
+    wide = _quantize(_mlp(), 256, bits=4, group_size=32).double()
+    with pytest.raises(ExportError, match=r"layer 0: weight-only export writes float32"):
+        export_onnx(wide, tmp_path / "m.onnx", torch.randn(1, 256).double())
     assert not list(tmp_path.iterdir())
