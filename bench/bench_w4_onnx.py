@@ -79,38 +79,11 @@ def _latency(sess, feed: dict, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--group", type=int, default=32)
-    ap.add_argument("--calib", type=int, default=64)
-    ap.add_argument("--eval", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--write", action="store_true", help="write bench/W4_ONNX.md")
-    args = ap.parse_args()
-    if args.quick:
-        args.calib, args.eval, args.repeats = 32, 32, 1
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    load0 = os.getloadavg()[0]
-    pool = text.sentences()
-    calib = text.sentence_batches(pool[::5][: args.calib], 32)
-    evals = [s for i, s in enumerate(pool) if i % 5][: args.eval]
-    feeds = [padded(text.tokenize(evals[i : i + 32]), TOKENS) for i in range(0, len(evals), 32)]
-    model = text.minilm()
-    w4 = QuantSpec(bits=4, symmetric=True, per_channel=True, group_size=args.group)
-    q = ptqkit.quantize(model, calib, PTQConfig(activations=None, weights=w4, progress=False))
-
-    def torch_run(m):
-        with torch.no_grad():
-            return lambda f: m(**{k: torch.from_numpy(v) for k, v in f.items()})
-
-    ref, sim = _embed(torch_run(model), feeds), _embed(torch_run(q), feeds)
+def _measure(model, q, tmp: Path, feeds, ref, sim, args) -> list[tuple]:
+    """Export FP32 and both weight-only forms into ``tmp``; time and compare each."""
     example = feeds[0]
     ex_t = (torch.from_numpy(example["input_ids"]), torch.from_numpy(example["attention_mask"]))
     names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["embedding"]}
-    tmp = Path(tempfile.mkdtemp(prefix="w4onnx_"))
     paths = {"FP32": tmp / "fp32.onnx"}
     export_fp32(model, paths["FP32"], example)
     for form in ("matmulnbits", "qdq"):
@@ -135,6 +108,39 @@ def main() -> None:
                 _cos(emb, ref),
             )
         )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--eval", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--write", action="store_true", help="write bench/W4_ONNX.md")
+    args = ap.parse_args()
+    if args.quick:
+        args.calib, args.eval, args.repeats = 32, 32, 1
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    load0 = os.getloadavg()[0]
+    pool = text.sentences()
+    calib = text.sentence_batches(pool[::5][: args.calib], 32)
+    evals = [s for i, s in enumerate(pool) if i % 5][: args.eval]
+    feeds = [padded(text.tokenize(evals[i : i + 32]), TOKENS) for i in range(0, len(evals), 32)]
+    model = text.minilm()
+    w4 = QuantSpec(bits=4, symmetric=True, per_channel=True, group_size=args.group)
+    q = ptqkit.quantize(model, calib, PTQConfig(activations=None, weights=w4, progress=False))
+
+    def torch_run(m):
+        return lambda f: m(**{k: torch.from_numpy(v) for k, v in f.items()})
+
+    with torch.no_grad():
+        ref, sim = _embed(torch_run(model), feeds), _embed(torch_run(q), feeds)
+    with tempfile.TemporaryDirectory(prefix="w4onnx_") as d:
+        rows = _measure(model, q, Path(d), feeds, ref, sim, args)
     import onnxruntime as ort
 
     base, base1 = rows[0][1], rows[0][2]
