@@ -1,14 +1,15 @@
-"""Configuration objects: :class:`QuantSpec` (how one tensor is quantized) and :class:`PTQConfig`
-(what :func:`ptqkit.quantize` does). Both are frozen dataclasses, validated on construction, and
-round-trip through plain dicts (``to_dict`` / ``from_dict``) so that a TOML or JSON file maps onto
-them field by field; unknown keys are an error."""
+"""Configuration of :func:`ptqkit.quantize`: :class:`PTQConfig`, a frozen dataclass validated on
+construction (one validator per field, :data:`_CHECKS`, then the checks that read several
+fields), that round-trips through plain dicts (``to_dict`` / ``from_dict``) so that a TOML or
+JSON file maps onto it field by field; unknown keys are an error. :class:`QuantSpec` and
+:class:`Scope` live in :mod:`ptqkit.spec` and are re-exported here, as are the techniques'
+options (:mod:`ptqkit.options`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
-import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,90 +20,7 @@ from .options import (
     GPTQOptions,
     _positive_number,
 )
-
-MIN_BITS, MAX_BITS = 2, 16
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor is quantized.
-
-    Integer grids (``b = bits``):
-
-    * symmetric: signed, full range ``[-2^(b-1), 2^(b-1)-1]``, zero point 0 (the same grid as
-      ONNX ``QuantizeLinear`` with int8 output); the scale uses ``2^(b-1)-1`` so that ``-max`` and
-      ``+max`` are both representable: ``s = max(|lo|, |hi|) / (2^(b-1) - 1)``.
-    * asymmetric: unsigned ``[0, 2^b - 1]``, ``s = (hi - lo) / (2^b - 1)``,
-      ``z = clamp(round(-lo / s), 0, 2^b - 1)`` so that real 0.0 is exactly representable.
-
-    ``per_channel`` quantizes each slice along ``axis`` with its own scale (weights: axis 0, the
-    output channels, for Conv and Linear alike).
-
-    ``dynamic`` (activations only): scale and zero point from the tensor at run time, not
-    calibrated: per row of ``x.reshape(-1, x.shape[-1])`` (``per_channel=True``: one per token)
-    or per tensor, by the formulas above (:mod:`ptqkit.quant.dynamic`).
-
-    ``group_size`` (weights only; needs ``per_channel``): each output channel's weights, flattened
-    to ``K`` input elements (a Linear's ``in_features``; a Conv's ``in_channels/groups·kh·kw`` in
-    ``weight.reshape(out, -1)`` order), are cut into groups of ``group_size`` consecutive elements,
-    each with its own scale (and zero point): ``scale`` has shape ``[out, ceil(K / group_size)]``.
-    A ``group_size`` that does not divide ``K`` leaves a **last, shorter group** (the layout ONNX
-    ``DequantizeLinear`` with ``block_size`` and ``MatMulNBits`` pad to), so every layer of a
-    model takes the same spec; ``K <= group_size`` is one group, i.e. per-channel. ``None``:
-    per-channel (or per-tensor) as without groups. Transposed convs refuse it (ConfigError).
-    """
-
-    bits: int = 8
-    symmetric: bool = True
-    per_channel: bool = False
-    axis: int = 0
-    group_size: int | None = None
-    dynamic: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise ConfigError(f"QuantSpec.bits must be an int, got {self.bits!r}")
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ConfigError(f"QuantSpec.bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
-        for name in ("symmetric", "per_channel", "dynamic"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"QuantSpec.{name} must be a bool, got {getattr(self, name)!r}")
-        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
-            raise ConfigError(f"QuantSpec.axis must be an int, got {self.axis!r}")
-        if self.dynamic and (self.group_size is not None or (self.per_channel and self.axis)):
-            raise ConfigError(
-                f"QuantSpec(dynamic=True): per row (per_channel=True, axis=0) or per tensor, "
-                f"without group_size; got axis={self.axis}, group_size={self.group_size}"
-            )
-        g = self.group_size
-        if g is not None:
-            if isinstance(g, bool) or not isinstance(g, int) or g < 2:
-                raise ConfigError(f"QuantSpec.group_size must be None or an int >= 2, got {g!r}")
-            if not self.per_channel:
-                raise ConfigError(
-                    f"QuantSpec.group_size={g} gives each output channel's groups their own "
-                    "scales: it needs per_channel=True"
-                )
-
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.symmetric else 0
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if d["group_size"] is None:  # the dict (and a saved file's) of a spec without groups
-            del d["group_size"]  # stays as it was before group_size existed
-        if not d["dynamic"]:  # (the same for a static spec)
-            del d["dynamic"]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
-        return _from_dict(cls, d, "QuantSpec")
+from .spec import MAX_BITS, MIN_BITS, SCOPE_KEYS, QuantSpec, Scope, from_fields
 
 
 def _default_weights() -> QuantSpec:
@@ -116,110 +34,6 @@ def _default_activations() -> QuantSpec:
 #: PTQConfig fields that say how a run is shown, not what model it gives: left out of a recipe
 #: (:meth:`PTQConfig.recipe`), so two configs that differ only there are the same recipe
 RUNTIME_FIELDS = ("progress",)
-
-#: what a scope can override (see :class:`Scope`)
-SCOPE_KEYS = ("weights", "activations", "float")
-
-
-@dataclass(frozen=True)
-class Scope:
-    """Per-layer settings: the Conv/Linear layers that ``pattern`` matches get these overrides.
-
-    ``pattern`` matches a layer by its module name (``fnmatch`` glob, e.g. ``"_blocks.1*"``;
-    ``"re:..."`` for a regular expression, matched in full) or by its class name (``"Linear"``;
-    from Python also a module type, ``nn.Linear``, which matches subclasses). Overrides:
-
-    * ``weights``: the layer's weight spec (e.g. ``QuantSpec(bits=4, per_channel=True)``);
-    * ``activations``: a dynamic spec for the (Linear) layer's input; its output is left to
-      its consumers (static activation specs are model-wide);
-    * ``float``: ``True`` leaves the layer in float (as ``skip`` does).
-
-    In :attr:`PTQConfig.scopes` the scopes apply in order, the last match winning per override;
-    a pattern that matches no quantizable layer of the model is a :class:`ConfigError` (raised
-    by :func:`ptqkit.quantize`, which knows the model). Every layer's effective settings are in
-    ``ptq_info.layer_settings``.
-    """
-
-    pattern: Any  # str, or an nn.Module subclass
-    weights: QuantSpec | None = None
-    activations: QuantSpec | None = None
-    float: bool = False
-
-    def __post_init__(self) -> None:
-        p = self.pattern
-        if not (isinstance(p, str) and p) and not isinstance(p, type):
-            raise ConfigError(f"Scope.pattern must be a non-empty string or a type, got {p!r}")
-        if isinstance(p, str) and p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as e:
-                raise ConfigError(f"Scope pattern {p!r}: invalid regular expression: {e}") from None
-        if isinstance(self.weights, dict):
-            object.__setattr__(self, "weights", QuantSpec.from_dict(self.weights))
-        if self.weights is not None and not (
-            isinstance(self.weights, QuantSpec) and not self.weights.dynamic
-        ):
-            raise ConfigError(f"Scope {p!r}: weights must be a static QuantSpec: {self.weights!r}")
-        a = self.activations
-        if isinstance(a, dict):
-            object.__setattr__(self, "activations", a := QuantSpec.from_dict(a))
-        if a is not None and not (isinstance(a, QuantSpec) and a.dynamic):
-            raise ConfigError(f"Scope {p!r}: activations must be a QuantSpec(dynamic=True), got "
-                              f"{a!r}; static activation specs are model-wide")
-        if not isinstance(self.float, bool):
-            raise ConfigError(f"Scope {p!r}: float must be a bool, got {self.float!r}")
-
-    @property
-    def label(self) -> str:
-        """The pattern as text (a type by its class name)."""
-        return self.pattern.__name__ if isinstance(self.pattern, type) else self.pattern
-
-    def matches(self, name: str, module: Any) -> bool:
-        """Whether the layer ``name`` (the module ``module``) is in this scope."""
-        p = self.pattern
-        if isinstance(p, type):
-            return isinstance(module, p)
-        if p.startswith("re:"):
-            return re.fullmatch(p[3:], name) is not None
-        return fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(type(module).__name__, p)
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"pattern": self.label}
-        if self.weights is not None:
-            d["weights"] = self.weights.to_dict()
-        if self.activations is not None:
-            d["activations"] = self.activations.to_dict()
-        if self.float:
-            d["float"] = True
-        return d
-
-    @classmethod
-    def of(cls, value: Any) -> Scope:
-        """A scope from a :class:`Scope`, a ``(pattern, overrides)`` pair or a dict with a
-        ``pattern`` key (a TOML ``[[scopes]]`` table)."""
-        if isinstance(value, Scope):
-            return value
-        if isinstance(value, dict):
-            value = dict(value)
-            if "pattern" not in value:
-                raise ConfigError(f"a scope needs a 'pattern', got {value!r}")
-            pattern, overrides = value.pop("pattern"), value
-        elif isinstance(value, (tuple, list)) and len(value) == 2:
-            pattern, overrides = value
-        else:
-            raise ConfigError(
-                f"a scope is (pattern, overrides) or a Scope, got {value!r}; e.g. "
-                "('_blocks.1*', {'weights': QuantSpec(bits=4, per_channel=True)})"
-            )
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"scope {pattern!r}: overrides must be a dict, got {overrides!r}")
-        unknown = sorted(set(overrides) - set(SCOPE_KEYS))
-        if unknown:
-            raise ConfigError(
-                f"scope {pattern!r}: unknown override(s) {unknown}; valid: {list(SCOPE_KEYS)}"
-            )
-        return cls(pattern, **overrides)
-
 
 @dataclass(frozen=True)
 class PTQConfig:
@@ -297,120 +111,11 @@ class PTQConfig:
     techniques: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _positive_number(self.range_margin, "PTQConfig.range_margin", zero=True)
-        if not isinstance(self.techniques, dict) or not all(
-            isinstance(k, str) for k in self.techniques
-        ):
-            raise ConfigError(
-                "PTQConfig.techniques must be a dict {technique name: its options}, got "
-                f"{self.techniques!r}"
-            )
-        if isinstance(self.weights, dict):
-            object.__setattr__(self, "weights", QuantSpec.from_dict(self.weights))
-        if isinstance(self.activations, dict):
-            object.__setattr__(self, "activations", QuantSpec.from_dict(self.activations))
-        for name, kind in (
-            ("adaround_options", AdaRoundOptions),
-            ("bias_correction_options", BiasCorrectionOptions),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                object.__setattr__(self, name, _from_dict(kind, value, kind.__name__))
-            elif not isinstance(value, kind):
-                raise ConfigError(f"PTQConfig.{name} must be a {kind.__name__}, got {value!r}")
-        if not isinstance(self.weights, QuantSpec):
-            raise ConfigError(f"PTQConfig.weights must be a QuantSpec, got {self.weights!r}")
-        self._check_gptq()
-        if self.activations is not None and not isinstance(self.activations, QuantSpec):
-            raise ConfigError(
-                f"PTQConfig.activations must be a QuantSpec or None, got {self.activations!r}"
-            )
-        if not isinstance(self.calibration, str) or not self.calibration:
-            # the name is checked against the registry where it is used (ptqkit.quantize)
-            raise ConfigError(
-                f"PTQConfig.calibration must name a calibrator, got {self.calibration!r}"
-            )
-        if self.weight_calibration not in ("minmax", "mse"):
-            raise ConfigError(
-                f"weight_calibration must be 'minmax' or 'mse', got {self.weight_calibration!r}"
-            )
-        if not isinstance(self.calibrator_options, dict):
-            raise ConfigError("PTQConfig.calibrator_options must be a dict")
-        if self.num_batches is not None and (
-            isinstance(self.num_batches, bool)
-            or not isinstance(self.num_batches, int)
-            or self.num_batches < 1
-        ):
-            raise ConfigError(f"num_batches must be None or an int >= 1, got {self.num_batches!r}")
-        if isinstance(self.skip, str):
-            object.__setattr__(self, "skip", (self.skip,))
-        elif isinstance(self.skip, list):
-            object.__setattr__(self, "skip", tuple(self.skip))
-        if not isinstance(self.skip, tuple) or not all(isinstance(s, str) for s in self.skip):
-            raise ConfigError(f"skip must be a tuple of strings, got {self.skip!r}")
-        if not isinstance(self.scopes, (tuple, list)):
-            raise ConfigError(f"scopes must be a list of scopes, got {self.scopes!r}")
-        object.__setattr__(self, "scopes", tuple(Scope.of(v) for v in self.scopes))
-        for name in ("fold_bn", "cle", "adaround", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"PTQConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.bias_correction is True:
-            object.__setattr__(self, "bias_correction", "empirical")
-        if self.bias_correction not in (False, "empirical", "affine", "analytic", "auto"):
-            raise ConfigError(
-                "bias_correction must be False, True, 'empirical', 'affine', 'analytic' or "
-                "'auto', "
-                f"got {self.bias_correction!r}"
-            )
-        if (
-            isinstance(self.adaround_iters, bool)
-            or not isinstance(self.adaround_iters, int)
-            or (self.adaround_iters < 1)
-        ):
-            raise ConfigError(f"adaround_iters must be an int >= 1, got {self.adaround_iters!r}")
-        if self.smoothquant is not None and not (
-            isinstance(self.smoothquant, (int, float))
-            and not isinstance(self.smoothquant, bool)
-            and 0.0 <= self.smoothquant <= 1.0
-        ):
-            raise ConfigError(f"smoothquant must be None or in [0, 1], got {self.smoothquant!r}")
-        if self.max_degradation is not None and not (
-            isinstance(self.max_degradation, (int, float))
-            and not isinstance(self.max_degradation, bool)
-            and self.max_degradation >= 0
-        ):
-            raise ConfigError(f"max_degradation must be >= 0, got {self.max_degradation!r}")
-        if self.min_sqnr_db is not None and not (
-            isinstance(self.min_sqnr_db, (int, float))
-            and not isinstance(self.min_sqnr_db, bool)
-            and math.isfinite(self.min_sqnr_db)
-        ):  # NaN compares false with everything: the fallback would silently ignore the target
-            raise ConfigError(f"min_sqnr_db must be a finite number, got {self.min_sqnr_db!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an int, got {self.seed!r}")
-
-    def _check_gptq(self) -> None:
-        """``gptq``: True/False/dict spellings, its type, and what it cannot be combined with;
-        ``group_size`` is a weight setting only."""
-        g: Any = self.gptq
-        if g is True or g is False:
-            object.__setattr__(self, "gptq", GPTQOptions() if g else None)
-        elif isinstance(g, dict):
-            object.__setattr__(self, "gptq", _from_dict(GPTQOptions, g, "GPTQOptions"))
-        elif g is not None and not isinstance(g, GPTQOptions):
-            raise ConfigError(f"PTQConfig.gptq must be None or a GPTQOptions, got {g!r}")
-        if self.gptq is not None and self.adaround is True:
-            raise ConfigError(
-                "gptq and adaround both choose the integer weights: set one of them "
-                "(gptq=None or adaround=False)"
-            )
-        if self.weights.dynamic:
-            raise ConfigError("weights cannot be dynamic=True (that is for activations)")
-        if isinstance(self.activations, QuantSpec) and self.activations.group_size is not None:
-            raise ConfigError(
-                "PTQConfig.activations: group_size is for weights only (group-wise scales "
-                "along a layer's input dimension); set activations.group_size=None"
-            )
+        for f in dataclasses.fields(self):  # each field by its validator (:data:`_CHECKS`)
+            check = _CHECKS.get(f.name)
+            if check is not None:
+                object.__setattr__(self, f.name, check(getattr(self, f.name)))
+        _check_combinations(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -430,18 +135,181 @@ class PTQConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PTQConfig:
-        return _from_dict(cls, d, "PTQConfig")
+        return from_fields(cls, d, "PTQConfig")
 
     def replace(self, **changes: Any) -> PTQConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
-def _from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{what} must be built from a dict, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"unknown {what} key(s): {unknown}; valid keys: {sorted(names)}")
-    return cls(**d)
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int(value: Any, least: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= least
+
+
+def _spec(name: str, optional: bool) -> Callable[[Any], Any]:
+    """A :class:`QuantSpec` field (a dict is read as its fields; ``None`` when ``optional``)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, dict):
+            value = QuantSpec.from_dict(value)
+        if not isinstance(value, QuantSpec) and not (optional and value is None):
+            kind = "a QuantSpec or None" if optional else "a QuantSpec"
+            raise ConfigError(f"PTQConfig.{name} must be {kind}, got {value!r}")
+        return value
+
+    return check
+
+
+def _options(name: str, kind: type, optional: bool = False) -> Callable[[Any], Any]:
+    """A technique's options field: the dataclass, a dict of its fields, or (``optional``)
+    ``None``/``False`` (off) and ``True`` (its defaults)."""
+
+    def check(value: Any) -> Any:
+        if optional and (value is None or value is False or value is True):
+            return kind() if value is True else None
+        if isinstance(value, dict):
+            return from_fields(kind, value, kind.__name__)
+        if not isinstance(value, kind):
+            none = " None or" if optional else ""
+            raise ConfigError(f"PTQConfig.{name} must be{none} a {kind.__name__}, got {value!r}")
+        return value
+
+    return check
+
+
+def _test(ok: Callable[[Any], bool], message: str) -> Callable[[Any], Any]:
+    """A field kept as it is when ``ok(value)``, else a :class:`ConfigError` (``message`` is
+    formatted with ``value``)."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ConfigError(message.format(value=value))
+        return value
+
+    return check
+
+
+def _bool(name: str) -> Callable[[Any], Any]:
+    return _test(lambda v: isinstance(v, bool), f"PTQConfig.{name} must be a bool, got {{value!r}}")
+
+
+def _skip(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (str, list)):
+        value = (value,) if isinstance(value, str) else tuple(value)
+    if not isinstance(value, tuple) or not all(isinstance(s, str) for s in value):
+        raise ConfigError(f"skip must be a tuple of strings, got {value!r}")
+    return value
+
+
+def _scopes(value: Any) -> tuple[Scope, ...]:
+    if not isinstance(value, (tuple, list)):
+        raise ConfigError(f"scopes must be a list of scopes, got {value!r}")
+    return tuple(Scope.of(v) for v in value)
+
+
+def _bias_correction(value: Any) -> Any:
+    value = "empirical" if value is True else value
+    if value not in (False, "empirical", "affine", "analytic", "auto"):
+        raise ConfigError(
+            "bias_correction must be False, True, 'empirical', 'affine', 'analytic' or 'auto', "
+            f"got {value!r}"
+        )
+    return value
+
+
+def _range_margin(value: Any) -> Any:
+    _positive_number(value, "PTQConfig.range_margin", zero=True)
+    return value
+
+
+#: one validator per checked field: returns the field's value (normalized: a dict read as its
+#: dataclass, ``True`` as its meaning) or raises :class:`ConfigError` naming the field
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "weights": _spec("weights", optional=False),
+    "activations": _spec("activations", optional=True),
+    # the calibrator's name is checked against the registry where it is used (ptqkit.quantize)
+    "calibration": _test(
+        lambda v: isinstance(v, str) and bool(v),
+        "PTQConfig.calibration must name a calibrator, got {value!r}",
+    ),
+    "weight_calibration": _test(
+        lambda v: v in ("minmax", "mse"),
+        "weight_calibration must be 'minmax' or 'mse', got {value!r}",
+    ),
+    "calibrator_options": _test(
+        lambda v: isinstance(v, dict), "PTQConfig.calibrator_options must be a dict"
+    ),
+    "num_batches": _test(
+        lambda v: v is None or _int(v, 1), "num_batches must be None or an int >= 1, got {value!r}"
+    ),
+    "skip": _skip,
+    "scopes": _scopes,
+    "fold_bn": _bool("fold_bn"),
+    "cle": _bool("cle"),
+    "bias_correction": _bias_correction,
+    "adaround": _bool("adaround"),
+    "adaround_iters": _test(
+        lambda v: _int(v, 1), "adaround_iters must be an int >= 1, got {value!r}"
+    ),
+    "adaround_options": _options("adaround_options", AdaRoundOptions),
+    "bias_correction_options": _options("bias_correction_options", BiasCorrectionOptions),
+    "gptq": _options("gptq", GPTQOptions, optional=True),
+    "smoothquant": _test(
+        lambda v: v is None or (_number(v) and 0.0 <= v <= 1.0),
+        "smoothquant must be None or in [0, 1], got {value!r}",
+    ),
+    "max_degradation": _test(
+        lambda v: v is None or (_number(v) and v >= 0),
+        "max_degradation must be >= 0, got {value!r}",
+    ),
+    # NaN compares false with everything: the fallback would silently ignore the target
+    "min_sqnr_db": _test(
+        lambda v: v is None or (_number(v) and math.isfinite(v)),
+        "min_sqnr_db must be a finite number, got {value!r}",
+    ),
+    "progress": _bool("progress"),
+    "seed": _test(
+        lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "seed must be an int, got {value!r}",
+    ),
+    "range_margin": _range_margin,
+    "techniques": _test(
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+        "PTQConfig.techniques must be a dict {{technique name: its options}}, got {value!r}",
+    ),
+}
+
+
+def _check_combinations(config: PTQConfig) -> None:
+    """What no single field's validator sees: gptq with adaround, dynamic weights, group-wise
+    activations (``group_size`` is a weight setting only)."""
+    if config.gptq is not None and config.adaround is True:
+        raise ConfigError(
+            "gptq and adaround both choose the integer weights: set one of them "
+            "(gptq=None or adaround=False)"
+        )
+    if config.weights.dynamic:
+        raise ConfigError("weights cannot be dynamic=True (that is for activations)")
+    if config.activations is not None and config.activations.group_size is not None:
+        raise ConfigError(
+            "PTQConfig.activations: group_size is for weights only (group-wise scales "
+            "along a layer's input dimension); set activations.group_size=None"
+        )
+
+
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "RUNTIME_FIELDS",
+    "SCOPE_KEYS",
+    "AdaRoundOptions",
+    "BiasCorrectionOptions",
+    "GPTQOptions",
+    "PTQConfig",
+    "QuantSpec",
+    "Scope",
+]
