@@ -64,7 +64,7 @@ def test_run_job_writes_everything_and_prints_nothing(
     f, q = _outputs(digits_cnn, job.qmodel, test_batches)
     sure = certain_agreement(f, q)
     assert sqnr_db(f, q) > 25 and job.result.agreement >= sure
-    assert abs(job.result.degradation) <= 100 - job.result.agreement + 1e-9 <= 100 - sure + 2e-9
+    assert abs(job.result.degradation) <= 100 - job.result.agreement + 1e-4 <= 100 - sure + 2e-4
     assert "top-1 agreement" in job.table() and "latency ONNX Runtime" in job.table()
     # the saved model is the quantized model, and the int8 ONNX computes what it computes
     loaded = ptqkit.load(files["quantized_model"], digits_cnn)

@@ -421,7 +421,7 @@ def test_demo_as_the_readme_says(tmp_path):
     # and a top-1 change no larger than the share of samples whose class changed
     ev = s["evaluation"]
     assert ev["fp32"] > 50 and s["pt2"]["agreement"]["sqnr_db_vs_fp32"] > 25, (ev, s["pt2"])
-    assert abs(ev["degradation"]) <= 100 - ev["agreement"] + 1e-9, ev
+    assert abs(ev["degradation"]) <= 100 - ev["agreement"] + 1e-4, ev
     assert seconds < 120, seconds
     # the recipe was searched (--tune, default on): every trial recorded, in the report too
     assert s["recipe"]["summary"].startswith("chosen by ptqkit.tune") and s["recipe"]["chosen"]
