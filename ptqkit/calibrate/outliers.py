@@ -16,7 +16,7 @@ and emits one :class:`ptqkit.errors.PTQWarning` for all the outliers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -65,6 +65,37 @@ class BatchMaxTracker:
         return int(idx) if float(m) == float(_amax(h)) else None
 
 
+#: a range the KL guard replaced (:mod:`ptqkit.calibrate.calibrators`): the calibrator it came
+#: ``from``, the one used instead (``to``), the largest share of a channel's energy the replaced
+#: range clipped (``clipped_energy``), how many ``channels`` it replaced, and the ``quantizer``
+RangeFallback = TypedDict(
+    "RangeFallback",
+    {"from": str, "to": str, "clipped_energy": float, "channels": int, "quantizer": str},
+)
+
+
+def range_fallbacks(
+    calibrators: dict[str, Any], labels: dict[str, str]
+) -> dict[str, RangeFallback]:
+    """``{label: RangeFallback}`` of this pass's calibrators whose range the KL guard replaced:
+    computed from the calibrators, never read back from ``info`` (what an earlier pass left
+    there does not decide this pass's warning)."""
+    out: dict[str, RangeFallback] = {}
+    for qname, cal in calibrators.items():
+        fb = getattr(cal, "fallback", None)
+        if fb:
+            out[labels.get(qname, qname)] = RangeFallback(
+                {
+                    "from": fb["from"],
+                    "to": fb["to"],
+                    "clipped_energy": float(fb["clipped_energy"]),
+                    "channels": int(fb["channels"]),
+                    "quantizer": qname,
+                }
+            )
+    return out
+
+
 def record(
     calibrators: dict[str, Any],
     labels: dict[str, str],
@@ -76,11 +107,11 @@ def record(
     from the calibrators of a finished pass (``compute_range`` already called; ``ranges``: the
     ranges they gave, to say truthfully whether an outlier was left out of its range)."""
     found = []
+    fallbacks = range_fallbacks(calibrators, labels)
+    if fallbacks:
+        info.details.setdefault("range_fallback", {}).update(fallbacks)
     for qname, cal in calibrators.items():
         label = labels.get(qname, qname)
-        fb = getattr(cal, "fallback", None)
-        if fb:
-            info.details.setdefault("range_fallback", {})[label] = dict(fb, quantizer=qname)
         h = _hist(cal)
         if h is None or h.counts is None:
             continue
@@ -109,8 +140,8 @@ def record(
         found += _samples(tracker.samples.flags, info, ranges)
     if found:
         info.warn("the calibration data has outliers: " + "; ".join(found))
-    if info.details.get("range_fallback"):
-        names = ", ".join(sorted(info.details["range_fallback"]))
+    if fallbacks:
+        names = ", ".join(sorted(fallbacks))
         info.warn(f"the KL range clipped the body of the data at {names}; the MSE range is used")
 
 

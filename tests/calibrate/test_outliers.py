@@ -171,3 +171,29 @@ def test_kl_guard_is_recorded_in_ptq_info():
     assert "input" in label and entry["from"] == "kl" and entry["to"] == "mse"
     assert entry["clipped_energy"] > 0.05
     assert any("KL range" in str(w.message) for w in caught)
+
+
+def test_range_fallback_warning_is_decided_by_this_pass_not_by_info():
+    """The KL-guard warning comes from the calibrators just solved (range_fallbacks), not from
+    what ``info.details`` already holds: a stale entry there warns nothing, and a pass with a
+    replaced range records it typed (from/to/clipped_energy/channels/quantizer)."""
+    from ptqkit.calibrate.calibrators import make_calibrator
+    from ptqkit.calibrate.outliers import range_fallbacks, record
+    from ptqkit.info import PTQInfo
+
+    spec = QuantSpec(bits=4, symmetric=True)
+    gauss = make_calibrator("kl")
+    gauss.observe(_gaussian())
+    gauss.compute_range(spec)
+    info = PTQInfo(details={"range_fallback": {"stale": {"from": "kl", "to": "mse"}}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record({"q0": gauss}, {"q0": "x"}, info)
+    assert not any("KL range" in str(w.message) for w in caught)
+    assert range_fallbacks({"q0": gauss}, {"q0": "x"}) == {}
+    heavy = make_calibrator("kl")
+    heavy.observe(_student_t2(100_000, 4))  # the case test_kl_guard_falls_back_to_mse uses
+    heavy.compute_range(spec)
+    fb = range_fallbacks({"q1": heavy}, {"q1": "y"})
+    assert set(fb) == {"y"} and fb["y"]["quantizer"] == "q1" and fb["y"]["from"] == "kl"
+    assert fb["y"]["channels"] >= 1 and fb["y"]["clipped_energy"] > 0.05
