@@ -35,7 +35,7 @@ from ..config import PTQConfig
 from ..data import run_model
 from ..errors import CalibrationError, ConfigError
 from ..info import PTQInfo
-from ..quant.modules import ActQuant, QuantLayer, act_quants, float_mode, quant_layers
+from ..quant.modules import QuantLayer, act_quants, float_mode, quant_layers
 from ..quant.primitives import fake_quant, qparams
 from ..sync import add_up, empty_shard, guard
 from ..typed import submodule, target_name
@@ -86,8 +86,9 @@ def candidate_ranges(cal: Any, spec: Any) -> dict[str, tuple[torch.Tensor, torch
 
 
 def _feeders(model: nn.Module) -> dict[str, str]:
-    """Quantizer name feeding each :class:`QuantLayer` (through value-preserving ops)."""
-    from ..graph import is_passthrough
+    """Quantizer name feeding each :class:`QuantLayer` (through value-preserving ops:
+    :func:`ptqkit.graph.input_quantizer`, the walk placement's rule 3 uses too)."""
+    from ..graph import input_quantizer
 
     if not isinstance(model, fx.GraphModule):
         return {n: f"{n}.input_quant" for n, m in quant_layers(model).items() if m.input_quant}
@@ -95,15 +96,9 @@ def _feeders(model: nn.Module) -> dict[str, str]:
     for node in model.graph.nodes:
         if node.op != "call_module" or not isinstance(submodule(model, node), QuantLayer):
             continue
-        a = node.args[0] if node.args else None
-        while isinstance(a, fx.Node) and is_passthrough(a, model) and a.args:
-            a = a.args[0]
-        if (
-            isinstance(a, fx.Node)
-            and a.op == "call_module"
-            and isinstance(submodule(model, a), ActQuant)
-        ):
-            feeds[target_name(node)] = target_name(a)
+        q = input_quantizer(node, model)
+        if q is not None:
+            feeds[target_name(node)] = target_name(q)
     return feeds
 
 

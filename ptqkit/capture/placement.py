@@ -49,6 +49,7 @@ from ..graph import (  # noqa: F401  (op registries: placement.* names kept for 
     is_activation,
     is_passthrough,
     is_quant_op,
+    through_passthrough,
 )
 from ..quant.modules import WEIGHT_LAYERS, ActQuant, QuantLayer
 
@@ -190,10 +191,8 @@ def place_in_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
             q, delete_user_cb=lambda u, q=q, keep=float_users: u is not q and u not in keep
         )
 
-    def on_grid(n: fx.Node) -> bool:
-        while is_passthrough(n, gm) and n.args and isinstance(n.args[0], fx.Node):
-            n = n.args[0]
-        return n.op == "call_module" and isinstance(called_module(gm, n), ActQuant)
+    def on_grid(n: fx.Node) -> bool:  # an ActQuant's output, through value-preserving ops
+        return isinstance(called_module(gm, through_passthrough(n, gm)), ActQuant)
 
     shared: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):  # rule 3: inputs not on a grid
