@@ -101,11 +101,13 @@ def round_layer(
     iters: int,
     seed: int,
     options: AdaRoundOptions | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Learn the rounding of ``layer``'s float weight on rows ``x [n, groups, k]`` → ``target
     [n, O]`` (``act``: the bounds of the clipping activation after the layer, or ``None``);
     returns the integer weight and the reconstruction losses (nearest rounding, AdaRound) on
-    those rows, and the steps run. Hyperparameters from ``options`` (default
+    those rows, and the steps run; where the learned hard rounding's loss exceeds nearest
+    rounding's on those rows, the nearest rounding is returned (``"kept": "nearest"``).
+    Hyperparameters from ``options`` (default
     :class:`AdaRoundOptions`)."""
     opts = AdaRoundOptions() if options is None else options
     dev = layer.weight_fp.device
@@ -136,6 +138,9 @@ def round_layer(
             adam_step(r, r.grad(goal.grad(r.soft()), opts.reg, beta), opts.lr)
     q = r.hard()
     learned = exact.loss(r.dequant(q))
+    if learned > nearest:  # the hard rounding lost on its own objective: keep nearest's, say so
+        near = r.nearest_q.to(q.dtype)
+        return near, {"nearest": nearest, "adaround": learned, "steps": steps, "kept": "nearest"}
     return q, {"nearest": nearest, "adaround": learned, "steps": steps}
 
 

@@ -86,7 +86,7 @@ def test_layer_sqnr_is_streamed_in_slices(digits_cnn, calib_batches, monkeypatch
     monkeypatch.setattr(sens, "SQNR_BUDGET", 1)  # one sample at a time
     sliced = layer_sqnr(q, calib_batches, LOW)
     for n in whole:
-        assert abs(whole[n] - sliced[n]) < 1e-6
+        assert abs(whole[n] - sliced[n]) < 1e-4  # float32 sums of other batch sizes: ~1e-6 dB
     assert whole["conv1"] > whole["fc"]  # error accumulates with depth
 
 

@@ -257,6 +257,10 @@ def test_missing_backend_is_one_line(quantized_digits, digits_data, monkeypatch)
 
 
 # -- Inductor int8 -------------------------------------------------------------------------------
+@pytest.mark.skipif(
+    not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()),
+    reason="torch.backends.mkldnn is off: Inductor has no oneDNN int8 kernels to lower onto",
+)
 def test_inductor_runs_int8_kernels(q_branch, branch_net, calib_batches, digits_data):
     """Freezing on: every conv/linear becomes a oneDNN int8 kernel (6 of 6); a float-kept layer
     stays a float kernel, counted, with a warning. Outputs agree with the simulation at batch 7
