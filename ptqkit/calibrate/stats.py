@@ -179,18 +179,28 @@ _SPLIT_MIN = 1 << 20
 _POOL: list[ThreadPoolExecutor] = []
 
 
+def _counted(keys: torch.Tensor, bins: int) -> torch.Tensor:
+    """``torch.bincount`` of ``keys`` (any integer dtype: ``bincount`` has no ``uint16``
+    kernel, so those are widened to ``int32`` first)."""
+    if keys.dtype not in (torch.int32, torch.int64):
+        keys = keys.to(torch.int32)
+    return torch.bincount(keys, minlength=bins)
+
+
 def _bincount(keys: torch.Tensor, bins: int) -> torch.Tensor:
-    """``torch.bincount(keys, minlength=bins)``, split over ``torch.get_num_threads()`` threads
-    on the CPU: its counting loop is serial (one core of two idle during calibration's
-    histograms), and ``bincount`` releases the GIL. Integer counts: the same result exactly."""
+    """``torch.bincount(keys, minlength=bins)`` of a 1-D ``keys``, split over
+    ``torch.get_num_threads()`` threads on the CPU: its counting loop is serial (one core of two
+    idle during calibration's histograms), and ``bincount`` releases the GIL; each thread also
+    widens its own part of ``keys`` (a strided ``uint16`` view: 37 vs 53 ms per 12.8M values,
+    2 threads, against one widening copy first). Integer counts: the same result exactly."""
     t = torch.get_num_threads()
     if t < 2 or keys.device.type != "cpu" or keys.numel() < _SPLIT_MIN:
-        return torch.bincount(keys, minlength=bins)
+        return _counted(keys, bins)
     if not _POOL or _POOL[0]._max_workers < t - 1:
         _POOL[:] = [ThreadPoolExecutor(t - 1, thread_name_prefix="ptqkit-bincount")]
     first, *rest = keys.chunk(t)
-    futures = [_POOL[0].submit(torch.bincount, p, minlength=bins) for p in rest]
-    h = torch.bincount(first, minlength=bins)
+    futures = [_POOL[0].submit(_counted, p, bins) for p in rest]
+    h = _counted(first, bins)
     for f in futures:
         h += f.result()
     return h
@@ -210,7 +220,7 @@ def _count_keys16(xc: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, to
     EfficientNet-Lite0 default calibration)."""
     xf = (xc if xc.dtype == torch.float32 else xc.float()).contiguous()
     half = 1 << 15
-    keys = xf.view(torch.uint16)[:, 1::2].to(torch.int32).reshape(-1)
+    keys = xf.reshape(-1).view(torch.uint16)[1::2]  # (a strided view: no copy)
     h = _bincount(keys, 2 * half).double()
     base = int(top.reshape(-1)[0]) - _N
     j = (torch.arange(half, dtype=torch.int64, device=h.device) - base).clamp_(0, _N - 1)
