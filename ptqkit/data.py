@@ -71,6 +71,20 @@ def batch_size(args: tuple, kwargs: dict) -> int:
     return int(ts[0].shape[0]) if ts and ts[0].dim() > 0 else 1
 
 
+def leading(args: tuple, kwargs: dict, n: int) -> Batch | None:
+    """The batch's first ``n`` samples (every tensor whose first dimension is the batch's,
+    at any depth, cut to ``[:n]``; other values kept), or ``None`` when it has no more than
+    ``n`` samples."""
+    size = batch_size(args, kwargs)
+    if size <= n:
+        return None
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:n] if t.dim() > 0 and t.shape[0] == size else t
+
+    return _map(args, kwargs, cut)
+
+
 def _map(args: tuple, kwargs: dict, fn: Any) -> Batch:
     """``fn`` applied to every tensor of the batch, at any depth of its tuples, lists and
     dicts (other values kept)."""

@@ -165,6 +165,14 @@ class Reference:
     output: Any
     state_changes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: the whole batch ``args``/``kwargs`` were taken from (they may be its first samples only:
+    #: :func:`ptqkit.capture.prepare.capture_reference`); ``torch.export`` traces on it
+    full: tuple[tuple, dict] | None = None
+
+    @property
+    def batch(self) -> tuple[tuple, dict]:
+        """The whole first batch (``(args, kwargs)`` when they are it)."""
+        return self.full if self.full is not None else (self.args, self.kwargs)
 
 
 def reference(model: nn.Module, args: tuple, kwargs: dict) -> Reference:
