@@ -146,6 +146,16 @@ def dequantize(
     return (q.float() - z) * s
 
 
+def _eager(t: torch.Tensor) -> bool:
+    """Whether ``t``'s value may be read as a Python number here: a CPU tensor, in eager mode
+    (not under ``torch.export`` / ``torch.compile`` / ``torch.jit.trace``, where it would be a
+    data-dependent guard or a baked constant)."""
+    if t.device.type != "cpu" or torch.jit.is_tracing():
+        return False
+    compiler = torch.compiler
+    return not (compiler.is_compiling() or compiler.is_exporting())
+
+
 def fake_quant(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
 ) -> torch.Tensor:
@@ -155,7 +165,7 @@ def fake_quant(
     the ends of the grid.
     """
     grad = x.requires_grad and torch.is_grad_enabled()
-    if not grad and scale.numel() == 1 and zero_point.numel() == 1 and scale.device.type == "cpu":
+    if not grad and scale.numel() == 1 and zero_point.numel() == 1 and _eager(scale):
         # per tensor on the CPU: Python-number bounds and scale (the same float32 numbers:
         # ``float`` of a float32 is exact and goes back to it) take the scalar kernels, 30 %
         # faster than broadcasting 0-d tensors (27 vs 39 ms on 12.8M values, 2 threads)
