@@ -70,7 +70,7 @@ class LMConfig:
     n_layers: int = 6
     n_heads: int = 6
     ctx: int = 128
-    steps: int = 3000
+    steps: int = 800
     batch: int = 24
     lr: float = 2e-3
     warmup: int = 100
@@ -221,9 +221,11 @@ def train(cfg: LMConfig, data: torch.Tensor, log_every: int = 0) -> GPT:
     return model.eval()
 
 
-def trained(cfg: LMConfig = LMConfig(), log_every: int = 100) -> tuple[GPT, dict]:
-    """The model for ``cfg``, from the cache or trained (1 thread) and cached; with a record
-    (``key``, ``train_s``, ``params``)."""
+def trained(
+    cfg: LMConfig = LMConfig(), log_every: int = 100, train_threads: int = 1
+) -> tuple[GPT, dict]:
+    """The model for ``cfg``, from the cache or trained (``train_threads`` threads: 1 where the
+    machine is shared) and cached; with a record (``key``, ``train_s``, ``params``)."""
     train_bytes, _ = corpus()
     k = key(cfg, train_bytes)
     path = CACHE / f"gpt-{k}.pt"
@@ -233,7 +235,7 @@ def trained(cfg: LMConfig = LMConfig(), log_every: int = 100) -> tuple[GPT, dict
         model.load_state_dict(blob["state"])
         return model.eval(), blob["record"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(train_threads)
     t0 = time.perf_counter()
     try:
         model = train(cfg, as_tensor(train_bytes), log_every)
@@ -290,11 +292,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=LMConfig.steps)
     ap.add_argument("--eval", type=int, default=256, help="held-out windows")
+    ap.add_argument("--threads", type=int, default=1, help="training threads (1: shared)")
     args = ap.parse_args()
     cfg = dataclasses.replace(LMConfig(), steps=args.steps)
     train_bytes, held = corpus()
     print(f"train {len(train_bytes):,} bytes, held-out {len(held):,} bytes", flush=True)
-    model, rec = trained(cfg)
+    model, rec = trained(cfg, train_threads=args.threads)
     r = perplexity(model, eval_windows(as_tensor(held), cfg.ctx, args.eval))
     print(json.dumps({**rec, **r, "unigram_bpb": unigram_bpb(train_bytes, held)}), flush=True)
 

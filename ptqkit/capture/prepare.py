@@ -170,7 +170,8 @@ def capture_reference(model: nn.Module, example: Any, info: PTQInfo) -> Referenc
     bad = nonfinite_outputs(ref.output)
     if bad:  # the quantized copy can only be as finite as the model it copies: say so
         info.warn(
-            f"the float model itself returns NaN/Inf on the first calibration batch "
+            f"the float model itself returns NaN/Inf on the first calibration batch"
+            f"{'' if ref.full is None else f' (its first {CHECK_SAMPLES} samples, checked)'} "
             f"({'; '.join(bad)}), before any quantization: check its parameters (e.g. an Inf "
             "bias) and inputs; scores against it leave those samples out"
         )
