@@ -208,10 +208,10 @@ def _representative(f: Facts) -> str | None:
 
 @rule(
     "calibration_coverage",
-    "The calibrated ranges must hold the real inputs (ptqkit.analysis.coverage)",
+    "The calibrated ranges must hold the real inputs (ptqkit.analysis.range_coverage)",
 )
 def _coverage(f: Facts) -> str | None:
-    from .analysis.coverage import coverage_message
+    from .analysis.range_coverage import coverage_message
 
     return coverage_message(f.coverage)
 

@@ -79,7 +79,7 @@ class PTQConfig:
         seed: seed for every random choice (AdaRound init, sampling).
         range_margin: headroom m >= 0 added to every calibrated activation range,
             ``m·(hi - lo)`` on each side (a side at 0 stays), after calibration; a remedy when
-            the real inputs exceed the calibration data (see :mod:`ptqkit.analysis.coverage`).
+            the real inputs exceed the calibration data (see :mod:`ptqkit.analysis.range_coverage`).
         techniques: the registered techniques that have no field of their own, by name, each
             with its options object (``True``: its defaults; a dict: its fields), e.g.
             ``{"awq": AWQOptions(grid=20)}`` (:mod:`ptqkit.techniques`; checked against the

@@ -31,7 +31,7 @@ from ..scorer import (
     take,
     topk_hits,
 )
-from .coverage import CoverageMeter
+from .range_coverage import CoverageMeter
 
 
 @dataclass

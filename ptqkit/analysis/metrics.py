@@ -25,8 +25,8 @@ from ..errors import ConfigError, DataError, ModelError, PTQWarning
 from ..info import PTQInfo
 from ..progress import progress
 from ..scorer import OutputSelector, nonfinite_message
-from .coverage import Coverage, CoverageMeter, coverage_message
 from .eval_batch import Sums, score_batch, with_targets
+from .range_coverage import Coverage, CoverageMeter, coverage_message
 from .size import size_bytes
 
 #: degradation (points) above which :func:`evaluate` advises remedies (the chapter's 2-3 %)
@@ -51,7 +51,7 @@ class EvalResult:
             width, scales, zero points, float biases, activation ranges), or ``None``.
         samples: number of samples evaluated.
         coverage: ``{activation quantizer: Coverage}``, how the evaluation values fit each
-            calibrated range (see :mod:`ptqkit.analysis.coverage`); empty for a model without
+            calibrated range (see :mod:`ptqkit.analysis.range_coverage`); empty for a model without
             ptqkit quantizers.
         warnings: the advice emitted (also issued as :class:`~ptqkit.PTQWarning`).
     """
@@ -176,7 +176,7 @@ def evaluate(
         ``result.warnings``): a degradation above 2 points of a built-in metric (a callable's
         unit is unknown), with the chapter's remedies; a quantized model calibrated on fewer
         than 100 samples; activation quantizers saturated by the evaluation data (the
-        calibration data does not represent it; see :mod:`ptqkit.analysis.coverage`).
+        calibration data does not represent it; see :mod:`ptqkit.analysis.range_coverage`).
 
     Raises:
         DataError: empty data, a batch a model rejects (named by index), ``top1``/``top5``

@@ -1,5 +1,5 @@
 """Headroom on calibrated activation ranges (``PTQConfig.range_margin``): a remedy when the data
-met in use exceeds the calibration data (measured by :mod:`ptqkit.analysis.coverage`).
+met in use exceeds the calibration data (measured by :mod:`ptqkit.analysis.range_coverage`).
 
 A range ``[lo, hi]`` on its integer grid becomes ``[lo - m·(hi - lo), hi + m·(hi - lo)]`` (a side
 at 0 stays at 0, so that ReLU outputs keep an exact zero); the step grows by ``1 + 2m``, and so

@@ -3,7 +3,7 @@ functions: ``aten.conv2d``/``linear``/``batch_norm`` calls whose weights are gra
 become ``nn.Conv2d``/``nn.Linear``/``nn.BatchNorm2d`` modules again (named after their weights),
 and the common ATen ops (ReLU, ReLU6, clamps, adds, cats, matmuls, pooling, reshapes) their
 ``torch`` functions, so that BatchNorm folding and the quantizer placement rules see the same
-graph as for an eager model. Used by the ``torch.export`` capture (:mod:`.export`) and for the
+graph as for an eager model. Used by the ``torch.export`` capture (:mod:`.torch_export`) and for the
 ``.pt2`` files the command line reads.
 
 An op it cannot lift (weights that are not attributes, keyword arguments, a training-mode

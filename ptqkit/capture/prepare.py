@@ -27,16 +27,16 @@ from ..errors import ConfigError, ModelError
 from ..info import PTQInfo
 from ..quant.modules import act_quants
 from ..scorer import nonfinite_outputs
-from .coverage import account
-from .export import export_capture
 from .guards import refuse, unparametrize
 from .inplace import functionalize
 from .placement import place_in_graph, place_on_inputs, skipped, wrap_layers
 from .scopes import record_scopes
 from .state import StateRestore
+from .torch_export import export_capture
 from .trace import fold_batchnorms, trace
 from .verify import Reference, check_capture
 from .verify import reference as run_reference
+from .weight_accounting import account
 
 #: a captured copy, or ``None`` and why not
 Captured = tuple[nn.Module | None, str]

@@ -1,4 +1,4 @@
-"""Coverage: every module holding weights is quantized or listed as float, with a reason.
+"""Weight accounting: every module holding weights is quantized or listed as float, with a reason.
 
 A module "holds weights" when it owns (directly, not through a child) a floating-point parameter
 or buffer of two or more dimensions: conv kernels, linear and embedding matrices. Norm scales and

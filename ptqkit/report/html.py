@@ -20,9 +20,9 @@ from torch import nn
 
 from ..io.files import write_text
 from . import plots
-from .coverage import section_coverage
 from .markup import CSS, embed_png, html_table
 from .measure import Report, collect
+from .range_coverage import section_coverage
 from .recipe import section_recipe
 
 

@@ -1,11 +1,12 @@
 """The report's "Calibration coverage" section: how the evaluation values fit each calibrated
-activation range (measured by :func:`ptqkit.evaluate`, see :mod:`ptqkit.analysis.coverage`)."""
+activation range (measured by :func:`ptqkit.evaluate`, see
+:mod:`ptqkit.analysis.range_coverage`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..analysis.coverage import SATURATION_ENERGY, SATURATION_SHARE, Coverage
+from ..analysis.range_coverage import SATURATION_ENERGY, SATURATION_SHARE, Coverage
 from .markup import html_table
 
 

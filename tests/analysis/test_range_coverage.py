@@ -12,7 +12,7 @@ from torch import nn
 
 import ptqkit
 from ptqkit.advice import advise, gather
-from ptqkit.analysis.coverage import SATURATION_SHARE, CoverageMeter
+from ptqkit.analysis.range_coverage import SATURATION_SHARE, CoverageMeter
 from ptqkit.quant.modules import act_quants
 
 CFG = ptqkit.PTQConfig(progress=False)
