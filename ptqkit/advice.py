@@ -14,16 +14,16 @@ Adding a rule is adding an entry::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
+from .analysis.metrics import MAX_DEGRADATION, degradation_message, judged_loss
 from .info import MIN_CALIBRATION_SAMPLES, sample_shortfall
 
-#: the chapter: "Considérer QAT si la dégradation est > 2-3%" (points of the metric)
-MAX_DEGRADATION = 2.0
 #: degradation above which quantization-aware training is worth its cost
 QAT_DEGRADATION = 3.0
 #: fraction of a tensor's calibration values outside its range that counts as "a large fraction"
@@ -43,6 +43,8 @@ class Facts:
     fp32: float | None = None
     quantized: float | None = None
     degradation: float | None = None
+    #: expected top-1 cost (points) under the float model's probabilities (EvalResult)
+    expected_cost: float = math.nan
     #: evaluation ran on the calibration data itself (no held-out set was given)
     evaluated_on_calibration_data: bool = False
     #: depthwise convs whose weights are quantized per tensor
@@ -160,6 +162,7 @@ def gather(
     if result is not None:
         f.metric, f.fp32, f.quantized = result.metric, result.fp32, result.quantized
         f.degradation = result.degradation
+        f.expected_cost = getattr(result, "expected_cost", math.nan)
         f.coverage = dict(getattr(result, "coverage", None) or {})
     f.clipped = dict(clipped or {})
     f.heldout_clipped = dict(heldout_clipped or {})
@@ -234,7 +237,8 @@ def _outliers(f: Facts) -> str | None:
 
 @rule("try_calibrators", "Try several calibration methods (min-max, KL, percentile)", "tip")
 def _calibrators(f: Facts) -> str | None:
-    if f.degradation is None or f.degradation <= MAX_DEGRADATION:
+    loss = judged_loss(f.degradation, f.metric, f.expected_cost)
+    if loss is None or loss <= MAX_DEGRADATION:
         return None
     if f.best_method is not None:
         name, value = f.best_method
@@ -306,7 +310,8 @@ def _clipping(f: Facts) -> str | None:
 
 @rule("degradation", "Check the result on a validation set; consider QAT if it loses > 2-3%")
 def _degradation(f: Facts) -> str | None:
-    if f.degradation is None or f.degradation <= MAX_DEGRADATION:
+    loss = judged_loss(f.degradation, f.metric, f.expected_cost)
+    if f.degradation is None or loss is None or loss <= MAX_DEGRADATION:
         return None
     c = f.config
     tips = []
@@ -324,10 +329,10 @@ def _degradation(f: Facts) -> str | None:
         tips.append(f"a longer ptqkit.tune budget (it tried: {', '.join(sorted(tried))})")
     if c and c.get("max_degradation") is None and c.get("min_sqnr_db") is None:
         tips.append("float fallback of the most sensitive layers (max_degradation = ...)")
-    if f.degradation > QAT_DEGRADATION:
+    if loss > QAT_DEGRADATION:
         tips.append("quantization-aware training if PTQ cannot close the gap")
     return (
-        f"quantization costs {f.degradation:.2f} points of {f.metric} (more than "
+        f"{degradation_message(f.degradation, f.metric, f.expected_cost)} (more than "
         f"{MAX_DEGRADATION:g}); try: " + "; ".join(tips)
     )
 

@@ -26,7 +26,12 @@ Comparison (:func:`compare`), per batch of ``n`` samples, float output ``f``, qu
   per position), ``f == q`` per element for integer/bool outputs; each row weighs
   ``n / rows`` samples;
 * ``KL(p‖q) = Σ_c p_c (log p_c - log q_c)``, ``p = softmax(f)``, ``q = softmax(q)`` (float64);
-* SQNR ``10·log10(Σ f² / Σ (f - q)²)`` from the summed energies.
+* SQNR ``10·log10(Σ f² / Σ (f - q)²)`` from the summed energies;
+* **expected top-1 cost** ``Σ_rows p(ĉ_f) - p(ĉ_q)``, ``p`` the float model's probabilities
+  (``softmax(f)``, or ``f`` if its rows are distributions), ``ĉ`` the top-1 classes: 0 where
+  they agree. If ``p`` is calibrated (``P(label = c | x) = p(c)``) its mean is the top-1
+  accuracy the quantized model is expected to lose, ``E[acc_f - acc_q]``, without labels: a
+  class changed where the float model hesitates costs little (agreement counts it a full miss).
 
 Non-finite values (NaN, ±Inf). A sample whose input or float output is not finite has no
 reference to compare with: it is left out of every score and counted (``bad_input``,
@@ -245,6 +250,26 @@ class Pair:
     #: both are its share of changed elements. What tune's paired decision reads.
     sample_kl: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     sample_err: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    cost: float = 0.0  # samples' worth of expected top-1 cost (integer outputs: changed share)
+
+
+def _probabilities(rows: torch.Tensor) -> torch.Tensor:
+    """Class probabilities per row (float64): the rows themselves if each is a distribution
+    (entries in [0, 1] summing to 1 ± 1e-3: a softmax output), else their softmax."""
+    r = rows.double()
+    if r.numel() and bool(((r >= 0) & (r <= 1)).all()) and bool(
+        ((r.sum(1) - 1).abs() < 1e-3).all()
+    ):
+        return r
+    return torch.softmax(r, 1)
+
+
+def expected_cost(rf: torch.Tensor, rq: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Per row: ``p(ĉ_f) - p(ĉ_q)``; ``p(ĉ_f)`` where the quantized row is not ``ok``."""
+    p = _probabilities(rf)
+    top = p.gather(1, rf.argmax(1, keepdim=True)).squeeze(1)
+    theirs = p.gather(1, rq.nan_to_num(nan=-math.inf).argmax(1, keepdim=True)).squeeze(1)
+    return torch.where(ok, top - theirs, top).clamp(min=0.0)
 
 
 def compare(f: torch.Tensor, q: torch.Tensor, n: int, inputs: Any = None) -> Pair:
@@ -276,7 +301,7 @@ def compare(f: torch.Tensor, q: torch.Tensor, n: int, inputs: Any = None) -> Pai
         ok = torch.ones(hits.shape, dtype=torch.bool)
         miss = _per_sample((~hits).double(), int(ns), per, mean=True)
         return Pair(ns, agree, 0.0, math.nan, math.nan, hits, keep, f, q, ok, **bad,
-                    sample_kl=miss, sample_err=miss)
+                    sample_kl=miss, sample_err=miss, cost=ns - agree)
     rf, rq = as_rows(f), as_rows(q)
     rows = rf.shape[0]
     ok = torch.isfinite(rq).all(1)
@@ -290,8 +315,9 @@ def compare(f: torch.Tensor, q: torch.Tensor, n: int, inputs: Any = None) -> Pai
     signal = float(f.double().pow(2).sum())
     sample_kl = _per_sample(kl_rows.masked_fill(~ok, math.inf), int(ns), per, mean=True)
     sample_err = _per_sample(err.nan_to_num(nan=math.inf), int(ns), per, mean=False)
+    cost = float(expected_cost(rf, rq, ok).sum()) * w if rows else 0.0
     return Pair(ns, float(hits.sum()) * w, kl, signal, noise, hits, keep, f, q, ok, **bad,
-                sample_kl=sample_kl, sample_err=sample_err)
+                sample_kl=sample_kl, sample_err=sample_err, cost=cost)
 
 
 def _per_sample(values: torch.Tensor, ns: int, per: bool, mean: bool) -> torch.Tensor:

@@ -43,6 +43,7 @@ class Sums:
     score_q: float = 0.0
     agree: float = 0.0
     kl: float = 0.0
+    cost: float = 0.0  # expected top-1 cost (:func:`ptqkit.scorer.expected_cost`)
     samples: float = 0.0
     bad: tuple[int, int, int] = (0, 0, 0)
 
@@ -52,6 +53,7 @@ class Sums:
         self.score_q += q
         self.agree += same
         self.kl += kl_sum
+        self.cost += p.cost
         self.samples += p.samples
         b = self.bad
         self.bad = (b[0] + p.bad_input, b[1] + p.bad_float, b[2] + p.bad_quant)

@@ -13,6 +13,7 @@ and reports the storage size of both models (see :func:`size_bytes`).
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,8 @@ from .eval_batch import Sums, score_batch, with_targets
 from .range_coverage import Coverage, CoverageMeter, coverage_message
 from .size import size_bytes
 
-#: degradation (points) above which :func:`evaluate` advises remedies (the chapter's 2-3 %)
+#: degradation (points) above which :func:`evaluate` and the advice suggest remedies (the
+#: chapter: "Considérer QAT si la dégradation est > 2-3%")
 MAX_DEGRADATION = 2.0
 
 Metric = Callable[[torch.Tensor, Any], float]
@@ -50,6 +52,10 @@ class EvalResult:
         size_bytes_quantized: storage of the quantized model (integer weights at their bit
             width, scales, zero points, float biases, activation ranges), or ``None``.
         samples: number of samples evaluated.
+        expected_cost: expected top-1 accuracy cost (points) under the float model's own class
+            probabilities: ``100/N · Σ p(ĉ_f) - p(ĉ_q)`` (:func:`ptqkit.scorer.expected_cost`;
+            0 where the two top-1 classes agree). Without labels it is what the changed
+            classes can cost: a change where the float model hesitates costs little.
         coverage: ``{activation quantizer: Coverage}``, how the evaluation values fit each
             calibrated range (see :mod:`ptqkit.analysis.range_coverage`); empty for a model without
             ptqkit quantizers.
@@ -65,6 +71,7 @@ class EvalResult:
     size_bytes_fp32: int | None
     size_bytes_quantized: int | None
     samples: int
+    expected_cost: float = math.nan
     warnings: list[str] = field(default_factory=list)
     coverage: dict[str, Coverage] = field(default_factory=dict)
 
@@ -89,7 +96,8 @@ class EvalResult:
         return (
             f"{self.metric}: fp32 {self.fp32:.2f}, quantized {self.quantized:.2f} "
             f"(degradation {self.degradation:+.2f}), agreement {self.agreement:.2f}%, "
-            f"KL {self.kl:.4g}, {self.samples} samples{size}"
+            f"KL {self.kl:.4g}, expected top-1 cost {self.expected_cost:.2f} points, "
+            f"{self.samples} samples{size}"
         )
 
 
@@ -116,15 +124,36 @@ def _remedies(config: dict[str, Any]) -> str:
     return "; ".join(tips)
 
 
-def _advice(res_degradation: float | None, metric: str, qmodel: Any) -> list[str]:
-    """The warnings for a result (``res_degradation`` is ``None`` for a metric of unknown unit)."""
+def judged_loss(degradation: float | None, metric: str | None, cost: float) -> float | None:
+    """The loss the chapter's 2-3 % rule is applied to: the metric's degradation, except for
+    ``agreement`` (no labels), whose misses include classes changed where the float model itself
+    hesitates: there it is the expected top-1 cost under the float model's probabilities
+    (:func:`ptqkit.scorer.expected_cost`), the label-free estimate of the accuracy lost."""
+    if metric == "agreement" and degradation is not None and math.isfinite(cost):
+        return cost
+    return degradation
+
+
+def degradation_message(degradation: float, metric: str | None, cost: float) -> str:
+    """How much quantization costs, in the words of the advice."""
+    if metric == "agreement" and math.isfinite(cost):
+        return (
+            f"quantization costs an expected {cost:.2f} points of top-1 accuracy (under the "
+            f"float model's probabilities; agreement lost {degradation:.2f} points)"
+        )
+    return f"quantization costs {degradation:.2f} points of {metric}"
+
+
+def _advice(res: EvalResult, qmodel: Any, known_unit: bool) -> list[str]:
+    """The warnings for a result (the degradation of a metric of unknown unit is not judged)."""
     msgs = []
     info = getattr(qmodel, "ptq_info", None)
     config = getattr(info, "config", None) or {}
-    if res_degradation is not None and res_degradation > MAX_DEGRADATION:
+    loss = judged_loss(res.degradation if known_unit else None, res.metric, res.expected_cost)
+    if loss is not None and loss > MAX_DEGRADATION:
         msgs.append(
-            f"quantization costs {res_degradation:.2f} points of {metric} (more than "
-            f"{MAX_DEGRADATION:g}); try: {_remedies(config)}"
+            f"{degradation_message(res.degradation, res.metric, res.expected_cost)} (more "
+            f"than {MAX_DEGRADATION:g}); try: {_remedies(config)}"
         )
     few = info.sample_shortfall() if isinstance(info, PTQInfo) else None
     if few:
@@ -242,12 +271,7 @@ def _result(
     fp32 = scale * sums.score_f / samples
     quantized = scale * sums.score_q / samples
     degradation = fp32 - quantized
-    msgs = [nonfinite] if nonfinite else []
-    msgs += _advice(degradation if isinstance(metric, str) else None, name, qmodel)
-    msg = coverage_message(coverage)
-    if msg is not None:
-        msgs.append(msg)
-    return msgs, EvalResult(
+    res = EvalResult(
         metric=name,
         fp32=fp32,
         quantized=quantized,
@@ -257,9 +281,16 @@ def _result(
         size_bytes_fp32=size_bytes(fp32_model),
         size_bytes_quantized=size_bytes(qmodel),
         samples=round(samples),
-        warnings=msgs,
+        expected_cost=100.0 * sums.cost / samples,
         coverage=coverage,
     )
+    msgs = [nonfinite] if nonfinite else []
+    msgs += _advice(res, qmodel, isinstance(metric, str))
+    msg = coverage_message(coverage)
+    if msg is not None:
+        msgs.append(msg)
+    res.warnings.extend(msgs)
+    return msgs, res
 
 
 def _quantized(model: Any) -> bool:

@@ -39,6 +39,9 @@ def summary_rows(
             ("size FP32", _fmt_bytes(result.size_bytes_fp32)),
             ("size quantized", _fmt_bytes(result.size_bytes_quantized)),
         ]
+        if result.metric == "agreement":
+            cost = getattr(result, "expected_cost", float("nan"))
+            rows.insert(4, ("expected top-1 cost (FP32's probabilities)", f"{cost:.2f} points"))
         if result.compression is not None:
             rows.append(("compression", f"{result.compression:.2f}×"))
     for k, v in (latency or {}).items():
