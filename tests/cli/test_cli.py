@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -401,9 +400,7 @@ def test_compare_and_report(work, cli):
 
 def test_demo_as_the_readme_says(tmp_path):
     """The README's quick check, exactly: ``ptqkit demo --model digits``."""
-    t0 = time.perf_counter()
     p = run(tmp_path, "demo", "--model", "digits")
-    seconds = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr
     out = tmp_path / "ptqkit-demo"
     for name in ("report.html", "summary.json", "model.int8.onnx", "model.ptq.safetensors"):
@@ -422,7 +419,9 @@ def test_demo_as_the_readme_says(tmp_path):
     ev = s["evaluation"]
     assert ev["fp32"] > 50 and s["pt2"]["agreement"]["sqnr_db_vs_fp32"] > 25, (ev, s["pt2"])
     assert abs(ev["degradation"]) <= 100 - ev["agreement"] + 1e-4, ev
-    assert seconds < 120, seconds
+    # no wall-clock bound here (a test must hold on a slow or loaded CPU): the demo's time is
+    # measured in bench/, and tune's budget is checked from its own record
+    assert s["recipe"]["budget_s"] > 0 and s["recipe"]["seconds"] > 0
     # the recipe was searched (--tune, default on): every trial recorded, in the report too
     assert s["recipe"]["summary"].startswith("chosen by ptqkit.tune") and s["recipe"]["chosen"]
     ran = [t for t in s["recipe"]["trials"] if t["status"] == "ran"]
@@ -436,10 +435,10 @@ def test_demo_as_the_readme_says(tmp_path):
     reason="about a minute of CPU (EfficientNet-Lite0); set PTQKIT_SLOW_TESTS=1 to run it",
 )
 def test_full_demo(tmp_path):
-    """``ptqkit demo``: EfficientNet-Lite0 on photo crops, under 2 minutes."""
-    t0 = time.perf_counter()
+    """``ptqkit demo``: EfficientNet-Lite0 on photo crops (its time is measured in bench/, not
+    bounded here)."""
     p = run(tmp_path, "demo", timeout=600)
     assert p.returncode == 0, p.stderr
     assert "agreement" in p.stdout and "no ImageNet labels" in p.stdout
+    assert "expected top-1 cost" in p.stdout
     assert (tmp_path / "ptqkit-demo" / "report.html").is_file()
-    assert time.perf_counter() - t0 < 120
