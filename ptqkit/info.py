@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ModelError, PTQWarning
+from .records import Details
 
 #: the chapter: "Utiliser au moins 100-1000 échantillons de calibration"
 MIN_CALIBRATION_SAMPLES = 100
@@ -65,7 +66,9 @@ class PTQInfo:
     # data whose max |x| lies > 100x beyond its 99.9th percentile q (ptqkit.calibrate.outliers)
     outliers: dict[str, dict[str, Any]] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
-    details: dict[str, Any] = field(default_factory=dict)  # per-stage results (CLE, fallback, ...)
+    # per-technique records (CLE, fallback, tune, ...): every key and its type in
+    # ptqkit.records.Details; a record for the user, never a stage's input
+    details: Details = field(default_factory=Details)
     # ptqkit.tune: which recipe was chosen and how, in one line (the trials: details["recipe"])
     recipe: str = ""
     warnings: list[str] = field(default_factory=list)
@@ -74,7 +77,7 @@ class PTQInfo:
     def held_out_samples(self) -> int:
         """Samples :func:`ptqkit.tune` held out of this model's calibration (0 when it refit the
         chosen recipe on all the data, or did not run)."""
-        rec = self.details.get("recipe") or {}
+        rec = self.details.get("recipe", {})
         return 0 if rec.get("refit", True) else int(rec.get("held_out_samples", 0))
 
     def sample_shortfall(self) -> str | None:

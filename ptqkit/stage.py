@@ -1,8 +1,9 @@
 """The context that carries values between the techniques of one :func:`ptqkit.quantize` run.
 
 Values flow between techniques (:mod:`ptqkit.technique`) through the context's typed fields
-(the copy being quantized, the reference batch of the capture check, the calibrators, what each
-tap took from the calibration pass), never through attributes looked up by name.
+(the copy being quantized, the reference batch of the capture check, the input layout it
+passed in, the calibrators, what each tap took from the calibration pass), never through
+attributes looked up by name, and never through the records of ``PTQInfo.details``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class Context:
     config: PTQConfig
     info: PTQInfo
     ref: Any = None  # capture.verify.Reference: the model's output on the first batch, or None
+    #: the capture check passed with channels-last inputs (capture.prepare.Capture): every
+    #: calibration pass feeds the copy that way (same values, faster NHWC convolutions)
+    channels_last: bool = False
     calibrators: dict[str, Any] = field(default_factory=dict)  # by quantizer, after calibration
     taps: dict[str, Any] = field(default_factory=dict)  # by stage: what it took from calibration
     _qmodel: nn.Module | None = None

@@ -385,13 +385,14 @@ def finish(qmodel: nn.Module, info: PTQInfo) -> None:
             if local:
                 rank_local.append(field)
     keys = list(dict.fromkeys(k for r in rows for k in r[2]))
+    records = cast(dict[str, Any], info.details)  # by key, whichever: rank 0's JSON as it was
     for key in keys:
         vals = [r[2].get(key) for r in rows]
         if any(v != vals[0] for v in vals):
             if vals[0] is None:
-                info.details.pop(key, None)
+                records.pop(key, None)
             else:
-                info.details[key] = json.loads(vals[0])
+                records[key] = json.loads(vals[0])
             rank_local.append(f"details.{key}")
     record = info.details.setdefault("distributed", {"world_size": dist.get_world_size()})
     record["rank_local"] = rank_local

@@ -16,11 +16,12 @@ and emits one :class:`ptqkit.errors.PTQWarning` for all the outliers.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 
 from ..info import PTQInfo
+from ..records import RangeFallback
 from . import watch
 from .bulk import BULK_PERCENTILE, OUTLIER_RATIO, outlier_ratio, view
 from .stats import HistogramStats
@@ -63,15 +64,6 @@ class BatchMaxTracker:
             return None
         m, idx = self.best[name]
         return int(idx) if float(m) == float(_amax(h)) else None
-
-
-#: a range the KL guard replaced (:mod:`ptqkit.calibrate.calibrators`): the calibrator it came
-#: ``from``, the one used instead (``to``), the largest share of a channel's energy the replaced
-#: range clipped (``clipped_energy``), how many ``channels`` it replaced, and the ``quantizer``
-RangeFallback = TypedDict(
-    "RangeFallback",
-    {"from": str, "to": str, "clipped_energy": float, "channels": int, "quantizer": str},
-)
 
 
 def range_fallbacks(

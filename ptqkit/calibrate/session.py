@@ -34,11 +34,14 @@ def observe(
     desc: str = "calibrate",
     on_batch: Callable[[int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    channels_last_inputs: bool = False,
 ) -> int:
     """Run ``data`` through ``model`` with every quantizer in observe mode; returns batches seen.
-    ``on_start(i, samples)`` is called before batch ``i``, ``on_batch(i)`` after it."""
+    ``on_start(i, samples)`` is called before batch ``i``, ``on_batch(i)`` after it.
+    ``channels_last_inputs``: feed 4-D inputs in channels-last memory (the layout the capture
+    check passed in, ``Context.channels_last``: :mod:`ptqkit.capture.verify`)."""
     device = model_device(model)
-    layout = channels_last if info.details.get("channels_last") else None  # (capture/verify.py)
+    layout = channels_last if channels_last_inputs else None
     batches = samples = 0
     with torch.no_grad():
         for i, (args, kwargs) in progress(
@@ -59,11 +62,17 @@ def observe(
 
 
 def observe_all(
-    model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo, name: str | None = None
+    model: nn.Module,
+    data: Iterable[Any],
+    config: PTQConfig,
+    info: PTQInfo,
+    name: str | None = None,
+    channels_last_inputs: bool = False,
 ) -> tuple[dict[str, Any], outliers.BatchMaxTracker]:
     """The observing half of :func:`calibrate`: one calibrator per activation quantizer (of
     ``name``, default the config's; ``AUTO_OBSERVER`` for ``"auto"``) fed by one pass over
-    ``data``. Returns the calibrators by quantizer name and the outlier-batch tracker."""
+    ``data`` (``channels_last_inputs``: as :func:`observe`'s). Returns the calibrators
+    by quantizer name and the outlier-batch tracker."""
     quants = {n: q for n, q in act_quants(model).items() if not q.spec.dynamic}
     spec = config.activations
     if not quants or spec is None or spec.dynamic:
@@ -81,7 +90,15 @@ def observe_all(
     def watched(m: nn.Module, d: Iterable[Any], c: PTQConfig, i: PTQInfo) -> int:
         watch.wrap(quants, shared)  # outlier samples left out, named (ptqkit.calibrate.watch)
         try:
-            seen = observe(m, d, c, i, on_batch=tracker, on_start=shared.start)
+            seen = observe(
+                m,
+                d,
+                c,
+                i,
+                on_batch=tracker,
+                on_start=shared.start,
+                channels_last_inputs=channels_last_inputs,
+            )
         except BaseException:
             for q in quants.values():  # (the calibrators are dropped: no decision to finish)
                 q.calibrator = getattr(q.calibrator, "inner", q.calibrator)
@@ -136,8 +153,15 @@ def set_ranges(
 
 
 def calibrate(
-    model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo
+    model: nn.Module,
+    data: Iterable[Any],
+    config: PTQConfig,
+    info: PTQInfo,
+    channels_last_inputs: bool = False,
 ) -> dict[str, Any]:
-    """Calibrate every activation quantizer of ``model``; returns their calibrators by name."""
-    calibrators, tracker = observe_all(model, data, config, info)
+    """Calibrate every activation quantizer of ``model``; returns their calibrators by name
+    (``channels_last_inputs``: 4-D inputs in channels-last memory, ``Context.channels_last``)."""
+    calibrators, tracker = observe_all(
+        model, data, config, info, channels_last_inputs=channels_last_inputs
+    )
     return set_ranges(model, calibrators, tracker, config, info)

@@ -2,12 +2,13 @@
 wrapped, quantizers placed (all in observe-less "off" mode). The user's model is not touched.
 
 Capture methods are tried in order (:data:`CAPTURES`): a ``torch.fx`` trace, then the ATen graph
-of ``torch.export`` (non-strict, run on the example batch: :mod:`.export`), both with in-place ops
-functionalised and BatchNorm folded, then per-layer hooks on a deep copy (the model's own
-``forward``, no graph: no folding, quantizers on layer inputs only). With an example batch, each
-candidate is checked against the user's model (:mod:`.verify`) and rejected, with the reason
-recorded, when it computes something else or when the model's forward changes its own state
-(which a recorded graph does not replay).
+of ``torch.export`` (non-strict, run on the example batch: :mod:`.torch_export`), both with
+in-place ops functionalised and BatchNorm folded, then per-layer hooks on a deep copy (the
+model's own ``forward``, no graph: no folding, quantizers on layer inputs only). With an example
+batch, each candidate is checked against the user's model (:mod:`.verify`) and rejected, with the
+reason recorded, when it computes something else or when the model's forward changes its own
+state (which a recorded graph does not replay). What comes out (:class:`Capture`): the copy,
+the method, and the input layout its check passed in, which the calibration pass then uses.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -42,9 +44,7 @@ from .weight_accounting import account
 Captured = tuple[nn.Module | None, str]
 
 
-def _graph(
-    gm: fx.GraphModule, config: PTQConfig, info: PTQInfo, name: str
-) -> fx.GraphModule:
+def _graph(gm: fx.GraphModule, config: PTQConfig, info: PTQInfo, name: str) -> fx.GraphModule:
     """The rewrites of a captured graph: in-place ops functionalised, parametrizations removed,
     BatchNorm folded, layers wrapped, quantizers placed."""
     functionalize(gm)
@@ -108,7 +108,7 @@ def _wrap(qmodel: nn.Module, config: PTQConfig, info: PTQInfo, name: str) -> Non
     qmodel.eval()
     for p in qmodel.parameters():
         p.requires_grad_(False)
-    wrapped, skip, used, scoped = wrap_layers(qmodel, config.weights, config.skip, config.scopes)
+    wrapped, skip, _, scoped = wrap_layers(qmodel, config.weights, config.skip, config.scopes)
     info.layers, info.skipped, info.skip_reasons = wrapped, skip, {}
     record_scopes(qmodel, config, info, scoped)
     if not wrapped:
@@ -116,7 +116,6 @@ def _wrap(qmodel: nn.Module, config: PTQConfig, info: PTQInfo, name: str) -> Non
             f"{name} has no quantizable layer (Conv1d/2d/3d, Linear or "
             "ConvTranspose1d/2d/3d)" + (" left after `skip`" if skip else "")
         )
-    info.details["skip_patterns_used"] = sorted(used)
 
 
 def _check_model(model: Any) -> None:
@@ -210,24 +209,48 @@ def zeros_like_specs(specs: dict[str, Any]) -> tuple[tuple, dict] | None:
     return args, kwargs
 
 
-def prepare(
+@dataclass
+class Capture:
+    """The copy :func:`capture_copy` made, ready to calibrate."""
+
+    model: nn.Module
+    method: str  # the key of :data:`CAPTURES` that made it
+    #: its check passed with 4-D inputs in channels-last memory (:func:`.verify.check_capture`):
+    #: the calibration pass feeds it that way (``Context.channels_last``)
+    channels_last: bool = False
+
+
+def _checked(method: str, candidate: nn.Module, ref: Reference, info: PTQInfo) -> tuple[bool, bool]:
+    """Check ``candidate`` against ``ref`` (:func:`.verify.check_capture`): ``(passed, whether
+    with channels-last inputs)``; a failure is recorded in ``info.capture_attempts``."""
+    t1 = time.perf_counter()
+    state = StateRestore(candidate)  # the check's forward must not advance the copy
+    restore = partial(state.restore, candidate)
+    err, where, tol, fast = check_capture(candidate, ref, restore, method in GRAPH_CAPTURES)
+    info.stages["verify"] = info.stages.get("verify", 0.0) + time.perf_counter() - t1
+    if tol < 0:
+        info.capture_attempts.append(f"{method}: the copy fails on the batch ({where})")
+        return False, False
+    if err > tol:
+        info.capture_attempts.append(
+            f"{method}: {where} differs from the model's by a relative error of "
+            f"{err:.3g} (tolerance {tol:.0e})"
+        )
+        return False, False
+    info.capture_error = info.capture_checks["capture"] = err
+    info.details["channels_last"] = fast  # the record (the value: Capture.channels_last)
+    return True, fast
+
+
+def _first_capture(
     model: nn.Module,
     config: PTQConfig,
     info: PTQInfo,
-    ref: Reference | None = None,
-    capture: str | None = None,
-) -> nn.Module:
-    """A copy of ``model`` with :class:`QuantLayer` and :class:`ActQuant` modules in place.
-
-    ``ref`` (from :func:`capture_reference`, optional): check each capture against the model's
-    output on one batch (see the module docstring); without it the first capture that succeeds
-    is used unchecked. ``capture`` (a key of :data:`CAPTURES`): use that method only (to rebuild
-    a saved model's structure)."""
-    _check_model(model)
-    qmodel = None
-    if capture is not None and capture not in CAPTURES:
-        raise ModelError(f"unknown capture {capture!r}; one of {sorted(CAPTURES)}")
-    methods = {capture: CAPTURES[capture]} if capture is not None else CAPTURES
+    ref: Reference | None,
+    methods: dict[str, Callable[..., Captured]],
+) -> Capture | None:
+    """The first of ``methods`` whose copy passes the check against ``ref`` (the first that
+    succeeds, without ``ref``); every try is recorded in ``info.capture_attempts``."""
     for method, run in methods.items():
         if method in GRAPH_CAPTURES and ref is not None and ref.state_changes:
             changed = ", ".join(ref.state_changes[:5])
@@ -245,32 +268,41 @@ def prepare(
         if candidate is None:
             info.capture_attempts.append(f"{method}: {reason}")
             continue
+        fast = False
         if ref is not None:
-            t1 = time.perf_counter()
-            state = StateRestore(candidate)  # the check's forward must not advance the copy
-            restore = partial(state.restore, candidate)
-            graph = method in GRAPH_CAPTURES
-            err, where, tol, fast = check_capture(candidate, ref, restore, graph)
-            info.stages["verify"] = info.stages.get("verify", 0.0) + time.perf_counter() - t1
-            if tol < 0:
-                info.capture_attempts.append(f"{method}: the copy fails on the batch ({where})")
+            passed, fast = _checked(method, candidate, ref, info)
+            if not passed:
                 continue
-            if err > tol:
-                info.capture_attempts.append(
-                    f"{method}: {where} differs from the model's by a relative error of "
-                    f"{err:.3g} (tolerance {tol:.0e})"
-                )
-                continue
-            info.capture_error = info.capture_checks["capture"] = err
-            info.details["channels_last"] = fast  # (the calibration pass's layout, verify.py)
         info.capture_attempts.append(f"{method}: used")
-        qmodel, info.capture = candidate, method
-        break
-    if qmodel is None:
+        return Capture(candidate, method, fast)
+    return None
+
+
+def capture_copy(
+    model: nn.Module,
+    config: PTQConfig,
+    info: PTQInfo,
+    ref: Reference | None = None,
+    capture: str | None = None,
+) -> Capture:
+    """A copy of ``model`` with :class:`QuantLayer` and :class:`ActQuant` modules in place, the
+    capture that made it and the input layout to calibrate it in.
+
+    ``ref`` (from :func:`capture_reference`, optional): check each capture against the model's
+    output on one batch (see the module docstring); without it the first capture that succeeds
+    is used unchecked. ``capture`` (a key of :data:`CAPTURES`): use that method only (to rebuild
+    a saved model's structure)."""
+    _check_model(model)
+    if capture is not None and capture not in CAPTURES:
+        raise ModelError(f"unknown capture {capture!r}; one of {sorted(CAPTURES)}")
+    methods = {capture: CAPTURES[capture]} if capture is not None else CAPTURES
+    found = _first_capture(model, config, info, ref, methods)
+    if found is None:
         raise ModelError(
             f"no capture method reproduces {type(model).__name__} on the first calibration batch "
             f"(with every quantizer off): {'; '.join(info.capture_attempts)}"
         )
+    qmodel, info.capture = found.model, found.method
     info.traced = info.capture in GRAPH_CAPTURES
     if len(info.capture_attempts) > 1:
         tried = "; ".join(info.capture_attempts[:-1])
@@ -281,12 +313,21 @@ def prepare(
             f"weights are quantized per output channel (axis 0); weights.axis="
             f"{config.weights.axis} is ignored"
         )
-    for p in sorted(set(config.skip) - set(info.details.pop("skip_patterns_used", []))):
+    patterns = {n: skipped(n, qmodel.get_submodule(n), config.skip) or "" for n in info.skipped}
+    for p in sorted(set(config.skip) - set(patterns.values())):
         info.warn(f"skip pattern {p!r} matches no Conv/Linear layer")
-    patterns = {
-        n: skipped(n, qmodel.get_submodule(n), config.skip) or "" for n in info.skipped
-    }
     account(qmodel, info, patterns)
     info.quantizers = {n: q.label for n, q in act_quants(qmodel).items()}
+    return found
 
-    return qmodel
+
+def prepare(
+    model: nn.Module,
+    config: PTQConfig,
+    info: PTQInfo,
+    ref: Reference | None = None,
+    capture: str | None = None,
+) -> nn.Module:
+    """The copy of :func:`capture_copy` (its ``model``), for callers that calibrate it in the
+    inputs' own layout."""
+    return capture_copy(model, config, info, ref, capture).model

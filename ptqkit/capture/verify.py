@@ -20,7 +20,8 @@ Cost: one forward of the user's model (reference, once) and one forward of the c
 Layout (:func:`check_capture`): the capture's check runs the copy with its 4-D inputs in
 channels-last memory (:func:`ptqkit.data.channels_last`, the same values; oneDNN's NHWC
 convolutions, about 25 % faster on EfficientNet-Lite0 with 2 threads); when it passes, the
-calibration pass runs that way too (``info.details["channels_last"]``). A copy that fails or
+calibration pass runs that way too (``Capture.channels_last``, carried on
+``Context.channels_last``; recorded in ``info.details["channels_last"]``). A copy that fails or
 differs that way is checked again in the inputs' own layout (one more forward, only then), and
 calibrates in it. Graph captures only: a hooks capture runs the user's own forward as given.
 """

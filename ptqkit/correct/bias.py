@@ -34,7 +34,7 @@ layer's (float) bias removes the systematic part of the error.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from ..errors import DataError, ModelError
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import QuantLayer, float_mode, out_channels, quant_layers
+from ..records import BiasCorrectionRecord
 from ..sync import add_up, empty_shard, from_data, guard
 from ..walk import batches, can_propagate, layer_order, propagate, run_until, stop_after
 from .affine import Paired, can_scale, pair, rescale
@@ -308,7 +309,8 @@ def correct_bias(
         mode = "affine"
     if not any(q.quantized for q in quant_layers(qmodel).values()):
         info.warn("bias correction: no layer has quantized weights yet; nothing to correct")
-        info.details["bias_correction"] = {"mode": mode, "corrected": {}}
+        named = "empirical" if mode is True else str(mode)  # (True: the empirical default)
+        info.details["bias_correction"] = {"mode": named, "corrected": {}}
         return qmodel
     if mode == "analytic":
         details = _analytic(qmodel, info)
@@ -318,7 +320,7 @@ def correct_bias(
             details = _empirical(
                 qmodel, data, config, info, opts, float_means, affine=mode == "affine"
             )
-    info.details["bias_correction"] = details
+    info.details["bias_correction"] = cast(BiasCorrectionRecord, details)  # (the builders' dict)
     return qmodel
 
 

@@ -33,6 +33,7 @@ from ..config import PTQConfig
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import act_quants, quant_layers
+from ..records import FallbackRecord
 from ..sync import active, guard
 from .scoring import Evaluator, Score
 from .units import layer_quantizers
@@ -137,7 +138,7 @@ def _fallback(
     goal = _Goal(ev, *_targets(ev, config, info))
     target = {"max_degradation": goal.max_deg, "min_sqnr_db": goal.min_sqnr, "metric": metric}
     base = ev.measure()
-    details: dict[str, Any] = {
+    details: FallbackRecord = {
         "target": target,
         "float": ev.float_metric,
         "before": _describe(base, metric),
@@ -145,7 +146,8 @@ def _fallback(
     }
     if goal.meets(base) or not layers:
         met = goal.meets(base)
-        details.update(met=met, kept_float=[], after=details["before"], passes=ev.passes)
+        details.update({"met": met, "kept_float": [], "after": details["before"]})
+        details["passes"] = ev.passes
         info.details["fallback"] = details
         if not layers:
             info.warn("fallback: the model has no quantized layer to keep in float")
@@ -167,7 +169,8 @@ def _fallback(
             f"{final.sqnr_db:.1f} dB"
         )
     kept = _keep_float(qmodel, info, chosen, ev, base, single, size)
-    details.update(met=met, kept_float=kept, after=_describe(final, metric), passes=ev.passes)
+    details.update({"met": met, "kept_float": kept, "after": _describe(final, metric)})
+    details["passes"] = ev.passes
     info.details["fallback"] = details
     return qmodel
 

@@ -50,6 +50,7 @@ from ..errors import ConfigError, ModelError
 from ..info import PTQInfo
 from ..progress import progress
 from ..quant.modules import ActQuant, QuantLayer, act_quants, quant_layers
+from ..records import SmoothQuantRecord
 from ..sync import active
 from ..typed import input_node, optional_tensor_attr, submodule, target_name, tensor_attr
 
@@ -291,7 +292,7 @@ def smooth(model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQIn
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"smoothquant alpha must be in [0, 1], got {alpha!r}")
     layers = candidates(model)
-    details: dict[str, Any] = {"alpha": float(alpha), "layers": {}}
+    details: SmoothQuantRecord = {"alpha": float(alpha), "layers": {}}
     info.details["smoothquant"] = details
     if not layers:
         info.warn("smoothquant: no quantized nn.Linear with an input quantizer; nothing smoothed")

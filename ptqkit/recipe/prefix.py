@@ -79,11 +79,13 @@ def build_prefix(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> Pr
     ctx = Context(model=model, data=data, config=config, info=PTQInfo(config=config.to_dict()))
     run_stages(in_phase("prefix"), ctx)
     tap_cfg = _tap_config(config)
-    tap_ctx = Context(model=model, data=data, config=tap_cfg, info=ctx.info)
+    tap_ctx = Context(model, data, tap_cfg, ctx.info, channels_last=ctx.channels_last)
     tap_ctx.qmodel = ctx.qmodel
     t = time.perf_counter()
     with tapping(pipeline(), tap_ctx):
-        cals, tracker = observe_all(ctx.qmodel, ctx.data, config, ctx.info, AUTO_OBSERVER)
+        cals, tracker = observe_all(
+            ctx.qmodel, ctx.data, config, ctx.info, AUTO_OBSERVER, ctx.channels_last
+        )
     ctx.info.stages["calibrate"] = time.perf_counter() - t
     ctx.taps = tap_ctx.taps
     stats = {n: c.stats for n, c in cals.items()}
@@ -167,6 +169,7 @@ def quantize_from(prefix: Prefix, config: PTQConfig) -> nn.Module:
         config=config,
         info=info,
         ref=src.ref,
+        channels_last=src.channels_last,
         taps=_taps_for(src.taps, config),
     )
     ctx.qmodel = qmodel

@@ -31,17 +31,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import fx, nn
 
 from ..config import PTQConfig, QuantSpec
 from ..errors import ConfigError
+from ..records import AWQRecord
 from ..stage import Context
 from ..technique import Technique, register
 
-NAME = "awq"
+NAME: Final = "awq"
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ def _apply(gm: fx.GraphModule, src: fx.Node, nodes: list[fx.Node], s: torch.Tens
     return "explicit scale before the input quantizer"
 
 
-def _record(details: dict[str, Any], names: list[str], found: tuple, how: str) -> None:
+def _record(details: AWQRecord, names: list[str], found: tuple, how: str) -> None:
     _s, alpha, err, plain = found
     for n in names:
         details["layers"][n] = {"alpha": alpha, "error": err, "error_nearest": plain, "how": how}
@@ -296,7 +297,7 @@ def awq(ctx: Context) -> None:
 
     opts = TECHNIQUE.options_in(ctx.config)
     info, gm = ctx.info, ctx.qmodel
-    details: dict[str, Any] = {"grid": opts.grid, "layers": {}}
+    details: AWQRecord = {"grid": opts.grid, "layers": {}}
     info.details[NAME] = details
     if active():
         raise ConfigError("AWQ under torch.distributed is not supported yet; leave it off there")

@@ -15,7 +15,9 @@ def _calibrate(ctx: Context) -> None:
     from . import pipeline
 
     with tapping(pipeline(), ctx):
-        ctx.calibrators = calibrate(ctx.qmodel, ctx.data, ctx.config, ctx.info)
+        ctx.calibrators = calibrate(
+            ctx.qmodel, ctx.data, ctx.config, ctx.info, channels_last_inputs=ctx.channels_last
+        )
 
 
 CALIBRATE = register(

@@ -9,15 +9,15 @@ from ..technique import Technique, register
 
 
 def _capture(ctx: Context) -> None:
-    from ..capture import prepare
     from ..capture.guards import refuse_stages
-    from ..capture.prepare import capture_reference
+    from ..capture.prepare import capture_copy, capture_reference
     from ..capture.state import hold
     from ..capture.verify import first_batch
 
     example, ctx.data = first_batch(ctx.data)  # a one-shot iterator gets its first batch back
     ctx.ref = capture_reference(ctx.model, example, ctx.info)
-    ctx.qmodel = prepare(ctx.model, ctx.config, ctx.info, ctx.ref)
+    made = capture_copy(ctx.model, ctx.config, ctx.info, ctx.ref)
+    ctx.qmodel, ctx.channels_last = made.model, made.channels_last  # (the calibration's layout)
     refuse_stages(ctx.qmodel, ctx.config)
     hold(ctx.qmodel)  # every later forward starts from the user's state; attach() releases it
 

@@ -266,3 +266,34 @@ def test_channels_last_calibration_only_where_the_check_passed_that_way(by_view)
     assert info.capture == "fx" and info.details["channels_last"] is (not by_view)
     assert info.capture_error <= 1e-4
     assert _sqnr(m, q, data[0]) > 25
+
+
+@pytest.mark.parametrize("by_view", [False, True])
+def test_the_layout_flows_on_the_context_not_through_the_record(by_view):
+    """The capture stage puts the layout its check passed in on ``Context.channels_last``
+    (from :class:`ptqkit.capture.prepare.Capture`) and records it; the calibration pass feeds
+    the copy in that layout, whatever the record says: a record edited to the other layout
+    changes nothing."""
+    from ptqkit.info import PTQInfo
+    from ptqkit.stage import Context
+    from ptqkit.technique import run_stages
+    from ptqkit.techniques import technique
+
+    torch.manual_seed(0)
+    m = ConvNet(by_view).eval()
+    data = _data((8, 3, 6, 6))
+    cfg = CFG.replace(bias_correction=False)
+    ctx = Context(model=m, data=data, config=cfg, info=PTQInfo(config=cfg.to_dict()))
+    run_stages([technique("capture")], ctx)
+    assert ctx.channels_last is (not by_view)
+    assert ctx.info.details["channels_last"] is ctx.channels_last
+    ctx.info.details["channels_last"] = by_view  # a record is not an input
+    seen: list[bool] = []
+    conv = ctx.qmodel.get_submodule("conv")
+    hook = conv.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    run_stages([technique("calibrate")], ctx)
+    hook.remove()
+    assert len(seen) == len(data)
+    assert all(s is ctx.channels_last for s in seen)
