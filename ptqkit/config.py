@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ConfigError
 from .options import (
@@ -20,7 +20,15 @@ from .options import (
     GPTQOptions,
     _positive_number,
 )
-from .spec import MAX_BITS, MIN_BITS, SCOPE_KEYS, QuantSpec, Scope, from_fields
+from .spec import (
+    MAX_BITS,
+    MIN_BITS,
+    SCOPE_KEYS,
+    QuantSpec,
+    Scope,
+    from_fields,
+    technique_scope,
+)
 
 
 def _default_weights() -> QuantSpec:
@@ -54,7 +62,8 @@ class PTQConfig:
         skip: fnmatch patterns of module names, or module class names, left in float.
         scopes: per-layer settings, in order, the last match winning: :class:`Scope` objects or
             ``(pattern, overrides)`` pairs, e.g. ``[("_blocks.1*", {"weights": W4}),
-            ("fc", {"float": True})]``.
+            ("fc", {"float": True}), ("classifier*", {"techniques": {"adaround": False}})]``
+            (a technique off for some layers: :meth:`off_layers`).
         fold_bn: fold BatchNorm into the preceding conv/linear.
         cle: cross-layer equalization (Nagel et al. 2019) before calibration.
         bias_correction: ``False``, ``"empirical"`` (each output channel's mean, on the
@@ -140,6 +149,32 @@ class PTQConfig:
     def replace(self, **changes: Any) -> PTQConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def off_layers(self, technique: str, layers: Mapping[str, Wraps]) -> dict[str, str]:
+        """The layers of ``layers`` (name → quantized layer, each wrapping its float module
+        as ``.layer``: ``quant_layers(model)``) for which a scope turns the registered
+        ``technique`` off, each with the label of the scope that decides it (the last one that
+        matches the layer and names the technique, :func:`ptqkit.spec.technique_scope`).
+
+        The one question every per-layer technique asks before its layer loop ("is ``T`` on
+        for ``L``?": ``L not in config.off_layers(T, layers)``); it says nothing about whether
+        the config enables ``T`` at all (``Technique.enabled``)."""
+        off: dict[str, str] = {}
+        if not any(technique in sc.techniques for sc in self.scopes):
+            return off
+        for name, wrapped in layers.items():
+            sc = technique_scope(self.scopes, technique, name, wrapped.layer)
+            if sc is not None and not sc.techniques[technique]:
+                off[name] = sc.label
+        return off
+
+
+class Wraps(Protocol):
+    """A quantized layer as :meth:`PTQConfig.off_layers` reads it: the float Conv/Linear it
+    wraps (what a scope's pattern is matched against, by name and class)."""
+
+    @property
+    def layer(self) -> Any: ...
 
 
 def _number(value: Any) -> bool:
@@ -312,4 +347,5 @@ __all__ = [
     "PTQConfig",
     "QuantSpec",
     "Scope",
+    "Wraps",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +104,7 @@ class QuantSpec:
 
 
 #: what a scope can override (see :class:`Scope`)
-SCOPE_KEYS = ("weights", "activations", "float")
+SCOPE_KEYS = ("weights", "activations", "float", "techniques")
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,16 @@ class Scope:
     * ``weights``: the layer's weight spec (e.g. ``QuantSpec(bits=4, per_channel=True)``);
     * ``activations``: a dynamic spec for the (Linear) layer's input; its output is left to
       its consumers (static activation specs are model-wide);
-    * ``float``: ``True`` leaves the layer in float (as ``skip`` does).
+    * ``float``: ``True`` leaves the layer in float (as ``skip`` does);
+    * ``techniques``: registered techniques by name, as in :attr:`PTQConfig.techniques`, each
+      ``False`` (off for these layers) or ``True`` (on again: undoes an earlier scope's
+      ``False``), e.g. ``{"bias_correction": False, "adaround": False}``. A scope cannot turn
+      on a technique the config leaves off, nor give a layer its own options. The names are
+      checked against the registry when :func:`ptqkit.quantize` starts (only the techniques
+      that work layer by layer take them: ``Technique.per_layer``).
 
-    In :attr:`PTQConfig.scopes` the scopes apply in order, the last match winning per override;
+    In :attr:`PTQConfig.scopes` the scopes apply in order, the last match winning per override
+    (for ``techniques``: per technique, :func:`technique_scope`);
     a pattern that matches no quantizable layer of the model is a :class:`ConfigError` (raised
     by :func:`ptqkit.quantize`, which knows the model). Every layer's effective settings are in
     ``ptq_info.layer_settings``.
@@ -129,6 +137,7 @@ class Scope:
     weights: QuantSpec | None = None
     activations: QuantSpec | None = None
     float: bool = False
+    techniques: dict[str, bool] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         p = self.pattern
@@ -153,6 +162,7 @@ class Scope:
                               f"{a!r}; static activation specs are model-wide")
         if not isinstance(self.float, bool):
             raise ConfigError(f"Scope {p!r}: float must be a bool, got {self.float!r}")
+        object.__setattr__(self, "techniques", _switches(self.techniques, self.label))
 
     @property
     def label(self) -> str:
@@ -176,6 +186,8 @@ class Scope:
             d["activations"] = self.activations.to_dict()
         if self.float:
             d["float"] = True
+        if self.techniques:
+            d["techniques"] = dict(self.techniques)
         return d
 
     @classmethod
@@ -206,6 +218,38 @@ class Scope:
         return cls(pattern, **overrides)
 
 
+def _switches(value: Any, label: str) -> dict[str, bool]:
+    """A scope's ``techniques``: a copy of a dict {technique name: ``True`` / ``False``}."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"Scope {label!r}: techniques must be a dict {{technique name: False}}, got {value!r}"
+        )
+    for name, on in value.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"Scope {label!r}: techniques: a name must be a string, got {name!r}")
+        if not isinstance(on, bool):
+            raise ConfigError(
+                f"Scope {label!r}: techniques[{name!r}] must be False (off for these layers) or "
+                f"True (on again), got {on!r}; a technique's options are model-wide "
+                "(PTQConfig), a scope only turns it off or back on"
+            )
+    return dict(value)
+
+
+def technique_scope(
+    scopes: Sequence[Scope], technique: str, name: str, layer: Any
+) -> Scope | None:
+    """The scope that decides whether ``technique`` runs on the layer ``name`` (the float
+    module ``layer``): the last of ``scopes`` that matches it and names ``technique``, or
+    ``None`` (no scope says: the config decides). The technique is off for the layer when that
+    scope says ``False``."""
+    found = None
+    for sc in scopes:
+        if technique in sc.techniques and sc.matches(name, layer):
+            found = sc
+    return found
+
+
 def from_fields(cls: type, d: dict[str, Any], what: str) -> Any:
     """``cls(**d)`` for a dataclass ``cls``, a :class:`ConfigError` naming ``what`` and the
     valid keys when ``d`` is not a dict or has a key that is not a field."""
@@ -218,4 +262,12 @@ def from_fields(cls: type, d: dict[str, Any], what: str) -> Any:
     return cls(**d)
 
 
-__all__ = ["MAX_BITS", "MIN_BITS", "SCOPE_KEYS", "QuantSpec", "Scope", "from_fields"]
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "SCOPE_KEYS",
+    "QuantSpec",
+    "Scope",
+    "from_fields",
+    "technique_scope",
+]

@@ -19,6 +19,7 @@ A :class:`Technique` says, in one place, everything the rest of ptqkit needs to 
 * the recipes it adds to tune's search (``candidates``, each with a ``rank``: the order they
   are tried in) and ``resolve``: the config it turned out to run (``"auto"`` modes), so that
   tune recognizes two ways of writing one recipe.
+* ``per_layer``: whether a scope can turn it off for some layers (``Scope.techniques``).
 
 Adding a technique is writing one module in :mod:`ptqkit.techniques` that calls
 :func:`register`; the pipeline, the prefix key, the cost model and the candidate list are read
@@ -114,6 +115,10 @@ class Technique:
     candidates: tuple[Candidate, ...] = ()
     resolve: Callable[[PTQConfig, Mapping[str, Any]], PTQConfig] | None = None
     reference: str = ""
+    #: it works layer by layer, and a scope can turn it off for some layers
+    #: (``Scope.techniques``): ``run`` leaves out :meth:`PTQConfig.off_layers`. ``False``: a
+    #: scope that names it is a ConfigError (:func:`ptqkit.techniques.check`)
+    per_layer: bool = False
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:

@@ -1,12 +1,19 @@
 """``--config``: a TOML file whose keys are :class:`~ptqkit.PTQConfig` fields, with ``[weights]``,
 ``[activations]``, ``[adaround_options]`` and ``[bias_correction_options]`` tables for the nested
-specs and ``activations = false`` for weights only (TOML has no null).
+specs and ``activations = false`` for weights only (TOML has no null). Per-layer settings are
+``[[scopes]]`` tables: a ``pattern`` and the overrides of :class:`~ptqkit.Scope`, e.g.::
+
+    [[scopes]]
+    pattern = "classifier*"
+    weights = { bits = 8, per_channel = true }
+    techniques = { bias_correction = false, adaround = false }
 
 The values are validated by :class:`~ptqkit.PTQConfig` itself (one source of truth); this module
 adds only what a file needs on top: the line of the file that is wrong, named as the reader wrote
 it (an unknown key with its table and the closest valid key; a nested table's error prefixed with
-the table's name), and the calibrator name checked against the registry up front. Every problem is
-a :class:`~.usage.UsageError` (exit code 2).
+the table's name), and the calibrator's and the techniques' names (``techniques``, a scope's
+``techniques``) checked against the registries up front. Every problem is a
+:class:`~.usage.UsageError` (exit code 2).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 from ..calibrate import check_calibration
 from ..config import PTQConfig
 from ..errors import ConfigError
+from ..techniques import check as check_techniques
 from .usage import UsageError, one_line
 
 
@@ -77,6 +85,7 @@ def load_config(path: str | None) -> PTQConfig:
     try:
         config = PTQConfig.from_dict(d)
         check_calibration(config.calibration)
+        check_techniques(config)
     except ConfigError as e:
         raise UsageError(f"--config {p}: {one_line(e)}") from None
     return config

@@ -170,6 +170,8 @@ def adaround(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PT
     """Quantize the weights of every :class:`QuantLayer` of ``qmodel`` with AdaRound (see the
     module docstring), layer by layer on ``data``; records ``info.details["adaround"]``
     (reconstruction loss with nearest rounding and with AdaRound, per layer, on the sampled rows).
+    A layer a scope turns AdaRound off for (:meth:`PTQConfig.off_layers`) is rounded to nearest
+    (the integers ``weight_calibration`` alone gives) and recorded as ``off_by_scope``.
 
     Under ``torch.distributed``, each rank samples rows from its own shard; for each layer, the
     rows of all ranks (in rank order) go to rank 0, which learns the rounding and sends it to
@@ -192,7 +194,14 @@ def _adaround(
     _announce(qmodel, config)
     empty = empty_shard(data)  # this rank has no data (torch.distributed): it only follows
     order = _order(qmodel, data, config, layers, empty)
-    seeds = {n: config.seed + k for k, n in enumerate(order) if layers[n].weight_fp.numel() > 0}
+    off = config.off_layers("adaround", layers)  # a scope's: nearest rounding, before any other
+    for name in off:  # (the layers after one see its rounded weights, as they would in order)
+        layers[name].set_weight_range(*weight_range(layers[name], config.weight_calibration))
+    seeds = {
+        n: config.seed + k
+        for k, n in enumerate(order)  # (the others' seeds as without the scope)
+        if layers[n].weight_fp.numel() > 0 and n not in off
+    }
     learn = _Learner(qmodel, layers, config, seeds)
     engine: dict[str, Any] = {"cached_inputs": False}
     plans: dict[str, Rows]
@@ -212,6 +221,7 @@ def _adaround(
             rows = None if empty else collect_prefix(qmodel, layer, data, config, seeds[name])
             learn(name, rows)
     report = learn.report
+    report.update({n: {"off_by_scope": label} for n, label in off.items()})
     for name in order:
         if name not in report:
             layers[name].set_weight_range(*weight_range(layers[name], config.weight_calibration))
@@ -222,6 +232,7 @@ def _adaround(
         "iters": config.adaround_iters,
         "weight_calibration": config.weight_calibration,
         "engine": engine,
+        **({"off_by_scope": off} if off else {}),
     }
     return qmodel
 

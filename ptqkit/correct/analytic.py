@@ -10,6 +10,7 @@ BatchNorm's ``N(β, γ²)`` per channel (through clipping activations, adds, ave
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -88,7 +89,9 @@ def _input_means(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str,
     return means, why
 
 
-def analytic(qmodel: nn.Module, info: PTQInfo) -> dict[str, Any]:
+def analytic(qmodel: nn.Module, info: PTQInfo, off: Collection[str] = ()) -> dict[str, Any]:
+    """Analytic bias correction of ``qmodel``'s quantized layers but those in ``off`` (turned
+    off by a scope); returns the record."""
     if not isinstance(qmodel, fx.GraphModule):
         raise ModelError(
             "analytic bias correction propagates BatchNorm statistics through the graph, but the "
@@ -107,7 +110,7 @@ def analytic(qmodel: nn.Module, info: PTQInfo) -> dict[str, Any]:
     shifts = {}
     for name, mu in means.items():
         q = layers[name]
-        if not q.quantized:
+        if not q.quantized or name in off:
             continue
         eps = (q.weight.double() - q.weight_fp.double()).cpu()
         view = input_channel_view(q.layer, eps, mu.numel())

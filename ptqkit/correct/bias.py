@@ -33,7 +33,7 @@ layer's (float) bias removes the systematic part of the error.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, cast
 
 import torch
@@ -84,6 +84,7 @@ def _empirical(
     options: BiasCorrectionOptions,
     float_means: FloatMeans | None = None,
     affine: bool = False,
+    off: Collection[str] = (),
 ) -> dict[str, Any]:
     if data is None:
         raise DataError(
@@ -105,7 +106,7 @@ def _empirical(
         order = layer_order(qmodel, data, config)
     else:  # the order the float pass ran them in; never run: last
         order = float_means.order + [n for n in layers if n not in float_means.order]
-    order = [n for n in order if layers[n].quantized]
+    order = [n for n in order if layers[n].quantized and n not in off]  # off: by a scope
     ref = {n: float_means.means[n] for n in order}
     # a layer that runs more than once per forward (a module called twice, tied weights) has one
     # bias for calls with different statistics: a mean over all of them corrects none; left alone
@@ -294,8 +295,10 @@ def correct_bias(
     docstring); ``config.bias_correction`` picks the variant (``"empirical"`` when it is not
     set; ``"affine"``: the bias and each output channel's scale, :mod:`ptqkit.correct.affine`;
     ``"auto"``: affine on a model :func:`ptqkit.walk.propagate` can run, otherwise nothing,
-    with the reason in the record). Weights must be quantized already. Records
-    ``info.details["bias_correction"]``."""
+    with the reason in the record). A layer a scope turns bias correction off for
+    (:meth:`PTQConfig.off_layers`) keeps its bias (and weight scale) as they are, and is listed
+    in the record's ``off_by_scope``; the layers after it are corrected for what it does.
+    Weights must be quantized already. Records ``info.details["bias_correction"]``."""
     mode = config.bias_correction or "empirical"
     if mode == "auto":  # affine where it is one quantized pass
         if not can_propagate(qmodel):
@@ -312,14 +315,17 @@ def correct_bias(
         named = "empirical" if mode is True else str(mode)  # (True: the empirical default)
         info.details["bias_correction"] = {"mode": named, "corrected": {}}
         return qmodel
+    off = config.off_layers("bias_correction", quant_layers(qmodel))  # left as they are
     if mode == "analytic":
-        details = _analytic(qmodel, info)
+        details = _analytic(qmodel, info, off)
     else:
         with guard("bias correction"):
             opts = config.bias_correction_options
             details = _empirical(
-                qmodel, data, config, info, opts, float_means, affine=mode == "affine"
+                qmodel, data, config, info, opts, float_means, affine=mode == "affine", off=off
             )
+    if off:
+        details["off_by_scope"] = off
     info.details["bias_correction"] = cast(BiasCorrectionRecord, details)  # (the builders' dict)
     return qmodel
 

@@ -117,16 +117,19 @@ def _fit(
     seed: int,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Learn the roundings of ``block``'s layers and set their integer weights; returns the
-    record and the block's output on ``x_q`` with those weights."""
+    record and the block's output on ``x_q`` with those weights. A layer a scope turns AdaRound
+    off for (:meth:`PTQConfig.off_layers`) is rounded to nearest throughout: the others learn
+    theirs around it."""
     opts = config.adaround_options
     found = quant_layers(gm)
     layers = {n: found[n] for n in block.layers}
+    off = config.off_layers("adaround", layers)
     roundings: dict[str, tuple[SoftRounding, torch.Tensor, torch.Tensor]] = {}
     for name, layer in layers.items():
         lo, hi = weight_range(layer, config.weight_calibration)
         scale, zp = qparams(lo, hi, layer.spec)
         roundings[name] = (SoftRounding(layer, scale, zp), scale, zp)
-    rs = [r for r, _, _ in roundings.values()]
+    rs = [r for n, (r, _, _) in roundings.items() if n not in off]
     for r in rs:
         r.v.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
@@ -138,7 +141,7 @@ def _fit(
         hs = []
         for name, layer in layers.items():
             r = roundings[name][0]
-            if soft:
+            if soft and name not in off:
                 w, h = _soft_weight(r)
                 hs.append(h)
             else:
@@ -149,8 +152,8 @@ def _fit(
     with torch.no_grad():
         install(soft=False)
     nearest = float(_loss(_run_all(gm, block, x_q), target))
-    steps = config.adaround_iters
-    for t in range(config.adaround_iters):
+    steps = config.adaround_iters if rs else 0  # (every layer off: nothing to learn)
+    for t in range(steps):
         if settled(t, config.adaround_iters, opts, rs):
             steps = t
             break
@@ -167,7 +170,10 @@ def _fit(
     for name, layer in layers.items():
         r, scale, zp = roundings[name]
         r.v.requires_grad_(False)
-        layer.set_quantized(r.hard(), scale, zp)
+        if name in off:  # the integers of nearest rounding, as the weights stage writes them
+            layer.set_weight_range(*weight_range(layer, config.weight_calibration))
+        else:
+            layer.set_quantized(r.hard(), scale, zp)
     out = _run_all(gm, block, x_q)
     record = {
         "layers": list(layers),
@@ -175,6 +181,7 @@ def _fit(
         "adaround": float(_loss(out, target)),
         "steps": steps,
         "samples": n,
+        **({"off_by_scope": off} if off else {}),
     }
     return record, out
 
@@ -206,6 +213,8 @@ def reconstruct_blocks(
     for k, rec in enumerate(report):
         for name in rec["layers"]:
             layers[name] = {"block": k}
+            if name in rec.get("off_by_scope", {}):
+                layers[name]["off_by_scope"] = rec["off_by_scope"][name]
     info.details["adaround"] = {
         "granularity": "block",
         "blocks": report,

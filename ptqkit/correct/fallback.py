@@ -80,7 +80,9 @@ def _targets(ev: Evaluator, config: PTQConfig, info: PTQInfo) -> tuple[float | N
 
 def fallback(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo) -> nn.Module:
     """Keep layers of ``qmodel`` in float until ``config``'s target holds (see the module
-    docstring); records ``info.details["fallback"]``. Returns ``qmodel``.
+    docstring); records ``info.details["fallback"]``. Returns ``qmodel``. A layer a scope turns
+    fallback off for (:meth:`PTQConfig.off_layers`) stays quantized: it is never measured nor
+    chosen (``off_by_scope`` in the record).
 
     Under ``torch.distributed`` every score is computed over the shards of all ranks
     (:class:`~ptqkit.correct.ranks.RanksEvaluator`), so every rank keeps the same layers in
@@ -133,6 +135,8 @@ def _fallback(
     qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo
 ) -> nn.Module:
     layers = quant_layers(qmodel)
+    off = config.off_layers("fallback", layers)  # a scope's: never a candidate to keep in float
+    layers = {n: q for n, q in layers.items() if n not in off}
     ev = _evaluator(qmodel, data, config)
     metric = ev.metric_name
     goal = _Goal(ev, *_targets(ev, config, info))
@@ -143,6 +147,7 @@ def _fallback(
         "float": ev.float_metric,
         "before": _describe(base, metric),
         "samples": ev.samples,
+        **({"off_by_scope": off} if off else {}),
     }
     if goal.meets(base) or not layers:
         met = goal.meets(base)
@@ -150,7 +155,8 @@ def _fallback(
         details["passes"] = ev.passes
         info.details["fallback"] = details
         if not layers:
-            info.warn("fallback: the model has no quantized layer to keep in float")
+            why = " (scopes turn fallback off for all of them)" if off else ""
+            info.warn(f"fallback: the model has no quantized layer to keep in float{why}")
         return qmodel
 
     single = {

@@ -150,7 +150,9 @@ def quantize_layer(layer: QuantLayer, hess: Hessian, config: PTQConfig) -> dict[
 
 def gptq(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo) -> nn.Module:
     """Quantize the weights of every :class:`QuantLayer` of ``qmodel`` with GPTQ (module
-    docstring), layer by layer in execution order; records ``info.details["gptq"]``."""
+    docstring), layer by layer in execution order; records ``info.details["gptq"]``. A layer a
+    scope turns GPTQ off for (:meth:`PTQConfig.off_layers`) is rounded to nearest (the integers
+    ``weight_calibration`` alone gives), recorded as ``off_by_scope``."""
     opts = config.gptq
     if opts is None:
         raise ConfigError("gptq() needs PTQConfig.gptq (a GPTQOptions)")
@@ -161,7 +163,10 @@ def gptq(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInf
         )
     layers = quant_layers(qmodel)
     set_act_mode(qmodel, "quant")  # what each layer sees in the quantized model
-    order = layer_order(qmodel, data, config)
+    off = config.off_layers("gptq", layers)  # a scope's: nearest rounding, before any other
+    for name in off:  # (the layers after one see its rounded weights, as they would in order)
+        layers[name].set_weight_range(*weight_range(layers[name], config.weight_calibration))
+    order = [n for n in layer_order(qmodel, data, config) if n not in off]
     feeds = [(a, k) for _, a, k in batches(data, config, qmodel, opts.samples)]
     report: dict[str, Any] = {}
 
@@ -196,7 +201,7 @@ def gptq(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInf
         elif "skipped" in report[name]:
             info.warn(f"GPTQ: {name}: {report[name]['skipped']}")
     info.details["gptq"] = {
-        "layers": {n: report[n] for n in order},
+        "layers": {n: report[n] for n in order} | {n: {"off_by_scope": s} for n, s in off.items()},
         "options": {
             "damp": opts.damp,
             "block_size": opts.block_size,
@@ -205,6 +210,7 @@ def gptq(qmodel: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInf
         },
         "weight_calibration": config.weight_calibration,
         "engine": engine,
+        **({"off_by_scope": off} if off else {}),
     }
     return qmodel
 

@@ -44,10 +44,12 @@ import math
 import torch
 from torch import fx, nn
 
+from ..config import PTQConfig
 from ..errors import ModelError
 from ..graph import ChannelClamp, input_channel_view
 from ..info import PTQInfo
 from ..quant.modules import CONV_LAYERS, QuantLayer, quant_layers
+from ..records import CLERecord
 from ..typed import submodule
 from .pairs import Pair, find_pairs
 
@@ -116,16 +118,27 @@ def _install_clamp(gm: fx.GraphModule, p: Pair) -> None:
     p.act = new
 
 
-def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
+def equalize(qmodel: nn.Module, info: PTQInfo, config: PTQConfig | None = None) -> nn.Module:
     """Cross-layer equalization + high-bias absorption of ``qmodel`` in place (see the module
-    docstring). Records what it did in ``info.details["cle"]``; returns ``qmodel``."""
+    docstring). Records what it did in ``info.details["cle"]``; returns ``qmodel``.
+
+    A pair with a layer a scope of ``config`` turns CLE off for (:meth:`PTQConfig.off_layers`)
+    is left out (so that layer's weights stay as they are), with the scope in ``not_paired``
+    and the layers in ``off_by_scope``."""
     if not isinstance(qmodel, fx.GraphModule):
         info.details["cle"] = {"pairs": [], "skipped": "the model could not be traced"}
         info.warn("CLE needs a traced graph to find layer pairs; the model was not traced: skipped")
         return qmodel
     pairs, why = find_pairs(qmodel)
+    off = {} if config is None else config.off_layers("cle", quant_layers(qmodel))
+    for p in pairs:
+        hit = next((n for n in (p.first, p.second) if n in off), None)
+        if hit is not None:
+            why[p.first] = f"paired with {p.second}, but scope {off[hit]!r} turns CLE off for {hit}"
+    pairs = [p for p in pairs if p.first not in off and p.second not in off]
+    scoped: CLERecord = {"off_by_scope": off} if off else {}
     if not pairs:
-        info.details["cle"] = {"pairs": [], "not_paired": why}
+        info.details["cle"] = {"pairs": [], "not_paired": why, **scoped}
         info.warn(
             "CLE found no equalizable layer pair (conv/linear → ReLU/ReLU6/identity → conv/linear "
             "with a single consumer); nothing was changed"
@@ -153,6 +166,7 @@ def equalize(qmodel: nn.Module, info: PTQInfo) -> nn.Module:
         "absorbed_pairs": absorbed_pairs,
         "clamps_installed": clamps,
         "not_paired": why,
+        **scoped,
     }
     return qmodel
 

@@ -283,7 +283,9 @@ def explicit_in_graph(gm: fx.GraphModule, node: fx.Node, inv: torch.Tensor) -> N
 
 def smooth(model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQInfo) -> None:
     """Apply SmoothQuant with ``α = config.smoothquant`` to every quantized ``nn.Linear`` of
-    ``model`` (a prepared model, before calibration) in place; see the module docstring."""
+    ``model`` (a prepared model, before calibration) in place; see the module docstring. A
+    layer a scope turns SmoothQuant off for (:meth:`PTQConfig.off_layers`) keeps its weights
+    and input as they are (recorded in ``off_by_scope``)."""
     alpha = config.smoothquant
     if alpha is None or config.activations is None:
         if alpha is not None:
@@ -293,6 +295,10 @@ def smooth(model: nn.Module, data: Iterable[Any], config: PTQConfig, info: PTQIn
         raise ConfigError(f"smoothquant alpha must be in [0, 1], got {alpha!r}")
     layers = candidates(model)
     details: SmoothQuantRecord = {"alpha": float(alpha), "layers": {}}
+    off = config.off_layers("smoothquant", quant_layers(model))  # a scope's: left as they are
+    if off:  # (a normalization an off layer reads is not folded into: explicit scales instead)
+        layers = {n: m for n, m in layers.items() if n not in off}
+        details["off_by_scope"] = off
     info.details["smoothquant"] = details
     if not layers:
         info.warn("smoothquant: no quantized nn.Linear with an input quantizer; nothing smoothed")

@@ -73,6 +73,24 @@ def summary_rows(
     return rows
 
 
+def _scope_sets(sc: dict[str, Any]) -> str:
+    """What one scope (its ``to_dict``) sets: float, or its weight spec, dynamic activations and
+    the techniques it turns off (or on again)."""
+    if sc.get("float"):
+        return "float"
+    parts = [_spec(sc["weights"])] if sc.get("weights") else []
+    if sc.get("activations"):
+        parts.append(f"dynamic activations {_spec(sc['activations'])}")
+    switches = sc.get("techniques") or {}
+    off = [n for n, on in switches.items() if not on]
+    back = [n for n, on in switches.items() if on]
+    if off:
+        parts.append(f"{', '.join(off)} off")
+    if back:
+        parts.append(f"{', '.join(back)} on again")
+    return "; ".join(parts) or "nothing"
+
+
 def _scope_rows(
     config: dict[str, Any], settings: dict[str, dict[str, Any]]
 ) -> list[tuple[str, str]]:
@@ -82,7 +100,7 @@ def _scope_rows(
         label = sc["pattern"]
         won = [n for n, s in settings.items() if s.get("scopes") and s["scopes"][-1] == label]
         hit = [n for n, s in settings.items() if label in s.get("scopes", [])]
-        what = "float" if sc.get("float") else _spec(sc.get("weights"))
+        what = _scope_sets(sc)
         shown = ", ".join(won[:6]) + (f", ... ({len(won)})" if len(won) > 6 else "")
         text = f"{what}: matches {len(hit)} layer(s), the last match of {len(won)}: {shown}"
         rows.append((f"scope {label!r}", text))

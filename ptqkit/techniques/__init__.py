@@ -63,7 +63,9 @@ def prefix_fields() -> tuple[str, ...]:
 
 
 def check(config: PTQConfig) -> None:
-    """Every name in ``config.techniques`` is a registered technique, with valid options."""
+    """Every name in ``config.techniques`` is a registered technique, with valid options; every
+    technique a scope turns off or on (``Scope.techniques``) is a registered one that works
+    layer by layer (``Technique.per_layer``)."""
     known = {t.name: t for t in registered()}
     for name in config.techniques:
         if name not in known:
@@ -71,6 +73,20 @@ def check(config: PTQConfig) -> None:
                 f"PTQConfig.techniques: no technique named {name!r}; registered: {sorted(known)}"
             )
         known[name].options_in(config)
+    per_layer = sorted(n for n, t in known.items() if t.per_layer)
+    for sc in config.scopes:
+        for name in sc.techniques:
+            if name not in known:
+                raise ConfigError(
+                    f"scope {sc.label!r}: techniques: no technique named {name!r}; registered: "
+                    f"{sorted(known)} (a scope can turn off: {per_layer})"
+                )
+            if not known[name].per_layer:
+                raise ConfigError(
+                    f"scope {sc.label!r}: technique {name!r} cannot be turned off for some "
+                    f"layers (it does not work layer by layer); a scope can turn off: "
+                    f"{per_layer}; to leave the layers in float: float=True"
+                )
 
 
 def resolve(config: PTQConfig, details: Mapping[str, Any]) -> PTQConfig:

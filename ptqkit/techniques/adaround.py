@@ -44,5 +44,6 @@ ADAROUND = register(
         estimate=_estimate,
         candidates=(Candidate("AdaRound", {"adaround": True}, rank=110),),
         reference="Nagel et al. 2020, arXiv:2004.10568; Li et al. 2021, arXiv:2102.05426",
+        per_layer=True,
     )
 )

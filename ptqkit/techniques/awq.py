@@ -289,9 +289,11 @@ def _record(details: AWQRecord, names: list[str], found: tuple, how: str) -> Non
 
 
 def awq(ctx: Context) -> None:
-    """Apply AWQ to every group of quantized Linears reading one normalization output."""
+    """Apply AWQ to every group of quantized Linears reading one normalization output (less
+    the layers a scope turns AWQ off for, :meth:`PTQConfig.off_layers`: their weights and input
+    stay as they are)."""
     from ..capture.verify import verify_stage
-    from ..quant.modules import act_quants
+    from ..quant.modules import act_quants, quant_layers
     from ..sync import active
     from ..typed import submodule
 
@@ -306,13 +308,23 @@ def awq(ctx: Context) -> None:
             "AWQ and SmoothQuant both move per-channel scales into the layers' inputs; turn one "
             "off (PTQConfig.smoothquant=None, or techniques without 'awq')"
         )
+    off = ctx.config.off_layers(NAME, quant_layers(gm))  # a scope's: left out of their group
+    if off:  # (a normalization an off layer reads is not folded into: explicit scales instead)
+        details["off_by_scope"] = off
     if not isinstance(gm, fx.GraphModule):
-        for x, names in _collect_hooked(ctx, opts.rows).values():
+        for x, members in _collect_hooked(ctx, opts.rows).values():
+            names = [n for n in members if n not in off]
+            if not names:
+                continue
             layers = [gm.get_submodule(n) for n in names]
             found = search_scale(x, layers, opts.grid)
             _record(details, names, found, _apply_hooked(gm, names, found[0]))
     else:
-        groups_ = groups(gm)
+        groups_ = {
+            src: kept
+            for src, nodes in groups(gm).items()
+            if (kept := [n for n in nodes if str(n.target) not in off])
+        }
         first = {str(nodes[0].target): submodule(gm, nodes[0]) for nodes in groups_.values()}
         cached = _collect(ctx, first, opts.rows) if first else {}
         for src, nodes in groups_.items():
@@ -348,6 +360,7 @@ TECHNIQUE = register(
         cost_key=lambda c: NAME,
         prior_passes={NAME: 2.0},
         reference="Lin et al. 2023, arXiv:2306.00978",
+        per_layer=True,
     )
 )
 

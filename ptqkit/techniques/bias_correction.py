@@ -65,5 +65,6 @@ BIAS_CORRECTION = register(
         ),
         resolve=_resolve,
         reference="Nagel et al. 2019, arXiv:1906.04721",
+        per_layer=True,
     )
 )

@@ -12,7 +12,7 @@ def _cle(ctx: Context) -> None:
     from ..capture.verify import verify_stage
     from ..equalize.cle import equalize
 
-    equalize(ctx.qmodel, ctx.info)
+    equalize(ctx.qmodel, ctx.info, ctx.config)
     verify_stage(ctx.qmodel, ctx.ref, "CLE", ctx.info)
 
 
@@ -31,5 +31,6 @@ CLE = register(
             Candidate("no CLE", {"cle": False}, rank=80),
         ),
         reference="Nagel et al. 2019, arXiv:1906.04721",
+        per_layer=True,
     )
 )

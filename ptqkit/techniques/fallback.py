@@ -37,5 +37,6 @@ FALLBACK = register(
         fields=("max_degradation", "min_sqnr_db"),
         cost_key=lambda c: "fallback",
         estimate=_estimate,
+        per_layer=True,
     )
 )

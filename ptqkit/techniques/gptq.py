@@ -30,5 +30,6 @@ GPTQ = register(
         # a rough prior: EfficientNet-Lite0 W4 g128 took 196 s against a ~6 s calibration pass
         prior_passes={"gptq": 30.0},
         reference="Frantar et al. 2022, arXiv:2210.17323",
+        per_layer=True,
     )
 )

@@ -29,5 +29,6 @@ SMOOTHQUANT = register(
         cost_key=lambda c: "smoothquant",
         prior_passes={"smoothquant": 1.5},
         reference="Xiao et al. 2023, arXiv:2211.10438",
+        per_layer=True,
     )
 )
