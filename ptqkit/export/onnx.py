@@ -107,6 +107,19 @@ def export_onnx(
     with onnx_nbits.tracing(wo) as order:
         model = _torch_export(qmodel, args, opset, dynamic_batch, input_names, output_names)
     onnx_nbits.rewrite(model, order, weight_only)
+    encodings = _finish(model, target, format, weight_dtype)
+    _write(path, model.SerializeToString())
+    if encodings is not None:
+        _write(encodings_path(path), json.dumps(encodings, indent=1).encode())
+    return path
+
+
+def _finish(
+    model: onnx.ModelProto, target: str, format: str, weight_dtype: str
+) -> dict[str, Any] | None:
+    """The exported graph made ready to write, in place: the passes (:mod:`.passes`, with
+    TensorRT's for that target), the target's rules checked, the weights in their container
+    (or the Q/DQ stripped, ``"fp32+encodings"``: returns the encodings), the ONNX checker run."""
     run_passes(model, tensorrt.passes(list(PASSES), target))
     broken = tensorrt.violations(model) if target == "tensorrt" else []
     if broken:  # ptqkit's placement where TensorRT wants another: not written
@@ -124,10 +137,7 @@ def export_onnx(
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:  # a bug of ptqkit's passes, not the user's
         raise ExportError(f"the exported graph is invalid: {_first_line(e)}") from e
-    _write(path, model.SerializeToString())
-    if encodings is not None:
-        _write(encodings_path(path), json.dumps(encodings, indent=1).encode())
-    return path
+    return encodings
 
 
 def encodings_path(path: str | os.PathLike) -> Path:
