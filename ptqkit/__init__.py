@@ -55,6 +55,8 @@ _LAZY = {
     "JobResult": "ptqkit.job",
     "JobOptions": "ptqkit.job",
     "tune": "ptqkit.recipe",
+    "mixed_precision": "ptqkit.analysis.mixed",
+    "MixedPrecisionPlan": "ptqkit.analysis.allocation",
 }
 
 
@@ -79,6 +81,7 @@ __all__ = [
     "JobOptions",
     "JobResult",
     "LoadError",
+    "MixedPrecisionPlan",
     "ModelError",
     "PTQConfig",
     "PTQError",
@@ -94,6 +97,7 @@ __all__ = [
     "export_onnx",
     "export_pt2",
     "load",
+    "mixed_precision",
     "quantize",
     "register_calibrator",
     "run_job",
