@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from .config import PTQConfig
 from .errors import ConfigError
+from .records import Details
 from .stage import Context
 
 Phase = Literal["prefix", "calibrate", "solve"]
@@ -113,7 +114,8 @@ class Technique:
     prior_passes: Mapping[str, float] = field(default_factory=dict)
     estimate: Callable[[PTQConfig, CostBasis], float] | None = None
     candidates: tuple[Candidate, ...] = ()
-    resolve: Callable[[PTQConfig, Mapping[str, Any]], PTQConfig] | None = None
+    #: the config it turned out to run, from its own record in ``PTQInfo.details`` (typed)
+    resolve: Callable[[PTQConfig, Details], PTQConfig] | None = None
     reference: str = ""
     #: it works layer by layer, and a scope can turn it off for some layers
     #: (``Scope.techniques``): ``run`` leaves out :meth:`PTQConfig.off_layers`. ``False``: a

@@ -8,15 +8,14 @@ does the rounding noise: a margin trades in-distribution precision for fewer sat
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from ..info import PTQInfo
 from ..quant.modules import act_quants
 
 
-def widen_ranges(model: nn.Module, margin: float, info: Any = None) -> int:
+def widen_ranges(model: nn.Module, margin: float, info: PTQInfo | None = None) -> int:
     """Widen the grid of every calibrated activation quantizer by ``margin·(hi - lo)`` on each
     side (a side at 0, e.g. after a ReLU, stays at 0). Returns the number of quantizers changed;
     records ``range_margin`` in ``info.details``."""

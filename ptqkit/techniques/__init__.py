@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping
-from typing import Any
 
 from ..config import PTQConfig
 from ..errors import ConfigError
+from ..records import Details
 from ..technique import Candidate, Phase, Technique, registered
 
 
@@ -89,7 +88,7 @@ def check(config: PTQConfig) -> None:
                 )
 
 
-def resolve(config: PTQConfig, details: Mapping[str, Any]) -> PTQConfig:
+def resolve(config: PTQConfig, details: Details) -> PTQConfig:
     """``config`` with each technique's ``"auto"`` setting replaced by what it did (read from
     ``PTQInfo.details``)."""
     for t in registered():

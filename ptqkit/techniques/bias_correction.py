@@ -6,10 +6,10 @@ again."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from ..config import BiasCorrectionOptions, PTQConfig
+from ..records import Details
 from ..stage import Context
 from ..technique import Candidate, Technique, register
 
@@ -32,8 +32,8 @@ def _needs_tap(config: PTQConfig) -> bool:
     return config.bias_correction in DATA_MODES
 
 
-def _resolve(config: PTQConfig, details: Mapping[str, Any]) -> PTQConfig:
-    """``"auto"`` → ``"affine"`` or ``False``: what it did on this model."""
+def _resolve(config: PTQConfig, details: Details) -> PTQConfig:
+    """``"auto"`` → ``"affine"`` or ``False``: what it did on this model (its record's mode)."""
     if config.bias_correction != "auto":
         return config
     mode = details.get("bias_correction", {}).get("mode")
