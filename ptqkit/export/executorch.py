@@ -4,9 +4,10 @@ ExecuTorch's Python runtime (an optional dependency: ``pip install 'ptqkit[execu
 
 The path: :func:`~ptqkit.export.pt2.export_pt2` (ptqkit's integers as pt2e Q/DQ ops) →
 :func:`~ptqkit.export.xnnpack.xnnpack_program` (signed int8 activations, float weights where an
-output stays float; exact) → ``to_edge_transform_and_lower(…, partitioner=[XnnpackPartitioner()])``
-→ ``to_executorch()`` → the ``.pte`` bytes, run once on the example and compared with the
-simulation before they are returned or written.
+output stays float; exact) → :func:`one_dq_per_user` (as ``convert_pt2e``: exact) →
+``to_edge_transform_and_lower(…, partitioner=[XnnpackPartitioner()])`` → ``to_executorch()`` →
+the ``.pte`` bytes, run once on the example and compared with the simulation before they are
+returned or written.
 
 :class:`Delegation` says what XNNPACK took: the partitions and delegated nodes (ExecuTorch's own
 ``get_delegation_info``), and, read from the XNNPACK graphs the delegate serializes, how many of
@@ -38,7 +39,7 @@ from ..errors import ExportError, LoadError
 from ..io.files import check_writable, write_bytes
 from ..quant.primitives import sqnr_db
 from .onnx import _check_example, _first_line
-from .pt2.program import MIN_SQNR_DB, export_pt2, program_report
+from .pt2.program import DQ_OPS, MIN_SQNR_DB, export_pt2, program_report
 from .xnnpack import xnnpack_program
 
 PIP = "pip install 'ptqkit[executorch]'"
@@ -149,6 +150,7 @@ def export_pte(
     args = _check_example(qmodel, example)
     program = export_pt2(qmodel, args, dynamic_batch=dynamic_batch)
     xprog, _ = xnnpack_program(program, max_batch=max_batch if dynamic_batch else None)
+    one_dq_per_user(xprog)
     data, delegation = _lower(xprog)
     try:
         module = PteModule(data, delegation)
@@ -175,6 +177,32 @@ def load_pte(path: str | os.PathLike) -> PteModule:
         return PteModule(data)
     except Exception as e:
         raise LoadError(f"cannot load {path} as an ExecuTorch program: {_first_line(e)}") from e
+
+
+def one_dq_per_user(program: torch.export.ExportedProgram) -> int:
+    """Give every further user of a shared ``dequantize`` its own copy, in place, as
+    ``convert_pt2e`` emits them; returns how many copies were made.
+
+    ptqkit's program dequantizes a tensor once for all its users (a block's input feeds its
+    expand conv and its residual add). XNNPACK's partitioner takes a DQ into the partition of
+    the op it feeds, and on EfficientNet-Lite0 one DQ feeding a conv and an add in different
+    partitions made ExecuTorch 1.5 refuse the program ("Invalid partition, found dependency
+    cycles"). Exact: ``DQ(q) = (q - z)·s`` is elementwise and pure, each copy computes the same.
+    """
+    graph = program.graph_module.graph
+    copies = 0
+    for node in list(graph.nodes):
+        name = str(getattr(node.target, "__name__", "")).split(".")[0]
+        if node.op != "call_function" or name not in DQ_OPS or len(node.users) < 2:
+            continue
+        for user in list(node.users)[1:]:
+            with graph.inserting_before(user):
+                user.replace_input_with(node, graph.node_copy(node))
+            copies += 1
+    if copies:
+        graph.lint()
+        program.graph_module.recompile()
+    return copies
 
 
 def _lower(program: torch.export.ExportedProgram) -> tuple[bytes, Delegation]:
@@ -264,4 +292,12 @@ def _verify(qmodel: nn.Module, module: PteModule, args: tuple) -> None:
             )
 
 
-__all__ = ["PIP", "XNN_LAYERS", "Delegation", "PteModule", "export_pte", "load_pte"]
+__all__ = [
+    "PIP",
+    "XNN_LAYERS",
+    "Delegation",
+    "PteModule",
+    "export_pte",
+    "load_pte",
+    "one_dq_per_user",
+]

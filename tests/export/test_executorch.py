@@ -14,7 +14,7 @@ from torch import nn
 
 import ptqkit
 from ptqkit.errors import ExportError, LoadError
-from ptqkit.export.executorch import PIP, export_pte, load_pte
+from ptqkit.export.executorch import PIP, export_pte, load_pte, one_dq_per_user
 from ptqkit.export.pt2 import export_pt2, program_report
 from ptqkit.export.xnnpack import xnnpack_program, xnnpack_violations
 from ptqkit.quant.primitives import sqnr_db
@@ -178,3 +178,64 @@ def test_pte_runs_on_xnnpack_and_agrees_with_simulation(qnet, digits_data, tmp_p
         pte(digits_data[2][: pte.max_batch + 1])
     with pytest.raises(LoadError, match="no such file"):
         load_pte(tmp_path / "missing.pte")
+
+
+class Inverted(nn.Module):
+    """Three MobileNet/EfficientNet inverted-residual blocks (1×1 expand-ReLU6, explicit pad,
+    depthwise-ReLU6, 1×1 project, residual add) between a stem and a linear head: each block's
+    input feeds its expand conv and its add, the shape on which XNNPACK's partitioner found a
+    dependency cycle when the two shared one DQ (EfficientNet-Lite0)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem, self.fc = nn.Conv2d(1, c, 3, padding=1), nn.Linear(c, 10)
+        self.expand = nn.ModuleList(nn.Conv2d(c, 2 * c, 1) for _ in range(3))
+        self.dw = nn.ModuleList(nn.Conv2d(2 * c, 2 * c, 3, groups=2 * c) for _ in range(3))
+        self.project = nn.ModuleList(nn.Conv2d(2 * c, c, 1) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.stem(x))
+        for e, d, p in zip(self.expand, self.dw, self.project):
+            y = F.relu6(d(F.pad(F.relu6(e(x)), (1, 1, 1, 1))))
+            x = p(y) + x
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def qinverted(calib_batches) -> nn.Module:
+    torch.manual_seed(0)
+    return ptqkit.quantize(Inverted().eval(), calib_batches, CFG)
+
+
+def _shared_dqs(program) -> list[str]:
+    return [
+        n.name
+        for n in program.graph.nodes
+        if n.op == "call_function" and "dequantize" in str(n.target) and len(n.users) > 1
+    ]
+
+
+def test_one_dq_per_user_is_exact(qinverted, digits_data) -> None:
+    xprog, _ = xnnpack_program(export_pt2(qinverted, digits_data[2][:1]))
+    x = digits_data[2][:7]
+    with torch.no_grad():
+        before = xprog.module()(x)
+    shared = _shared_dqs(xprog)
+    assert len(shared) == 3  # each block's input: its expand conv and its residual add
+    assert one_dq_per_user(xprog) == 3
+    assert _shared_dqs(xprog) == []
+    assert xnnpack_violations(xprog) == []
+    with torch.no_grad():
+        assert torch.equal(xprog.module()(x), before)
+    assert one_dq_per_user(xprog) == 0  # idempotent
+
+
+@needs_et
+def test_inverted_residuals_lower_to_one_xnnpack_partition(qinverted, digits_data) -> None:
+    pte = export_pte(qinverted, digits_data[2][:1])
+    d = pte.delegation
+    assert d is not None and d.partitions == 1, d.summary()
+    assert (d.int8_layers, d.float_layers, d.outside_layers) == (10, 1, 0), d.summary()
+    x = digits_data[2][:1]
+    with torch.no_grad():
+        assert sqnr_db(qinverted(x), pte(x)) > 20.0
