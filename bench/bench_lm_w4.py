@@ -5,7 +5,11 @@ perplexity gap GPTQ closes, ``(ppl_RTN - ppl_GPTQ) / (ppl_RTN - ppl_FP32)``, and
 bytes (integers at ``bits`` per weight + one float32 scale per channel or group; embeddings
 float32). Every Linear, the tied ``lm_head`` included, is quantized (GPTQ/AWQ/NNCF keep the head
 in 16 or 8 bits by default; here it is 0.9% of the weights). Calibration: 128 training-split
-windows. NNCF / GPTQModel / AutoAWQ rows: "not installed" (none is in this environment).
+windows. Peers on the same model and windows: NNCF ``compress_weights`` (INT4_SYM, group 128,
+as its documentation shows; data-free, and data-aware AWQ + scale estimation; NNCF keeps the
+embedding and the tied head at int8 by default, which its row says); GPTQModel / AutoAWQ:
+"not installed" where absent. Mixed precision (issue 25 item 6): ``ptqkit.mixed_precision`` with
+widths {3, 4, 8}, group 128, at a 4.0-bit budget, RTN, beside uniform W4 g128 RTN.
 
     python bench/bench_lm_w4.py [--eval 256] [--threads 2] [--write]   # table -> bench/LM_W4.md
     python bench/bench_lm_w4.py --quick   # tiny model trained in seconds: checks the script
@@ -20,6 +24,7 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,6 +36,7 @@ import lm
 
 import ptqkit
 from ptqkit import PTQConfig, QuantSpec
+from ptqkit.analysis.mixed import plan_of
 from ptqkit.options import GPTQOptions
 
 SPECS = {
@@ -108,11 +114,65 @@ def main() -> None:
             )
             lines.append(row)
             print(row, flush=True)
-    for peer in ("nncf", "gptqmodel", "awq"):
+    for row in _mixed_rows(model, calib, wins) + _nncf_rows(model, calib, wins):
+        lines.append(row)
+        print(row, flush=True)
+    for peer in ("gptqmodel", "awq"):
         if importlib.util.find_spec(peer) is None:
             lines.append(f"| {peer} | not installed | | | | |")
     if args.write and not args.quick:
         Path(__file__).with_name("LM_W4.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _mixed_rows(model: torch.nn.Module, calib: list, wins: torch.Tensor) -> list[str]:
+    """ptqkit.mixed_precision at 4.0 bits per weight from {3, 4, 8} (g128, RTN)."""
+    base = PTQConfig(activations=None, weights=SPECS["W4 g128"], bias_correction=False,
+                     progress=False)
+    t0 = time.perf_counter()
+    cfg = ptqkit.mixed_precision(model, calib, budget_bits=4.0, choices=(3, 4, 8), base=base,
+                                 group_size=128)
+    q = ptqkit.quantize(model, calib, cfg)
+    tq = time.perf_counter() - t0
+    plan = plan_of(cfg)
+    count = Counter(plan.bits.values())
+    widths = ", ".join(f"{n}× {b}-bit" for b, n in sorted(count.items()))
+    r = lm.perplexity(q, wins)
+    note = f"; {plan.note}" if plan.note else ""
+    return [
+        f"| mixed {{3, 4, 8}} g128 at 4.0 bits (achieved {plan.average_bits:.2f}: {widths}"
+        f"{note}), RTN | {r['ppl']:.3f} | {r['bpb']:.4f} | | | {tq:.1f} |"
+    ]
+
+
+def _nncf_rows(model: torch.nn.Module, calib: list, wins: torch.Tensor) -> list[str]:
+    """NNCF compress_weights INT4_SYM g128: data-free, and AWQ + scale estimation."""
+    if importlib.util.find_spec("nncf") is None:
+        return ["| NNCF compress_weights | not installed (pip install nncf) | | | | |"]
+    import copy
+
+    import nncf
+
+    items = [b[i : i + 1] for b in calib for i in range(b.shape[0])]
+    rows = []
+    for label, kw in (("data-free", {}), ("AWQ + scale estimation", {"awq": True,
+                                                                      "scale_estimation": True})):
+        t0 = time.perf_counter()
+        try:
+            cm = nncf.compress_weights(
+                copy.deepcopy(model).eval(), mode=nncf.CompressWeightsMode.INT4_SYM,
+                group_size=128, dataset=nncf.Dataset(items), **kw
+            )
+        except Exception as e:  # a peer's failure is a row, not a crash
+            why = " ".join(str(e).split())[:240]
+            rows.append(f"| NNCF W4 g128 {label} | failed: {type(e).__name__}: {why} | | | | |")
+            continue
+        tq = time.perf_counter() - t0
+        r = lm.perplexity(cm, wins)
+        rows.append(
+            f"| NNCF {nncf.__version__} W4 g128 {label} (embedding and tied head int8) | "
+            f"{r['ppl']:.3f} | {r['bpb']:.4f} | | | {tq:.1f} |"
+        )
+    return rows
 
 
 def _train_data() -> torch.Tensor:
