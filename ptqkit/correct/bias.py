@@ -37,7 +37,7 @@ from collections.abc import Collection, Iterable
 from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..config import BiasCorrectionOptions, PTQConfig
 from ..data import channels_last, run_model
@@ -86,22 +86,70 @@ def _empirical(
     affine: bool = False,
     off: Collection[str] = (),
 ) -> dict[str, Any]:
+    """Empirical (``affine``: affine) bias correction of ``qmodel`` in place, in the layers'
+    execution order, each layer from the quantized network's output mean with the earlier
+    corrections applied (``b ← b + E[y] - E[ỹ]``, the module docstring); the layers in ``off``
+    (turned off by a scope) are left as they are. Returns the record."""
     if data is None:
         raise DataError(
             "empirical bias correction needs calibration data; pass data, or use "
             "bias_correction='analytic' (data-free, from BatchNorm statistics)"
         )
     layers = quant_layers(qmodel)
-    rows = options.rows  # (the rows the check of every correction runs on; affine: its fit)
     drop = left_out(info)  # the outlier samples calibration left out: left out here too
-    tapped = float_means is not None and float_means.samples == options.samples
-    if not tapped or float_means is None or float_means.rows != rows or drop:
-        source = float_means.feeds if tapped and float_means is not None else None
-        float_means = _float_pass(qmodel, data, config, options, drop, source)
-        passes = 2  # a float pass of its own
-    else:
-        passes = 1  # the float means were tapped from the calibration pass
+    float_means, passes = _float_means(qmodel, data, config, options, float_means, drop)
     feeds = [channels_last(*b) for b in float_means.feeds]  # (faster convs, same statistics)
+    order, ref, shared = _order(qmodel, data, config, float_means, layers, off, feeds)
+    fix = _Corrector(layers, ref, affine)
+    engine: dict[str, Any] | None = None
+    if can_propagate(qmodel, order):
+        engine = _propagated(qmodel, feeds, order, float_means.picks, fix, config, options)
+    else:  # untraced: prefix re-runs, one more pass per corrected layer
+        _per_layer(qmodel, feeds, order, float_means.picks, fix, config)
+        passes += len(fix.shifts) - 1
+    return {
+        "mode": "affine" if affine else "empirical",
+        "corrected": fix.shifts,
+        **_scaled(fix.scales, affine, layers, order),
+        "passes": passes,
+        **({} if engine is None else {"engine": engine}),
+        **_not_corrected(shared),
+        "checked": fix.checks,
+        "rejected": fix.rejected,
+        "left_out_samples": sum(len(v) for v in drop.values()),
+    }
+
+
+def _float_means(
+    qmodel: nn.Module,
+    data: Iterable[Any],
+    config: PTQConfig,
+    options: BiasCorrectionOptions,
+    float_means: FloatMeans | None,
+    drop: dict[int, set[int]],
+) -> tuple[FloatMeans, int]:
+    """The float means to correct against and the passes over the data they cost: those tapped
+    from the calibration pass (1 pass) when they cover ``options.samples`` samples and
+    ``options.rows`` rows and calibration left no sample out, else a float pass of bias
+    correction's own (2 passes; over the tap's batches when it holds the right samples)."""
+    tapped = float_means is not None and float_means.samples == options.samples
+    if not tapped or float_means is None or float_means.rows != options.rows or drop:
+        source = float_means.feeds if tapped and float_means is not None else None
+        return _float_pass(qmodel, data, config, options, drop, source), 2
+    return float_means, 1
+
+
+def _order(
+    qmodel: nn.Module,
+    data: Iterable[Any],
+    config: PTQConfig,
+    float_means: FloatMeans,
+    layers: dict[str, QuantLayer],
+    off: Collection[str],
+    feeds: list[Any],
+) -> tuple[list[str], dict[str, Mean], dict[str, int]]:
+    """The layers to correct in execution order, their float means (summed over the ranks), and
+    the layers left alone because they run more than once per forward (``{layer: calls}``)."""
     if can_propagate(qmodel):  # the order is read off the graph, not the data
         order = layer_order(qmodel, data, config)
     else:  # the order the float pass ran them in; never run: last
@@ -115,74 +163,97 @@ def _empirical(
     order = from_data("bias correction: layer order", order, bool(feeds))
     over_ranks("bias correction: float means", ref)
     order = [n for n in order if ref[n].value is not None and n not in shared]
-    shifts: dict[str, float] = {}
-    scales: dict[str, list[float]] = {}
-    picks = float_means.picks
+    return order, ref, shared
 
-    checks: dict[str, dict[str, Any]] = {}
-    rejected: dict[str, str] = {}
 
-    def correct(name: str, got: Mean, paired: Paired | None) -> Any:
+class _Corrector:
+    """Corrects one layer at a time from its quantized output's mean against the float one
+    (``ref``), and keeps what it did: the record's ``corrected`` (max ``|E[y] - E[ỹ]|``),
+    ``scaled`` (affine: ``[min a, max a]``), ``checked`` and ``rejected``."""
+
+    def __init__(self, layers: dict[str, QuantLayer], ref: dict[str, Mean], affine: bool) -> None:
+        self.layers, self.ref, self.affine = layers, ref, affine
+        self.shifts: dict[str, float] = {}
+        self.scales: dict[str, list[float]] = {}
+        self.checks: dict[str, dict[str, Any]] = {}
+        self.rejected: dict[str, str] = {}
+
+    def pairs(self, name: str) -> Paired:
+        """The (float, quantized) row pairs of layer ``name``: the same answer on every rank."""
+        return Paired(out_channels(self.layers[name].layer))
+
+    def __call__(self, name: str, got: Mean, paired: Paired | None) -> Any:
         """Correct layer ``name`` from its quantized output's mean ``got`` (and the pairs),
         if that passes the check (:mod:`ptqkit.correct.check`); returns what it does to the
         layer's output (``_shift``, or ``None``: nothing)."""
-        want, have = ref[name].value, got.value
+        want, have = self.ref[name].value, got.value
         if want is None or have is None:
             raise ModelError(f"bias correction: {name} did not run on the calibration data")
         if paired is not None:
             paired.over_ranks(f"bias correction: {name} (pairs)")
-        layer = layers[name]
-        a = paired.scale() if paired is not None and affine and can_scale(layer) else None
+        layer = self.layers[name]
+        a = paired.scale() if paired is not None and self.affine and can_scale(layer) else None
         delta = want - have if a is None else want - a * have
         verdict = check(paired, delta, a, f"bias correction: {name} (check)")
         if verdict is not None:
-            checks[name] = verdict.as_dict()
+            self.checks[name] = verdict.as_dict()
         if verdict is not None and not verdict.kept:
-            rejected[name] = _why_rejected(verdict)
+            self.rejected[name] = _why_rejected(verdict)
             return None
         if a is None:
             _add_to_bias(layer, delta)
-            shifts[name] = float(delta.abs().max())
+            self.shifts[name] = float(delta.abs().max())
             return lambda y: _shift(y, layer.layer, delta)
         rescale(layer, a, delta)
-        shifts[name] = float((want - have).abs().max())
-        scales[name] = [float(a.min()), float(a.max())]
+        self.shifts[name] = float((want - have).abs().max())
+        self.scales[name] = [float(a.min()), float(a.max())]
         return lambda y: _shift(y, layer.layer, delta, a)
 
-    def pairs(name: str) -> Paired:  # the same answer on every rank
-        return Paired(out_channels(layers[name].layer))
 
-    if can_propagate(qmodel, order):
-        bar = iter(progress(order, config.progress, "bias correction"))
+def _propagated(
+    qmodel: fx.GraphModule,
+    feeds: list[Any],
+    order: list[str],
+    picks: dict[str, list[Any]],
+    fix: _Corrector,
+    config: PTQConfig,
+    options: BiasCorrectionOptions,
+) -> dict[str, Any]:
+    """Correct the layers of ``order`` in one quantized pass (:func:`ptqkit.walk.propagate`):
+    each layer's mean is taken over all samples' cached outputs, its bias corrected, and its
+    corrected outputs fed on. Returns the engine's record (batches and spills summed over ranks)."""
+    bar = iter(progress(order, config.progress, "bias correction"))
 
-        def visit(name: str, layer: QuantLayer, inputs: Any, outputs: Any) -> Any:
-            next(bar, None)
-            got, paired = Mean(), pairs(name)
-            record = _recorder(got, paired, picks[name])
-            for y in outputs():  # one read of each cached (maybe spilled) output
-                record(layer, None, y)
-            over_ranks(f"bias correction: {name}", {name: got})
-            return correct(name, got, paired)
-
-        with torch.no_grad():
-            walked = propagate(qmodel, feeds, visit, order, options.memory_budget)
+    def visit(name: str, layer: QuantLayer, inputs: Any, outputs: Any) -> Any:
         next(bar, None)
-        counts = {k: walked[k] for k in ("batches", "spilled")}
-        walked.update(add_up("bias correction: engine", counts))  # totals over the ranks
-        return {
-            "mode": "affine" if affine else "empirical",
-            "corrected": shifts,
-            **_scaled(scales, affine, layers, order),
-            "passes": passes,
-            "engine": walked,
-            **_not_corrected(shared),
-            "checked": checks,
-            "rejected": rejected,
-            "left_out_samples": sum(len(v) for v in drop.values()),
-        }
-    for n in progress(order, config.progress, "bias correction"):  # untraced: prefix re-runs
-        got, paired = Mean(), pairs(n)
-        layer = layers[n]
+        got, paired = Mean(), fix.pairs(name)
+        record = _recorder(got, paired, picks[name])
+        for y in outputs():  # one read of each cached (maybe spilled) output
+            record(layer, None, y)
+        over_ranks(f"bias correction: {name}", {name: got})
+        return fix(name, got, paired)
+
+    with torch.no_grad():
+        walked = propagate(qmodel, feeds, visit, order, options.memory_budget)
+    next(bar, None)
+    counts = {k: walked[k] for k in ("batches", "spilled")}
+    walked.update(add_up("bias correction: engine", counts))  # totals over the ranks
+    return walked
+
+
+def _per_layer(
+    qmodel: nn.Module,
+    feeds: list[Any],
+    order: list[str],
+    picks: dict[str, list[Any]],
+    fix: _Corrector,
+    config: PTQConfig,
+) -> None:
+    """Correct the layers of ``order`` on an untraced model: for each, one pass over ``feeds``
+    that stops right after it (a forward hook takes its mean), so ``O(depth²)`` forward work."""
+    for n in progress(order, config.progress, "bias correction"):
+        got, paired = Mean(), fix.pairs(n)
+        layer = fix.layers[n]
         h = layer.register_forward_hook(_recorder(got, paired, picks[n]))
         try:
             with torch.no_grad(), stop_after(layer):
@@ -191,17 +262,7 @@ def _empirical(
         finally:
             h.remove()
         over_ranks(f"bias correction: {n}", {n: got})
-        correct(n, got, paired)
-    return {
-        "mode": "affine" if affine else "empirical",
-        "corrected": shifts,
-        **_scaled(scales, affine, layers, order),
-        "passes": len(shifts) + passes - 1,
-        **_not_corrected(shared),
-        "checked": checks,
-        "rejected": rejected,
-        "left_out_samples": sum(len(v) for v in drop.values()),
-    }
+        fix(n, got, paired)
 
 
 def _float_pass(
