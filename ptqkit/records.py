@@ -172,8 +172,9 @@ class RecipeRecord(TypedDict, total=False):
 
 
 class MixedPrecisionRecord(TypedDict, total=False):
-    """Mixed precision (:func:`ptqkit.mixed_precision`, :mod:`ptqkit.analysis.mixed`): the
-    widths chosen per layer to minimize ``Σ_l Δ_l(b_l)`` under a bits-per-weight budget."""
+    """Mixed precision (:func:`ptqkit.mixed_precision`, :mod:`ptqkit.analysis.mixed`; recorded
+    by :mod:`ptqkit.techniques.mixed_precision`): the widths chosen per layer to minimize
+    ``Σ_l Δ_l(b_l)`` under a bits-per-weight budget, and the whole model's measured noise."""
 
     budget_bits: float
     budget_bytes: int | None  # the byte budget the bits came from, if one was given
@@ -182,6 +183,10 @@ class MixedPrecisionRecord(TypedDict, total=False):
     samples: int  # samples each ``Δ_l(b)`` was measured on
     average_bits: float
     predicted_error: float  # ``Σ_l Δ_l(b_l)`` of the plan
+    #: the whole model's output noise ``Σ (f - q)² / Σ f²`` with the plan's widths, measured
+    measured_error: float | None
+    uniform_errors: list[float]  # the same with every layer at each choice (as ``choices``)
+    note: str  # why the plan is uniform when the allocation was not (it measured worse), or ""
     layers: list[dict[str, Any]]  # {name, params, bits, errors (one per choice)}
     realized_bits: dict[str, int | None]  # layer -> the width it really got (None: not found)
 

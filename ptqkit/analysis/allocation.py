@@ -1,6 +1,5 @@
-"""The record and the allocation of :mod:`ptqkit.analysis.mixed` (no model here): the widths
-a mixed-precision plan may take, its budget, its typed record (:class:`MixedPrecisionPlan`,
-one :class:`LayerBits` per layer) and :func:`allocate`, which solves
+"""The allocation of :mod:`ptqkit.analysis.mixed` (no model here): the check of a budget and
+:func:`allocate`, which solves
 
     minimize  Σ_l Δ_l(b_l)   subject to   Σ_l n_l·b_l <= B·Σ_l n_l,   b_l in choices
 
@@ -11,44 +10,31 @@ all-lowest assignment: ``best_l[c] = min_j best_{l-1}[c - w_lj] + Δ_l(b_j)``, w
 :data:`RESOLUTION` bits; above, ``u`` is ``1/RESOLUTION`` of it, each cost rounded *up*, so the
 result never exceeds the budget. Of equal errors, the fewest bits win.
 
-Low level: imports torch and :mod:`ptqkit.errors` / :mod:`ptqkit.spec` only.
+The plan's typed record (:class:`MixedPrecisionPlan`, one :class:`LayerBits` per layer), the
+default budget and the check of the widths live with the technique that records the plan
+(:mod:`ptqkit.techniques.mixed_precision`, registered with every technique); they are
+re-exported here.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
-from ..spec import MAX_BITS, MIN_BITS
+from ..techniques.mixed_precision import (
+    DEFAULT_BUDGET_BITS,
+    LayerBits,
+    MixedPrecisionPlan,
+    check_choices,
+)
 
 #: the spare budget (bits above the all-lowest assignment) is solved exactly up to this many
 #: bits; above it each layer's cost is rounded up to 1/RESOLUTION of it
 RESOLUTION = 1 << 14
-#: the default budget, bits per weight on average
-DEFAULT_BUDGET_BITS = 5.0
-
-
-def check_choices(choices: Any) -> tuple[int, ...]:
-    """``choices`` as a sorted tuple of distinct ints in ``MIN_BITS..MAX_BITS``, or a
-    :class:`ConfigError` naming it."""
-    try:
-        values = tuple(choices)
-    except TypeError:
-        raise ConfigError(f"mixed precision: choices must be bit widths, got {choices!r}") from None
-    if not values:
-        raise ConfigError("mixed precision: choices is empty; give bit widths, e.g. (4, 8)")
-    for b in values:
-        if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
-            raise ConfigError(
-                f"mixed precision: choices {values!r} hold {b!r}; each must be an int in "
-                f"{MIN_BITS}..{MAX_BITS}"
-            )
-    return tuple(sorted(set(values)))
 
 
 def check_budget(bits: Any, choices: tuple[int, ...], what: str) -> float:
@@ -62,113 +48,6 @@ def check_budget(bits: Any, choices: tuple[int, ...], what: str) -> float:
             "give a budget between them (or other choices)"
         )
     return float(bits)
-
-
-@dataclass(frozen=True)
-class LayerBits:
-    """One layer of a :class:`MixedPrecisionPlan`: its weight count, the width chosen, and the
-    measured ``Δ(b)`` at each of the plan's choices (relative output noise energy with only
-    this layer quantized, ``Σ (f - q)² / Σ f²``)."""
-
-    name: str
-    params: int
-    bits: int
-    errors: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "errors", tuple(float(e) for e in self.errors))
-        if not (isinstance(self.name, str) and self.name and isinstance(self.params, int)):
-            raise ConfigError(f"mixed precision: a layer needs a name and params: {self!r}")
-
-
-@dataclass(frozen=True)
-class MixedPrecisionPlan:
-    """What :func:`mixed_precision` chose and measured: the budget (bits per weight; and the
-    byte budget it came from, if any), the choices, the group size, each layer
-    (:class:`LayerBits`) and the samples ``Δ`` was measured on. It is the options object of the
-    recording technique: a dict of its fields (a saved file's) is read back into it."""
-
-    budget_bits: float = DEFAULT_BUDGET_BITS
-    choices: tuple[int, ...] = (4, 8)
-    group_size: int | None = None
-    layers: tuple[LayerBits, ...] = ()
-    samples: int = 0
-    budget_bytes: int | None = None
-    #: the whole model's output noise ``Σ (f - q)² / Σ f²`` with these widths, measured
-    measured_error: float | None = None
-    #: the same with every layer at each choice (aligned with ``choices``)
-    uniform_errors: tuple[float, ...] = ()
-    #: why the plan is uniform when the allocation was not (it measured worse), else ""
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        choices = check_choices(self.choices)
-        object.__setattr__(self, "choices", choices)
-        object.__setattr__(self, "uniform_errors", tuple(float(e) for e in self.uniform_errors))
-        layers = tuple(lb if isinstance(lb, LayerBits) else LayerBits(**lb) for lb in self.layers)
-        object.__setattr__(self, "layers", layers)
-        if not layers:
-            raise ConfigError(
-                "techniques['mixed_precision'] holds the plan ptqkit.mixed_precision(...) "
-                "returns in its config; it cannot be switched on by itself"
-            )
-        for lb in layers:
-            if lb.bits not in choices or len(lb.errors) != len(choices):
-                raise ConfigError(
-                    f"mixed precision: layer {lb.name!r}: {lb.bits} bits and {len(lb.errors)} "
-                    f"measured errors do not fit the choices {choices}"
-                )
-
-    @property
-    def bits(self) -> dict[str, int]:
-        """The chosen width of each layer."""
-        return {lb.name: lb.bits for lb in self.layers}
-
-    @property
-    def average_bits(self) -> float:
-        """``Σ n_l·b_l / Σ n_l``: the achieved bits per weight (at most ``budget_bits``)."""
-        return sum(lb.params * lb.bits for lb in self.layers) / sum(lb.params for lb in self.layers)
-
-    @property
-    def predicted_error(self) -> float:
-        """``Σ_l Δ_l(b_l)``: the objective the allocation minimized."""
-        return sum(lb.errors[self.choices.index(lb.bits)] for lb in self.layers)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready record (lists, not tuples), with the achieved and predicted values."""
-        return {
-            "budget_bits": self.budget_bits,
-            "budget_bytes": self.budget_bytes,
-            "choices": list(self.choices),
-            "group_size": self.group_size,
-            "samples": self.samples,
-            "average_bits": self.average_bits,
-            "predicted_error": self.predicted_error,
-            "measured_error": self.measured_error,
-            "uniform_errors": list(self.uniform_errors),
-            "note": self.note,
-            "layers": [
-                {"name": lb.name, "params": lb.params, "bits": lb.bits, "errors": list(lb.errors)}
-                for lb in self.layers
-            ],
-        }
-
-    def table(self) -> str:
-        """One row per layer: weights, chosen bits, ``Δ`` at each choice."""
-        head = f"{'layer':<32} {'params':>9} {'bits':>4} " + " ".join(
-            f"{'Δ@' + str(b):>10}" for b in self.choices
-        )
-        rows = [head, "-" * len(head)]
-        for lb in self.layers:
-            errs = " ".join(f"{e:>10.3g}" for e in lb.errors)
-            rows.append(f"{lb.name[:32]:<32} {lb.params:>9} {lb.bits:>4} {errs}")
-        rows.append(
-            f"average {self.average_bits:.3f} bits per weight (budget {self.budget_bits:.3f}), "
-            f"Σ Δ = {self.predicted_error:.4g}, measured {self.measured_error or math.nan:.4g} on "
-            f"{self.samples} samples; uniform: "
-            + ", ".join(f"W{b} {e:.4g}" for b, e in zip(self.choices, self.uniform_errors))
-        )
-        return "\n".join(rows + ([self.note] if self.note else []))
 
 
 def allocate(

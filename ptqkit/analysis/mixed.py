@@ -35,15 +35,12 @@ which the capture step fixes before any technique runs. So the choice is a confi
 :func:`ptqkit.tune`'s: per-layer :class:`~ptqkit.Scope` objects (one per chosen spec, a
 regular expression of the exact layer names), which quantize, save, load and export already
 honour. The typed record (:class:`MixedPrecisionPlan`) rides in ``config.techniques`` under
-``"mixed_precision"``; a registered technique that only records (:data:`TECHNIQUE`) puts it,
-with the widths the layers really got, in ``ptq_info.details["mixed_precision"]``; the
-report's summary lists the scopes.
-
-That technique registers when this module is imported (``ptqkit.mixed_precision`` does; it is
-not imported by ``import ptqkit``: ``ptqkit.io`` imports the package, and may not import
-``ptqkit.analysis``). ``ptqkit.load`` needs nothing; quantizing again, in a fresh process, with
-a config read back from a file that holds a plan needs ``import ptqkit.analysis.mixed`` first
-(otherwise: ConfigError "no technique named 'mixed_precision'").
+``"mixed_precision"``; a registered technique that only records
+(:mod:`ptqkit.techniques.mixed_precision`, :data:`TECHNIQUE`) puts it, with the widths the
+layers really got, in ``ptq_info.details["mixed_precision"]``; the report's summary lists the
+scopes. That technique, its plan and :func:`plan_of` live in ``ptqkit/techniques/`` with every
+other technique, so a config read back from a file that holds a plan quantizes again in a
+fresh process without importing this module.
 """
 
 from __future__ import annotations
@@ -52,7 +49,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any
 
 from torch import nn
 
@@ -61,21 +58,18 @@ from ..correct.scoring import Evaluator
 from ..errors import ConfigError, DataError, ModelError
 from ..progress import progress
 from ..quant.modules import quant_layers
-from ..records import MixedPrecisionRecord
 from ..scorer import OutputSelector
 from ..spec import QuantSpec, Scope
-from ..stage import Context
-from ..technique import Technique, register
-from .allocation import (
+from ..techniques.mixed_precision import (
     DEFAULT_BUDGET_BITS,
+    NAME,
+    TECHNIQUE,
     LayerBits,
     MixedPrecisionPlan,
-    allocate,
-    check_budget,
     check_choices,
+    plan_of,
 )
-
-NAME: Final = "mixed_precision"
+from .allocation import allocate, check_budget
 
 
 def layer_spec(bits: int, symmetric: bool, group_size: int | None) -> QuantSpec:
@@ -311,45 +305,6 @@ def mixed_precision(
         scopes=base.scopes + scopes_for(specs), techniques={**base.techniques, NAME: plan}
     )
 
-
-def plan_of(config: PTQConfig) -> MixedPrecisionPlan | None:
-    """The plan in ``config`` (also one read back from a saved file), or ``None``."""
-    plan = TECHNIQUE.options_in(config)
-    return plan if isinstance(plan, MixedPrecisionPlan) else None
-
-
-def _record(ctx: Context) -> None:
-    """Put the plan, and the widths the layers really got, in ``ptq_info.details``; warn when
-    they differ (the scopes were edited, or the config was given another model)."""
-    plan = plan_of(ctx.config)
-    assert plan is not None  # the technique runs only when the config holds one
-    layers = quant_layers(ctx.qmodel)
-    got = {lb.name: layers[lb.name].spec.bits if lb.name in layers else None for lb in plan.layers}
-    ctx.info.details[NAME] = cast(MixedPrecisionRecord, {**plan.to_dict(), "realized_bits": got})
-    off = [lb.name for lb in plan.layers if got[lb.name] != lb.bits]
-    if off:
-        ctx.info.warn(
-            f"mixed precision: {len(off)} layer(s) do not have the planned width ({off[:5]}): "
-            "the scopes were changed after ptqkit.mixed_precision, or this is another model"
-        )
-
-
-def _enabled(config: PTQConfig) -> bool:
-    return config.techniques.get(NAME, False) is not False
-
-
-#: records the plan; it changes nothing (the scopes did that at capture)
-TECHNIQUE = register(
-    Technique(
-        NAME,
-        890,  # after bias correction (800), before the float fallback (900)
-        _record,
-        enabled=_enabled,
-        fields=("techniques",),
-        options=MixedPrecisionPlan,
-        reference="Yao et al. 2021 (HAWQ-V3), arXiv:2011.10680",
-    )
-)
 
 __all__ = [
     "DEFAULT_BUDGET_BITS",

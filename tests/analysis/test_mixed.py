@@ -6,7 +6,10 @@ round-trip save/load, the allocation is the exact optimum, bad input is a Config
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,6 +154,62 @@ def test_scopes_and_record_round_trip_save_load(mixed, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x)) and torch.equal(again(x), qmodel(x))
     assert again.ptq_info.details[NAME]["realized_bits"] == plan_of(config).bits
+
+
+#: a fresh process that never imports ptqkit.analysis: it quantizes ``Unequal``'s weights with
+#: the config read back from JSON, and again with the config of the saved model
+_FRESH = """
+import json, sys, torch
+from torch import nn
+import ptqkit
+
+class Unequal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(128, 64), nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+def model():
+    m = Unequal().eval()
+    m.load_state_dict(torch.load(sys.argv[1] + "/float.pt"))
+    return m
+
+calib, x = torch.load(sys.argv[1] + "/data.pt")
+config = ptqkit.PTQConfig.from_dict(json.load(open(sys.argv[1] + "/config.json")))
+from_json = ptqkit.quantize(model(), calib, config)
+loaded = ptqkit.load(sys.argv[1] + "/mixed.safetensors", model())
+again = ptqkit.quantize(model(), calib, loaded.ptq_config)
+with torch.no_grad():
+    out = [from_json(x), again(x)]
+bits = [q.ptq_info.details["mixed_precision"]["realized_bits"] for q in (from_json, again)]
+torch.save((out, bits), sys.argv[1] + "/out.pt")
+print(sorted(m for m in sys.modules if m.startswith("ptqkit.analysis")))
+"""
+
+
+def test_a_saved_plan_quantizes_in_a_fresh_process(mixed, tmp_path):
+    """The recording technique registers with every technique (ptqkit/techniques/), so a
+    config that holds a plan, read back from a file, quantizes in a process that never
+    imported ptqkit.analysis.mixed (it was a ConfigError "no technique named
+    'mixed_precision'"), and gives the same model as in this process."""
+    model, config, qmodel = mixed
+    torch.save(model.state_dict(), tmp_path / "float.pt")
+    x = torch.cat(_inputs(2))
+    torch.save((_inputs(0), x), tmp_path / "data.pt")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    ptqkit.save(qmodel, tmp_path / "mixed.safetensors")
+    run = subprocess.run(
+        [sys.executable, "-c", _FRESH, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[-2] == "[]", run.stdout  # ptqkit.analysis never imported
+    out, bits = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        want = qmodel(x)
+    assert all(torch.equal(y, want) for y in out)
+    assert bits == [plan_of(config).bits] * 2 == [{"fc1": 4, "fc2": 8, "fc3": 4}] * 2
 
 
 def test_byte_budget_gives_the_same_plan(mixed):
