@@ -17,8 +17,10 @@ A :class:`Technique` says, in one place, everything the rest of ptqkit needs to 
   estimated under, ``None`` when this config does not pay for it as an option), a prior in
   calibration passes per key (``prior_passes``) or an ``estimate`` from the layers' work;
 * the recipes it adds to tune's search (``candidates``, each with a ``rank``: the order they
-  are tried in) and ``resolve``: the config it turned out to run (``"auto"`` modes), so that
-  tune recognizes two ways of writing one recipe.
+  are tried in, and, for a recipe that depends on the model or on the incumbent, ``applies``
+  and ``changes_for``, read from a :class:`ModelView` of the base trial) and ``resolve``: the
+  config it turned out to run (``"auto"`` modes), so that tune recognizes two ways of writing
+  one recipe.
 * ``per_layer``: whether a scope can turn it off for some layers (``Scope.techniques``).
 
 Adding a technique is writing one module in :mod:`ptqkit.techniques` that calls
@@ -53,13 +55,62 @@ def _never(config: PTQConfig) -> bool:
 
 
 @dataclass(frozen=True)
+class LayerView:
+    """One quantized layer as :func:`ptqkit.tune`'s base trial saw it: its name, whether it
+    wraps an ``nn.Linear``, ``out`` outputs, ``k`` inputs per output (a conv's
+    ``C_in/groups·kh·kw``), ``groups``, and ``rows``: the input rows it reads per calibration
+    sample (a Linear's tokens, a conv's output positions; 0 when no data reached it). Its
+    multiply-adds per sample are ``rows·out·k``."""
+
+    name: str
+    linear: bool
+    out: int
+    k: int
+    groups: int
+    rows: float
+
+    @property
+    def macs(self) -> float:
+        return self.rows * self.out * self.k
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What a model-dependent candidate (:attr:`Candidate.applies`) and a cost estimate from
+    the layers' work (:attr:`CostBasis.view`) read of the model: its quantized ``layers``, the
+    number of calibration ``samples``, and the base trial's quantized ``model`` itself (for a
+    technique that needs to look at its graph)."""
+
+    layers: tuple[LayerView, ...]
+    samples: int
+    model: Any = None
+
+    def linear_share(self) -> float:
+        """The share of the quantized layers' multiply-adds done by ``nn.Linear`` layers."""
+        total = sum(lv.macs for lv in self.layers)
+        return sum(lv.macs for lv in self.layers if lv.linear) / total if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class Candidate:
     """A named change of config fields tried by :func:`ptqkit.tune` (``changes`` are
-    :meth:`PTQConfig.replace` arguments); ``rank`` orders the registered ones (lower first)."""
+    :meth:`PTQConfig.replace` arguments); ``rank`` orders the registered ones (lower first).
+
+    Two hooks make a candidate depend on the model and on the recipe it is applied to:
+
+    * ``applies(view, config)``: ``None`` when the candidate applies to the model
+      (:class:`ModelView` of the base trial) under ``config`` (the incumbent recipe), else the
+      reason it does not (tune records it as skipped with that reason and does not run it);
+    * ``changes_for(config)``: the changes computed from the incumbent ``config`` (e.g. one
+      more scope appended to ``config.scopes``, one more entry in ``config.techniques``),
+      used instead of the fixed ``changes``.
+    """
 
     name: str
     changes: Mapping[str, Any] = field(default_factory=dict)
     rank: float = math.inf
+    applies: Callable[[ModelView, PTQConfig], str | None] | None = None
+    changes_for: Callable[[PTQConfig], Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -68,16 +119,28 @@ class Candidate:
             raise ConfigError(
                 f"candidate {self.name!r}: changes must be a dict of PTQConfig fields"
             )
-        targets = {"max_degradation", "min_sqnr_db"} & set(self.changes)
+        self._no_targets(self.changes)
+
+    def _no_targets(self, changes: Mapping[str, Any]) -> None:
+        targets = {"max_degradation", "min_sqnr_db"} & set(changes)
         if targets:
             raise ConfigError(
                 f"candidate {self.name!r} sets {sorted(targets)}: give the fallback target in the "
                 "config passed to tune (it runs last, on the best recipe)"
             )
 
+    def skip_reason(self, view: ModelView | None, config: PTQConfig) -> str | None:
+        """Why the candidate does not apply to the model seen in ``view`` under ``config``
+        (``None``: it applies; always ``None`` without ``applies`` or without a view)."""
+        if self.applies is None or view is None:
+            return None
+        return self.applies(view, config)
+
     def apply(self, config: PTQConfig) -> PTQConfig:
+        changes = self.changes if self.changes_for is None else self.changes_for(config)
+        self._no_targets(changes)
         try:
-            return config.replace(**dict(self.changes))
+            return config.replace(**dict(changes))
         except TypeError as e:  # an unknown field name
             raise ConfigError(f"candidate {self.name!r}: {e}") from None
 
@@ -85,11 +148,16 @@ class Candidate:
 @dataclass(frozen=True)
 class CostBasis:
     """What a cost estimate is made from: the seconds of one calibration pass (``pass_s``), the
-    number of quantized layers, and, when known, AdaRound's optimization estimate."""
+    number of quantized layers, and, when known, AdaRound's optimization estimate, the layers'
+    shapes and rows (``view``) and the machine's matrix-product rate (``mm_rate``)."""
 
     pass_s: float
     layers: int
     adaround_s: Callable[[PTQConfig], float] | None = None
+    #: the base trial's layers and calibration samples, for an estimate from the layers' work
+    view: ModelView | None = None
+    #: this machine's multiply-adds per second (probed on first call), for the same
+    mm_rate: Callable[[], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +296,8 @@ def iterating_again(stages: Iterable[Technique], config: PTQConfig) -> list[str]
 __all__ = [
     "Candidate",
     "CostBasis",
+    "LayerView",
+    "ModelView",
     "Phase",
     "Technique",
     "iterating_again",

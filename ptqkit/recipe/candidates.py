@@ -22,7 +22,14 @@ of the options is what decides which fit in the budget.
    correction off again;
 2. ``calibration="auto"`` (a calibrator per tensor; adds a scoring pass per candidate range on a
    few batches);
-3. AdaRound (an optimization per layer: the most expensive, tried only if the budget allows).
+3. AdaRound (an optimization per layer: the most expensive, tried only if the budget allows);
+4. the transformer techniques, each offered only where it applies (``Candidate.applies``, read
+   from the base trial's layers; a candidate that does not apply is recorded as skipped with
+   its reason): dynamic per-token activations on the ``nn.Linear`` layers (when Linear layers
+   do at least half of the model's multiply-adds and the activations are static), and, for
+   weights of at most 4 bits, GPTQ, AWQ (with nearest rounding) and AWQ + GPTQ (AWQ only where a
+   quantized Linear reads a LayerNorm/RMSNorm output). They compete for the same fields
+   (``gptq``, ``techniques``), so the paired test picks at most one of the weight choices.
 
 The float fallback of the fewest layers meeting a target is not in the list: it runs last, on
 the best recipe, when the config given to ``tune`` sets ``max_degradation`` or ``min_sqnr_db``.
@@ -41,7 +48,7 @@ from collections.abc import Callable, Mapping
 
 from ..config import PTQConfig
 from ..errors import ConfigError
-from ..technique import Candidate, CostBasis, Technique
+from ..technique import Candidate, CostBasis, ModelView, Technique
 from ..techniques import candidates, pipeline
 
 #: the default recipes, in the order they are tried (see the module docstring)
@@ -69,13 +76,18 @@ def stage_seconds(
     layers: int,
     measured: Mapping[str, float],
     adaround_s: Callable[[PTQConfig], float] | None = None,
+    view: ModelView | None = None,
+    mm_rate: Callable[[], float] | None = None,
 ) -> float:
     """Expected seconds of the cost key ``stage`` under ``config``: the measured time if any
     earlier trial ran it, otherwise its technique's prior (``Technique.prior_seconds``; for
-    AdaRound ``adaround_s(config)``, the estimate from the layers' shapes, when given)."""
+    AdaRound ``adaround_s(config)``, the estimate from the layers' shapes, when given; for GPTQ
+    and AWQ the estimate from the base trial's layers and rows, ``view``, at the machine's
+    ``mm_rate``)."""
     if stage in measured:
         return measured[stage]
-    return _owner(stage).prior_seconds(stage, config, CostBasis(pass_s, layers, adaround_s))
+    basis = CostBasis(pass_s, layers, adaround_s, view, mm_rate)
+    return _owner(stage).prior_seconds(stage, config, basis)
 
 
 def measured_stages(stages: Mapping[str, float], config: PTQConfig) -> dict[str, float]:

@@ -14,7 +14,9 @@ accuracy-driven tuning without its user-written eval function):
    losses on the held-out samples are significantly lower than the best's and not
    significantly higher than the base's, paired (:mod:`ptqkit.recipe.decide`: a tie keeps
    the incumbent, so no chain of ties walks away from the base). A recipe identical to
-   one already measured is not run again;
+   one already measured is not run again, nor one that does not apply to the model
+   (``Candidate.applies`` on the base trial's layers, :mod:`ptqkit.recipe.view`: e.g.
+   dynamic activations for a CNN, GPTQ for 8-bit weights), recorded with the reason;
 4. a candidate whose expected time (from the measured times of the earlier trials, see
    :mod:`ptqkit.recipe.candidates`; AdaRound's from its layers' weights and this machine's
    measured rates, :mod:`ptqkit.correct.cost`) would not fit in what is left of
@@ -178,6 +180,10 @@ def tune(
     trial = _Trials(search, scale, refit and n_cal < MIN_CALIBRATION_SAMPLES <= n_all)
     for cand in cands:
         assert search.best is not None
+        why = cand.skip_reason(search.view, search.best[1])
+        if why is not None:  # a candidate that cannot apply to this model is not tried
+            search.record(cand.name, dict(cand.changes), "skipped", f"does not apply: {why}")
+            continue
         try:
             cfg = cand.apply(search.best[1])
         except ConfigError as e:
@@ -238,15 +244,17 @@ class _Trials:
             return False
         # a decision on time is rank 0's (torch.distributed): every rank runs the same trials
         expected, skip = from_first(f"tune: does {name!r} fit", lambda: self.fits(cfg))
+        stages = {k: round(v, 3) for k, v in search.stage_estimates(cfg).items()}
         if skip is not None:
             search.record(name, changes, "skipped", skip)
+            search.trials[-1].update(expected_s=round(expected, 3), expected_stage_s=stages)
             return False
         try:
             rec = search.run(name, changes, cfg, force)
         except PTQError as e:
             search.record(name, changes, "failed", f"{type(e).__name__}: {e}")
             return False
-        rec["expected_s"] = round(expected, 3)
+        rec.update(expected_s=round(expected, 3), expected_stage_s=stages)
         return True
 
 

@@ -13,15 +13,17 @@ from torch import nn
 
 from ..config import PTQConfig
 from ..correct.cost import LayerWork, Machine, adaround_seconds, layer_work, probe
-from ..data import model_device
+from ..data import batch_size, model_device, split_batch
 from ..errors import PTQWarning
 from ..info import info_of
 from ..pipeline import quantize
 from ..sync import active
+from ..technique import ModelView
 from ..techniques import resolve
 from .candidates import measured_stages, stage_seconds, stages_of
 from .holdout import HoldOut, Score
 from .prefix import Prefix, build_prefix, can_serve, quantize_from, servable
+from .view import model_view
 
 
 def plain(v: Any) -> Any:
@@ -60,7 +62,8 @@ class Search:
         self.overhead_s = self.score_s = self.pass_s = 0.0
         self.layers = 0
         self.work: list[LayerWork] = []  # the base trial's layers, for AdaRound's estimate
-        self.machine: Machine | None = None  # probed when AdaRound is first estimated
+        self.machine: Machine | None = None  # probed when AdaRound or GPTQ is first estimated
+        self.view: ModelView | None = None  # the base trial's layers: candidates and costs
         self.best: tuple[str, PTQConfig, nn.Module, Score] | None = None
         self.base_score: Score | None = None  # every candidate is also compared with the base
         self.share = not active()  # prefixes: one calibration pass for many recipes
@@ -80,20 +83,35 @@ class Search:
         new_prefix = 0.0
         if self.share and self.prefixes and self.prefix_for(config) is None:
             new_prefix = self.prefix_s
-        return (
-            self.overhead_s
-            + new_prefix
-            + sum(
-                stage_seconds(s, config, self.pass_s, self.layers, self.measured, self.adaround_s)
-                for s in stages_of(config)
+        return self.overhead_s + new_prefix + sum(self.stage_estimates(config).values())
+
+    def stage_estimates(self, config: PTQConfig) -> dict[str, float]:
+        """Expected seconds of each optional stage ``config`` runs (by cost key)."""
+        return {
+            s: stage_seconds(
+                s,
+                config,
+                self.pass_s,
+                self.layers,
+                self.measured,
+                self.adaround_s,
+                self.view,
+                self.mm_rate,
             )
-        )
+            for s in stages_of(config)
+        }
+
+    def mm_rate(self) -> float:
+        """This machine's multiply-adds per second (probed on first use)."""
+        if self.machine is None:
+            self.machine = probe(model_device(self.model))
+        return self.machine.mm_rate
 
     def adaround_s(self, config: PTQConfig) -> float:
         """Expected seconds of AdaRound's optimization for ``config`` on the base trial's layers
         (:mod:`ptqkit.correct.cost`; the machine is probed on first use)."""
-        if self.machine is None:
-            self.machine = probe(model_device(self.model))
+        self.mm_rate()
+        assert self.machine is not None
         return adaround_seconds(self.work, config, self.machine)
 
     def _quantize(self, config: PTQConfig) -> tuple[nn.Module, float, str]:
@@ -135,11 +153,14 @@ class Search:
             self.score_s, self.layers = score_s, len(info_of(qmodel).layers)
             self.work = layer_work(qmodel)
             self.pass_s = stages.get("calibrate", quantize_s)
+            samples = sum(batch_size(*split_batch(b, i)) for i, b in enumerate(self.calib))
+            self.view = model_view(qmodel, self.calib, samples)
         rec.update(
             status="ran",
             **s.to_dict(),
             seconds=round(quantize_s + score_s, 3),
             quantize_s=round(quantize_s, 3),
+            stage_s={k: round(v, 3) for k, v in ran.items()},
             calibration_pass=how,
             warnings=len([w for w in caught if issubclass(w.category, PTQWarning)]),
         )

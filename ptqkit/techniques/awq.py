@@ -40,7 +40,8 @@ from ..config import PTQConfig, QuantSpec
 from ..errors import ConfigError
 from ..records import AWQRecord
 from ..stage import Context
-from ..technique import Technique, register
+from ..technique import Candidate, Technique, register
+from .awq_tune import awq_gptq, awq_rtn, estimate_seconds, not_applicable, with_gptq_not_applicable
 
 NAME: Final = "awq"
 
@@ -359,6 +360,13 @@ TECHNIQUE = register(
         options=AWQOptions,
         cost_key=lambda c: NAME,
         prior_passes={NAME: 2.0},
+        estimate=estimate_seconds,  # its tune side: ptqkit.techniques.awq_tune
+        candidates=(
+            Candidate("AWQ", rank=46, applies=not_applicable, changes_for=awq_rtn),
+            Candidate(
+                "AWQ + GPTQ", rank=47, applies=with_gptq_not_applicable, changes_for=awq_gptq
+            ),
+        ),
         reference="Lin et al. 2023, arXiv:2306.00978",
         per_layer=True,
     )

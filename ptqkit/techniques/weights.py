@@ -4,8 +4,31 @@ activation quantizers are switched from observing to quantizing."""
 
 from __future__ import annotations
 
+from ..config import PTQConfig
 from ..stage import Context
 from ..technique import Candidate, Technique, register
+
+#: the widest weights GPTQ and AWQ are offered for by :func:`ptqkit.tune`: at 8 bits nearest
+#: rounding's error is already small against the activations' (the GPTQ and AWQ papers' gains
+#: are at 3-4 bits; an 8-bit GPTQ trial would cost its Hessians for little)
+LOW_BITS = 4
+
+
+def lowest_weight_bits(config: PTQConfig) -> int:
+    """The narrowest weight width ``config`` gives any layer (model-wide or in a scope)."""
+    scoped = [sc.weights.bits for sc in config.scopes if sc.weights is not None and not sc.float]
+    return min([config.weights.bits, *scoped])
+
+
+def not_low_bit(config: PTQConfig) -> str | None:
+    """Why a low-bit weight technique is not offered under ``config`` (``None``: it is)."""
+    bits = lowest_weight_bits(config)
+    if bits <= LOW_BITS:
+        return None
+    return (
+        f"the weights are {bits} bits or wider: nearest rounding loses little there; offered "
+        f"for weights of at most {LOW_BITS} bits"
+    )
 
 
 def activations_on(ctx: Context) -> None:
