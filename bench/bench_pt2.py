@@ -1,28 +1,38 @@
-"""Int8 inside PyTorch: EfficientNet-Lite0 on scikit-image photo crops, one process per row.
+"""Int8 inside PyTorch and where PyTorch models are deployed: EfficientNet-Lite0 on scikit-image
+photo crops, one process per row.
 
     python bench/bench_pt2.py            # the full run (alone on the machine): writes bench/PT2.md
     python bench/bench_pt2.py --quick    # a check that every row runs: bench/out/PT2.quick.md
+    python bench/bench_pt2.py --quick --rows fp32_ov,ptqkit_ov   # some rows only
 
 Rows, on the same crops (calibration: seed 0, evaluation: seed 1, as ``bench_export.py``):
 
-* FP32 eager, and FP32 ``torch.compile`` (Inductor, freezing on: its packed float kernels);
+* FP32 eager, FP32 ``torch.compile`` (Inductor, freezing on: its packed float kernels), FP32
+  OpenVINO (``INFERENCE_PRECISION_HINT`` pinned to f32);
 * ptqkit's simulation (the quantized copy in PyTorch, float fake-quant);
 * ptqkit ``export_pt2`` + ``compile_int8`` (the ``torch.export`` program with pt2e Q/DQ ops,
-  Inductor with freezing: oneDNN int8 conv/linear);
+  Inductor with freezing: oneDNN int8 conv/linear), and the anchor on that runtime: torchao's
+  pt2e flow with ``X86InductorQuantizer`` (its tutorial: ``torch.export`` → ``prepare_pt2e`` →
+  calibration on the same crops → ``convert_pt2e`` → ``torch.compile`` with freezing);
 * ptqkit ``export_onnx`` in ONNX Runtime;
-* torchao's pt2e flow with ``X86InductorQuantizer`` (its tutorial: ``torch.export`` →
-  ``prepare_pt2e`` → calibration on the same crops → ``convert_pt2e`` → ``torch.compile`` with
-  freezing), when torchao is importable; otherwise the row says "not installed".
+* ptqkit ``export_onnx(target="openvino")`` in OpenVINO, and NNCF's ``nncf.quantize`` → OpenVINO;
+* ptqkit ``export_pte`` in ExecuTorch's XNNPACK runtime, and ExecuTorch's ``XNNPACKQuantizer``
+  flow → the same runtime (``deploy_rows.py`` says how each deployment row is built).
+
+A row whose package is not importable says "not installed: … (pip install …)". A row whose
+package lives in another environment (a venv made because its pins clash with this one's torch)
+runs under ``--python-ov PATH`` (OpenVINO/NNCF rows) or ``--python-et PATH`` (ExecuTorch rows).
 
 Per row: top-1 agreement with FP32 eager on the evaluation crops, latency at batch 1 and 32 with
 ``--threads`` intra-op threads (median and 10th percentile of the wall time, CPU time per call;
 ``bench_export.latency``), and how many of the model's conv/linear layers ran on integer kernels
-(counted in Inductor's generated code, in ONNX Runtime's optimized graph; 0 for eager and the
-simulation, which compute in float). Each compiled function serves one batch size (Inductor's
-dynamic recompilation of an int8 graph at a second batch size fails in torch 2.13). ptqkit
-quantizes once (default ``PTQConfig``) in the parent; each row's process loads that model with
-``ptqkit.load``. Results: ``bench/PT2.md`` (``--quick``: ``bench/out/PT2.quick.md``, marked not for
-quoting) and ``bench/out/pt2.json``. Not collected by pytest.
+(counted in Inductor's generated code, in ONNX Runtime's optimized graph, in OpenVINO's execution
+graph, in the XNNPACK graphs ExecuTorch delegated; 0 for eager and the simulation, which compute
+in float). Each compiled function serves one batch size (Inductor's dynamic recompilation of an
+int8 graph at a second batch size fails in torch 2.13). ptqkit quantizes once (default
+``PTQConfig``) in the parent; each row's process loads that model with ``ptqkit.load``. Results:
+``bench/PT2.md`` (``--quick``: ``bench/out/PT2.quick.md``, marked not for quoting) and
+``bench/out/pt2.json``. Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -32,7 +42,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench_export.py: idle threads sleep
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -51,6 +60,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from bench_export import latency, machine, task  # noqa: E402
+from deploy_rows import BUILDERS, RUNTIME, Ctx, row_error, versions  # noqa: E402
+from deploy_rows import ROWS as DEPLOY  # noqa: E402
+from pt2_table import table  # noqa: E402
 
 import ptqkit  # noqa: E402
 from ptqkit.export import OrtModule, export_onnx, kernel_report  # noqa: E402
@@ -61,10 +73,12 @@ BATCHES = (1, 32)
 ROWS = {
     "fp32_eager": "FP32 eager",
     "fp32_compile": "FP32 torch.compile (Inductor, freezing)",
+    "fp32_ov": DEPLOY["fp32_ov"],
     "ptqkit_sim": "ptqkit simulation (PyTorch, fake-quant)",
     "ptqkit_pt2": "ptqkit export_pt2 + compile_int8 (Inductor)",
-    "ptqkit_ort": "ptqkit export_onnx → ONNX Runtime",
     "torchao_pt2e": "torchao pt2e X86InductorQuantizer → Inductor",
+    "ptqkit_ort": "ptqkit export_onnx → ONNX Runtime",
+    **{k: v for k, v in DEPLOY.items() if k != "fp32_ov"},
 }
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -98,6 +112,8 @@ def build(row: str, work: Path, model: nn.Module, calib: list, xs: dict[int, tor
     """``({batch: fn}, kernels)`` of one row; ``kernels``: int8 / float conv/linear counts."""
     layers = conv_linear(model)
     floats = {"int8": 0, "float": layers, "layers": layers, "kernels": {}}
+    if row in BUILDERS:  # OpenVINO and ExecuTorch rows (deploy_rows.py)
+        return BUILDERS[row](Ctx(work, model, calib, xs, layers, torch.get_num_threads()))
     if row == "fp32_eager":
         return {b: model for b in xs}, floats
     if row == "fp32_compile":
@@ -155,12 +171,9 @@ def run_row(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     try:
         fns, result["kernels"] = build(args.row, work, model, calib, xs)
-    except ImportError as e:
-        if args.row != "torchao_pt2e":
-            raise
-        result["error"] = f"not installed: no module {e.name!r} (pip install torchao)"
-    except Exception as e:
-        result["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    except Exception as e:  # a missing package: "not installed: ... (pip install ...)"
+        result["error"] = row_error(e)
+    result["python"], result["versions"] = sys.executable, versions()
     if "error" not in result:
         result["setup_s"] = time.perf_counter() - t0
         big = BATCHES[-1]
@@ -185,6 +198,9 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=0, help="calibration crops (0: 128, --quick 32)")
     ap.add_argument("--eval", type=int, default=0, help="evaluation crops (0: 256, --quick 32)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"), help="json output folder")
+    py = "interpreter of the {} rows (a venv that has the package; default: this one)"
+    ap.add_argument("--python-ov", default=sys.executable, help=py.format("OpenVINO/NNCF"))
+    ap.add_argument("--python-et", default=sys.executable, help=py.format("ExecuTorch"))
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -196,6 +212,9 @@ def main() -> None:
         raise SystemExit(f"--eval must be a multiple of {BATCHES[-1]}")
     if args.row:
         return run_row(args)
+    names = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if unknown := [r for r in names if r not in ROWS]:
+        raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}\nload average at start: {os.getloadavg()}", flush=True)
@@ -207,12 +226,15 @@ def main() -> None:
         ptqkit.save(qmodel, work / "model.ptq.safetensors")
         quantize_s = time.perf_counter() - t0
         print(f"ptqkit quantized {MODEL} in {quantize_s:.0f} s (default PTQConfig)", flush=True)
-        rows = [child(r.strip(), args, work) for r in args.rows.split(",")]
+        rows = [child(r, args, work) for r in names]
     load = os.getloadavg()
     print(f"load average at end: {load}")
-    text = table(rows, args, quantize_s, load)
+    text = table(rows, args, ROWS, quantize_s, load, machine())
     print("\n" + text)
-    md = out / "PT2.quick.md" if args.quick else ROOT / "bench" / "PT2.md"
+    # the committed table only from a full run of every row; a --rows subset: bench/out
+    full = not args.quick and names == list(ROWS)
+    kind = "quick" if args.quick else "partial"
+    md = ROOT / "bench" / "PT2.md" if full else out / f"PT2.{kind}.md"
     md.write_text(text + "\n")
     blob = {"machine": machine(), "command": " ".join(sys.argv), "quick": args.quick}
     (out / "pt2.json").write_text(json.dumps({**blob, "rows": rows}, indent=1))
@@ -220,99 +242,30 @@ def main() -> None:
 
 
 def child(row: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Run ``row`` in a fresh process (its own threads, allocator and Inductor state)."""
-    cmd = [sys.executable, __file__, "--row", row, "--work", str(work)]
+    """Run ``row`` in a fresh process (its own threads, allocator and Inductor state), under
+    ``--python-ov`` / ``--python-et`` for the rows :data:`deploy_rows.RUNTIME` names."""
+    python = getattr(args, f"python_{RUNTIME[row]}") if row in RUNTIME else sys.executable
+    if not Path(python).is_file():
+        print(f"  {ROWS[row]}: no interpreter at {python}")
+        return {"row": row, "error": f"no interpreter at {python}", "process_s": 0.0}
+    cmd = [python, __file__, "--row", row, "--work", str(work)]
     cmd += ["--threads", str(args.threads), "--rounds", str(args.rounds)]
     cmd += ["--budget", str(args.budget), "--calib", str(args.calib), "--eval", str(args.eval)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    except subprocess.TimeoutExpired as e:
+        proc = subprocess.CompletedProcess(cmd, -9, "", f"timed out after {e.timeout:.0f} s")
     path = work / f"{row}.json"
     if not path.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         res = {"row": row, "error": f"the process failed (exit {proc.returncode}): {tail[0]}"}
     else:
         res = json.loads(path.read_text())
+        res["python_other"] = python != sys.executable
     res["process_s"] = time.perf_counter() - t0
     print(f"  {ROWS.get(row, row)}: {res.get('error') or 'ok'} ({res['process_s']:.0f} s)")
     return res
-
-
-def kernels_text(k: dict[str, Any]) -> str:
-    if "int_kernels" in k:  # ONNX Runtime's optimized graph
-        return (
-            f"{k['int_kernels']} integer kernels, {k['float_kernels']} float conv/matmul/gemm "
-            f"(model: {k['layers']} conv/linear)"
-        )
-    names = ", ".join(f"{n} ×{c}" for n, c in sorted(k.get("kernels", {}).items()))
-    return (
-        f"{k['int8']}/{k['layers']} int8"
-        + (f" ({names})" if names else "")
-        + (f", {k['float']} float")
-    )
-
-
-def table(rows: list[dict], args: argparse.Namespace, quantize_s: float, load: Any) -> str:
-    ref = next((r["preds"] for r in rows if r["row"] == "fp32_eager" and "preds" in r), None)
-    eager = next((r["latency_ms"] for r in rows if r["row"] == "fp32_eager" and "preds" in r), {})
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = [
-        "# Int8 inside PyTorch: EfficientNet-Lite0",
-        "",
-        *(
-            ["**`--quick`, machine loaded, not for quoting**: few crops, one short round.", ""]
-            if args.quick
-            else []
-        ),
-        f"`python bench/bench_pt2.py{' --quick' if args.quick else ''}`, {when}; {machine()}; "
-        f"{args.threads} threads; load average at the end {load[0]:.2f}.",
-        "",
-        f"{args.calib} calibration crops (seed 0), {args.eval} evaluation crops (seed 1) of "
-        f"scikit-image's photos; ptqkit: default `PTQConfig()` ({quantize_s:.0f} s), loaded in "
-        "each row's process. Latency: median / p10 wall ms per call (CPU ms), "
-        f"{args.rounds} round(s) of about {args.budget:g} s; each row in its own process.",
-        "",
-        "| row | top-1 agreement with FP32 | batch 1 ms | batch 32 ms | vs FP32 eager at 32 | "
-        "conv/linear on integer kernels | setup s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines = []
-    for r in rows:
-        name = ROWS.get(r["row"], r["row"])
-        if "error" in r:
-            lines.append(f"| {name} | {r['error']} | | | | | |")
-            continue
-        agree = (
-            f"{100 * sum(a == b for a, b in zip(r['preds'], ref)) / len(ref):.1f}%" if ref else "?"
-        )
-        lat = r["latency_ms"]
-        cell = lambda v: f"{v['median']:.2f} / {v['p10']:.2f} ({v['cpu']:.2f})"  # noqa: E731
-        speed = f"{eager['32']['median'] / lat['32']['median']:.2f}×" if eager else "?"
-        lines.append(
-            f"| {name} | {agree} | {cell(lat['1'])} | {cell(lat['32'])} | {speed} | "
-            f"{kernels_text(r['kernels'])} | {r['setup_s']:.0f} |"
-        )
-    return "\n".join(head + lines + goals(rows))
-
-
-def goals(rows: list[dict]) -> list[str]:
-    """Issue 26's goals for PyTorch, as measured in this run (batch 32 medians)."""
-    ms = {r["row"]: r["latency_ms"]["32"]["median"] for r in rows if "latency_ms" in r}
-    if "ptqkit_pt2" not in ms:
-        return []
-    out = ["", "Goals (issue 26, batch 32):"]
-    if "fp32_eager" in ms:
-        x = ms["fp32_eager"] / ms["ptqkit_pt2"]
-        out.append(f"- ptqkit in Inductor ≥ 5× faster than FP32 eager: {x:.2f}× ({_met(x >= 5)})")
-    if "torchao_pt2e" in ms:
-        x = ms["torchao_pt2e"] / ms["ptqkit_pt2"]
-        out.append(f"- faster than torchao pt2e's model: {x:.2f}× ({_met(x > 1)})")
-    else:
-        out.append("- faster than torchao pt2e's model: not measured (torchao not installed)")
-    return out
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "not met"
 
 
 if __name__ == "__main__":
