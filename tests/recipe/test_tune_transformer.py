@@ -196,3 +196,43 @@ def test_cnn_skips_the_transformer_candidates_with_a_reason(bits: int) -> None:
         for name in ("dynamic activations", "GPTQ", "AWQ", "AWQ + GPTQ"):
             assert trials[name]["status"] == "skipped", trials[name]
             assert trials[name]["reason"].startswith("does not apply: ")
+
+
+def _cand(name: str):
+    return next(c for c in candidates() if c.name == name)
+
+
+def test_changes_are_computed_from_the_incumbent() -> None:
+    from ptqkit import GPTQOptions, Scope
+    from ptqkit.techniques.awq import AWQOptions
+
+    kept = Scope("fc*", weights=QuantSpec(bits=4, per_channel=True))
+    cfg = PTQConfig(scopes=(kept,), gptq=GPTQOptions(damp=0.1), progress=False)
+    dyn = _cand("dynamic activations").apply(cfg)
+    assert dyn.scopes[0] == kept and dyn.scopes[1].activations == QuantSpec(
+        bits=8, symmetric=False, per_channel=True, dynamic=True
+    )
+    inc = cfg.replace(techniques={"awq": AWQOptions(grid=5)})
+    awq = _cand("AWQ").apply(inc)
+    assert awq.gptq is None and awq.techniques["awq"] == AWQOptions(grid=5)
+    both = _cand("AWQ + GPTQ").apply(inc)
+    assert both.gptq == GPTQOptions(damp=0.1) and both.techniques["awq"] == AWQOptions(grid=5)
+
+
+def test_gptq_cost_grows_with_the_hessians_and_factorizations() -> None:
+    from ptqkit.technique import CostBasis, LayerView, ModelView
+    from ptqkit.techniques.gptq import C_FACTOR, T_COL, T_LAYER, estimate_seconds
+
+    cfg = PTQConfig(gptq=True, progress=False)
+    one = LayerView("fc", True, out=256, k=512, groups=1, rows=16.0)
+    view = ModelView((one,), samples=256)
+    rate = 1e9
+    got = estimate_seconds(cfg, CostBasis(2.0, 1, view=view, mm_rate=lambda: rate))
+    n = 128  # GPTQOptions.samples of the 256 calibration samples: half a pass
+    macs = 16 * n * (512**2 + 256 * 512) + C_FACTOR * 512**3 + 256 * 512**2
+    assert got == pytest.approx(n / 256 * 2.0 + macs / rate + 512 * T_COL + T_LAYER)
+    wide = ModelView((LayerView("fc", True, 256, 1024, 1, 16.0),), samples=256)
+    work = got - n / 256 * 2.0  # twice K: the Hessians x4, the factorizations x8
+    assert estimate_seconds(cfg, CostBasis(0.0, 1, view=wide, mm_rate=lambda: rate)) > 4 * work
+    # without a view of the layers: the prior in calibration passes
+    assert estimate_seconds(cfg, CostBasis(2.0, 1)) == pytest.approx(30 * 2.0)
