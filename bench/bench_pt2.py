@@ -189,9 +189,9 @@ def run_row(args: argparse.Namespace) -> None:
 
 # -- the parent: quantize once, one process per row, the table ---------------------------------
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--quick", action="store_true", help="32 crops, short timings: a check")
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {','.join(ROWS)}")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (torch and ORT)")
     ap.add_argument("--rounds", type=int, default=0, help="timing rounds (0: 3, --quick 1)")
     ap.add_argument("--budget", type=float, default=0.0, help="seconds per round (0: 2, 0.3)")
