@@ -14,16 +14,16 @@ every group as not scaled (the rows say how many layers it scaled). Writes bench
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _minilm import parser, start
 
 import ptqkit
 from ptqkit import PTQConfig, QuantSpec
@@ -53,22 +53,14 @@ def _scaled(q: torch.nn.Module) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calib", type=int, default=256)
-    ap.add_argument("--eval", type=int, default=1000)
-    ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
+    ap = parser(__doc__, calib=256, evals=1000, group=128)
     ap.add_argument("--out", default=str(Path(__file__).with_name("W4_MINILM.md")))
     args = ap.parse_args()
     if args.quick:
         args.calib, args.eval = 32, 100
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    load0, t_start = os.getloadavg()[0], time.perf_counter()
-    pool = text.sentences()
-    calib_sents = pool[::5][: args.calib]
-    eval_sents = [s for i, s in enumerate(pool) if i % 5][: args.eval]
+    t_start = time.perf_counter()
+    run = start(args)
+    load0, calib_sents, eval_sents = run.load0, run.calib, run.evals
     model = text.minilm()
     ref = text.embed(model, eval_sents)
     calib = text.sentence_batches(calib_sents, 32)

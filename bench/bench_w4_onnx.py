@@ -16,13 +16,11 @@ the kernel: faster, no longer the simulation) for reference.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _minilm import parser, start
 from transformer_onnx import export_fp32, padded
 
 import ptqkit
@@ -112,23 +111,14 @@ def _measure(model, q, tmp: Path, feeds, ref, sim, args) -> list[tuple]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--group", type=int, default=32)
-    ap.add_argument("--calib", type=int, default=64)
-    ap.add_argument("--eval", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = parser(__doc__, calib=64, evals=256, group=32)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--write", action="store_true", help="write bench/W4_ONNX.md")
     args = ap.parse_args()
     if args.quick:
         args.calib, args.eval, args.repeats = 32, 32, 1
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    load0 = os.getloadavg()[0]
-    pool = text.sentences()
-    calib = text.sentence_batches(pool[::5][: args.calib], 32)
-    evals = [s for i, s in enumerate(pool) if i % 5][: args.eval]
+    run = start(args)
+    load0, calib, evals = run.load0, text.sentence_batches(run.calib, 32), run.evals
     feeds = [padded(text.tokenize(evals[i : i + 32]), TOKENS) for i in range(0, len(evals), 32)]
     model = text.minilm()
     w4 = QuantSpec(bits=4, symmetric=True, per_channel=True, group_size=args.group)

@@ -36,8 +36,8 @@ which the capture step fixes before any technique runs. So the choice is a confi
 regular expression of the exact layer names), which quantize, save, load and export already
 honour. The typed record (:class:`MixedPrecisionPlan`) rides in ``config.techniques`` under
 ``"mixed_precision"``; a registered technique that only records
-(:mod:`ptqkit.techniques.mixed_precision`, :data:`TECHNIQUE`) puts it, with the widths the
-layers really got, in ``ptq_info.details["mixed_precision"]``; the report's summary lists the
+(:data:`ptqkit.techniques.mixed_precision.TECHNIQUE`) puts it, with the widths the layers
+really got, in ``ptq_info.details["mixed_precision"]``; the report's summary lists the
 scopes. That technique, its plan and :func:`plan_of` live in ``ptqkit/techniques/`` with every
 other technique, so a config read back from a file that holds a plan quantizes again in a
 fresh process without importing this module.
@@ -63,7 +63,6 @@ from ..spec import QuantSpec, Scope
 from ..techniques.mixed_precision import (
     DEFAULT_BUDGET_BITS,
     NAME,
-    TECHNIQUE,
     LayerBits,
     MixedPrecisionPlan,
     check_choices,
@@ -306,15 +305,12 @@ def mixed_precision(
     )
 
 
+#: the plan's names (ptqkit.techniques.mixed_precision) stay importable from here too
 __all__ = [
-    "DEFAULT_BUDGET_BITS",
     "NAME",
-    "TECHNIQUE",
-    "LayerBits",
     "MixedPrecisionPlan",
     "allocate",
     "check_budget",
-    "check_choices",
     "layer_spec",
     "measure",
     "mixed_precision",

@@ -4,12 +4,10 @@ without executorch), the rewrites are exact, and, where executorch is installed,
 
 from __future__ import annotations
 
-import builtins
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _backends import BranchNet, needs, without
 from torch import nn
 
 import ptqkit
@@ -20,32 +18,13 @@ from ptqkit.export.xnnpack import xnnpack_program, xnnpack_violations
 from ptqkit.quant.primitives import sqnr_db
 
 CFG = ptqkit.PTQConfig(progress=False)
-HAS_ET = importlib.util.find_spec("executorch") is not None
-needs_et = pytest.mark.skipif(not HAS_ET, reason=f"executorch not installed ({PIP})")
-
-
-class Net(nn.Module):
-    """conv-ReLU stem; a 1×1 branch and a depthwise-ReLU6 → pointwise branch, concatenated; a
-    conv with a residual add + ReLU; global pool; linear (logits left in float)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(1, 8, 3, padding=1)
-        self.a = nn.Conv2d(8, 8, 1)
-        self.dw, self.pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1)
-        self.mix, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.stem(x))
-        c = torch.cat([F.relu(self.a(x)), self.pw(F.relu6(self.dw(x)))], 1)
-        x = F.relu(self.mix(c) + c)
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+needs_et = needs("executorch", PIP)
 
 
 @pytest.fixture(scope="module")
 def net() -> nn.Module:
     torch.manual_seed(0)
-    return Net().eval()
+    return BranchNet().eval()
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +74,7 @@ def test_activation_grids_xnnpack_cannot_run_are_refused(net, calib_batches, dig
 
 
 def test_missing_executorch_names_the_pip_package(qnet, digits_data, monkeypatch) -> None:
-    real_import = builtins.__import__
-
-    def no_executorch(name, *args, **kwargs):
-        if name == "executorch" or name.startswith("executorch."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_executorch)
+    without(monkeypatch, "executorch")
     with pytest.raises(ExportError, match=r"pip install 'ptqkit\[executorch\]'"):
         export_pte(qnet, digits_data[2][:1])
     with pytest.raises(LoadError, match=r"pip install 'ptqkit\[executorch\]'"):

@@ -5,14 +5,10 @@ pinned to f32, agreeing with the simulation at batch 1 and 7."""
 
 from __future__ import annotations
 
-import builtins
-import importlib.util
-
 import onnx
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
+from _backends import BranchNet, needs, without
 
 import ptqkit
 from ptqkit.errors import ExportError
@@ -21,32 +17,13 @@ from ptqkit.export.openvino import PIP, OvModule
 from ptqkit.quant.primitives import sqnr_db
 
 CFG = ptqkit.PTQConfig(progress=False)
-HAS_OV = importlib.util.find_spec("openvino") is not None
-needs_ov = pytest.mark.skipif(not HAS_OV, reason=f"openvino not installed ({PIP})")
-
-
-class Net(nn.Module):
-    """conv-ReLU stem; a 1×1 branch and a depthwise-ReLU6 → pointwise branch, concatenated; a
-    conv with a residual add + ReLU; global pool; linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(1, 8, 3, padding=1)
-        self.a = nn.Conv2d(8, 8, 1)
-        self.dw, self.pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1)
-        self.mix, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.stem(x))
-        c = torch.cat([F.relu(self.a(x)), self.pw(F.relu6(self.dw(x)))], 1)
-        x = F.relu(self.mix(c) + c)
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+needs_ov = needs("openvino", PIP)
 
 
 @pytest.fixture(scope="module")
 def qnet(calib_batches) -> torch.nn.Module:
     torch.manual_seed(0)
-    return ptqkit.quantize(Net().eval(), calib_batches, CFG)
+    return ptqkit.quantize(BranchNet().eval(), calib_batches, CFG)
 
 
 def _weight_types(path) -> set[int]:
@@ -76,14 +53,7 @@ def test_openvino_target_keeps_int8_weights_where_auto_is_uint8(
 
 
 def test_missing_openvino_names_the_pip_package(tmp_path, monkeypatch) -> None:
-    real_import = builtins.__import__
-
-    def no_openvino(name, *args, **kwargs):
-        if name == "openvino" or name.startswith("openvino."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    without(monkeypatch, "openvino")
     with pytest.raises(ExportError, match=r"pip install 'ptqkit\[openvino\]'"):
         OvModule(tmp_path / "model.onnx")
 
