@@ -42,7 +42,9 @@ ADAROUND = register(
         options=AdaRoundOptions,
         cost_key=lambda c: "adaround",
         estimate=_estimate,
-        candidates=(Candidate("AdaRound", {"adaround": True}, rank=110),),
+        # GPTQ and AdaRound both choose the integer weights: the candidate replaces GPTQ (when
+        # the incumbent has it) so that tune's paired test compares the two
+        candidates=(Candidate("AdaRound", {"adaround": True, "gptq": None}, rank=110),),
         reference="Nagel et al. 2020, arXiv:2004.10568; Li et al. 2021, arXiv:2102.05426",
         per_layer=True,
     )

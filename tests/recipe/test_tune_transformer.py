@@ -129,6 +129,9 @@ def test_gptq_chosen_for_w4_weight_only_on_correlated_inputs() -> None:
         assert "LayerNorm" in trials[name]["reason"], trials[name]
     chosen, base = _rel_err(model, q, test), _rel_err(model, _base(model, data, cfg), test)
     assert chosen < 0.5 * base, (chosen, base)
+    # with GPTQ the incumbent, AdaRound is tried in its place (both choose the integers)
+    ada = trials["AdaRound"]
+    assert ada["status"] != "failed" and ada.get("changes", {}).get("gptq", "x") is None, ada
 
 
 class Exact(nn.Module):
