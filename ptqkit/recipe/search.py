@@ -179,17 +179,7 @@ def tune(
     # that the user's data meets: the refit is then reserved out of the budget (see above)
     trial = _Trials(search, scale, refit and n_cal < MIN_CALIBRATION_SAMPLES <= n_all)
     for cand in cands:
-        assert search.best is not None
-        why = cand.skip_reason(search.view, search.best[1])
-        if why is not None:  # a candidate that cannot apply to this model is not tried
-            search.record(cand.name, dict(cand.changes), "skipped", f"does not apply: {why}")
-            continue
-        try:
-            cfg = cand.apply(search.best[1])
-        except ConfigError as e:
-            search.record(cand.name, dict(cand.changes), "failed", str(e))
-            continue
-        trial.attempt(cand.name, config_delta(search.best[1], cfg), cfg)
+        _try(search, trial, cand)
     target = {k: getattr(config, k) for k in _TARGETS if getattr(config, k) is not None}
     fallback_note = ""
     if target:  # asked for: the fallback model is kept even if its held-out score is not
@@ -199,6 +189,22 @@ def tune(
             why = search.trials[-1]["reason"]
             fallback_note = f"the fallback target {target} was not pursued: {why}"
     return _finish(search, model, batches, config, base, refit, scale, fallback_note)
+
+
+def _try(search: Search, trial: _Trials, cand: Candidate) -> None:
+    """One candidate, applied to the best recipe so far: recorded as skipped when it does not
+    apply to this model, as failed when it cannot be applied, else attempted."""
+    assert search.best is not None
+    why = cand.skip_reason(search.view, search.best[1])
+    if why is not None:  # a candidate that cannot apply to this model is not tried
+        search.record(cand.name, dict(cand.changes), "skipped", f"does not apply: {why}")
+        return
+    try:
+        cfg = cand.apply(search.best[1])
+    except ConfigError as e:
+        search.record(cand.name, dict(cand.changes), "failed", str(e))
+        return
+    trial.attempt(cand.name, config_delta(search.best[1], cfg), cfg)
 
 
 def _checked(config: PTQConfig | None, budget_s: Any) -> PTQConfig:
