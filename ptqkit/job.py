@@ -1,5 +1,5 @@
 """The whole job as one call: quantize → evaluate → (compare, sensitivity) → save → export →
-time (PyTorch, ONNX Runtime, PyTorch int8 through Inductor) → report, with its summary.
+time (PyTorch; int8 on ONNX Runtime, Inductor, OpenVINO, ExecuTorch) → report, with its summary.
 ``ptqkit quantize``/``demo``/``report`` are this function plus argument parsing and printing;
 a Python user gets the same files and the same summary::
 
@@ -40,16 +40,14 @@ from .pipeline import quantize
 from .recipe import tune
 from .report.html import write_report
 from .report.measure import collect
+from .report.runtimes import RUNTIMES, Context, select, time_runtimes
+from .report.summary import job_summary
 from .report.table import int8_runtimes, result_table, runtime_lines
-from .report.timing import (
-    PT2_ROW,
-    JobLog,
-    _batch_of,
-    _Silent,
-    export_and_time,
-    latency_ms,
-    time_pt2,
-)
+from .report.timing import JobLog, _batch_of, _Silent, export_and_time, latency_ms
+
+#: ``files`` keys of what the int8 runtimes write: (runtime, its record's key) → files key
+FILE_KEYS = {("inductor", "program"): "pt2_int8", ("executorch", "program"): "pte_int8",
+             ("openvino", "onnx"): "onnx_openvino"}  # fmt: skip
 
 
 @dataclass
@@ -60,9 +58,12 @@ class JobResult:
     result: Any  # EvalResult
     latency_ms: dict[str, float] = field(default_factory=dict)
     onnx: dict[str, Any] = field(default_factory=dict)
-    #: the PyTorch int8 row (:func:`~ptqkit.report.timing.time_pt2`): program, kernel count,
-    #: agreement with the simulation and FP32, latency by batch; ``error`` if it failed
+    #: the PyTorch int8 (Inductor) record, ``runtimes["inductor"]``
     pt2: dict[str, Any] = field(default_factory=dict)
+    #: each int8 runtime's record by key (:func:`~ptqkit.report.runtimes.time_runtime`):
+    #: layer counts, agreement with the simulation and FP32, latency by batch; ``status``
+    #: (not installed), ``skipped`` or ``error`` where it did not run
+    runtimes: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     advice: list[Any] = field(default_factory=list)
     comparison: Any = None
@@ -74,12 +75,13 @@ class JobResult:
 
     def table(self) -> str:
         """The short FP32 vs INT8 table (metric, agreement and KL, size, latencies)."""
-        return result_table(self.result, self.latency_ms, self.latency_batch, self.pt2)
+        return result_table(self.result, self.latency_ms, self.latency_batch, self.runtimes)
 
     def int8_runtimes(self) -> list[dict[str, Any]]:
         """Every runtime that ran the model on integer kernels: layers on integer and float
-        kernels, latency (ms) by batch (``summary["int8_runtimes"]``)."""
-        return int8_runtimes(self.latency_ms, self.onnx, self.pt2, self.latency_batch)
+        kernels, latency (ms) by batch, agreement; and those not installed
+        (``summary["int8_runtimes"]``)."""
+        return int8_runtimes(self.runtimes)
 
 
 def example_input(batches: Iterable[Any], n: int = 1) -> tuple | None:
@@ -91,31 +93,6 @@ def example_input(batches: Iterable[Any], n: int = 1) -> tuple | None:
             return None
         return tuple(a[:n] for a in args)
     return None
-
-
-def _summary(command: str, qmodel: Any, res: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    from . import __version__
-
-    info = qmodel.ptq_info
-    return {
-        "ptqkit": __version__,
-        "command": command,
-        "config": qmodel.ptq_config.to_dict(),
-        "evaluation": res.to_dict() if res is not None else None,
-        "quantization": {
-            "traced": info.traced,
-            "layers": len(info.layers),
-            "skipped": info.skipped,
-            "activation_quantizers": len(info.quantizers),
-            "float_quantizers": info.disabled,
-            "calibration_samples": info.calibration_samples,
-            "stages_s": info.stages,
-            "warnings": info.warnings,
-        },
-        # ptqkit.tune: the choice in one line and every recipe tried (empty when not tuned)
-        "recipe": {"summary": info.recipe, **info.details.get("recipe", {})},
-        **extra,
-    }
 
 
 def _mkdir(p: Path) -> Path:
@@ -145,14 +122,17 @@ class JobOptions:
             :func:`ptqkit.evaluate`.
         compare: also quantize with every method and compare them (:func:`ptqkit.compare`).
         sensitivity: also measure per-layer sensitivity (:func:`ptqkit.sensitivity`).
-        export: export and time the ONNX models (needs ``out_dir``).
-        latency: time the models.
-        pt2: with ``latency``, also run the model on int8 kernels inside PyTorch:
-            :func:`ptqkit.export_pt2` (``model.int8.pt2`` in ``out_dir``) compiled by
-            :func:`ptqkit.compile_int8` (Inductor; about 10 s for a small CNN, tens of seconds
-            for an EfficientNet), its conv/linear kernels counted, its outputs compared with
-            the simulation and FP32 on the evaluation data, timed at batch 1 and the latency
-            batch. A model it cannot take is recorded (``pt2["error"]``) and warned about.
+        export: export and time the ONNX models (needs ``out_dir``; ONNX Runtime's and
+            OpenVINO's int8 rows run the int8 file).
+        latency: time the models, and run the int8 runtimes.
+        runtimes: with ``latency``, the int8 runtimes to run (``None``: all; keys of
+            :data:`~ptqkit.report.runtimes.RUNTIMES`: ``onnxruntime``, ``inductor``,
+            ``openvino``, ``executorch``): layers on integer kernels, outputs against the
+            simulation and FP32 on the evaluation data, latency at batch 1 and the latency
+            batch; a missing package is listed ``not installed (pip install ...)``, a failure
+            recorded (``runtimes[key]["error"]``) and warned about.
+        pt2: ``False`` leaves out Inductor (:func:`ptqkit.export_pt2` → ``model.int8.pt2`` →
+            :func:`ptqkit.compile_int8`: 10 s for a small CNN, tens of s for an EfficientNet).
         example: positional input of the export and the latencies (default: the first sample of
             the first calibration batch; a program exported with a static batch size needs a
             whole batch).
@@ -176,6 +156,7 @@ class JobOptions:
     export: bool = True
     latency: bool = True
     pt2: bool = True
+    runtimes: tuple[str, ...] | None = None
     example: tuple | None = None
     layer_sqnr: bool = True
     tune_budget_s: float | None = None
@@ -207,7 +188,9 @@ def _options(options: JobOptions | None, fields: dict[str, Any]) -> JobOptions:
     unknown = sorted(set(fields) - names)
     if unknown:
         raise ConfigError(f"unknown run_job option(s) {unknown}; valid: {sorted(names)}")
-    return dataclasses.replace(options or JobOptions(), **fields)
+    opts = dataclasses.replace(options or JobOptions(), **fields)
+    select(opts.runtimes)  # an unknown runtime: refused before anything runs
+    return opts
 
 
 def run_job(
@@ -225,8 +208,9 @@ def run_job(
     ``model`` on ``eval_data`` (on the calibration data when ``None``, and the report says so),
     then do what ``options`` (a :class:`JobOptions`) asks: compare every method, measure
     per-layer sensitivity and, with ``out_dir``, save ``model.ptq.safetensors``, export
-    ``model.int8.onnx`` and ``model.fp32.onnx``, time them in ONNX Runtime, export
-    ``model.int8.pt2`` and time it on int8 kernels in PyTorch (Inductor), write
+    ``model.int8.onnx`` and ``model.fp32.onnx``, run the int8 model on each runtime of
+    ``runtimes`` (ONNX Runtime, PyTorch Inductor with ``model.int8.pt2``, OpenVINO, ExecuTorch
+    XNNPACK with ``model.int8.pte``): layers on integer kernels, agreement, latency; write
     ``summary.json`` and the HTML report. Returns a :class:`JobResult`.
 
     ``fields`` are :class:`JobOptions` fields given by name, a shorthand for
@@ -257,9 +241,11 @@ def run_job(
     job.latency_ms, job.onnx = export_and_time(
         log, model, qmodel, example, out, export=opts.export, latency=opts.latency
     )
-    if opts.pt2 and opts.latency:
-        lat, job.pt2 = time_pt2(log, model, qmodel, example, evald, out)
+    if opts.latency:
+        ctx = Context(model, qmodel, example, evald, out, job.onnx, log) if example else None
+        lat, job.runtimes = time_runtimes(opts.runtimes, opts.pt2, ctx)
         job.latency_ms.update(lat)
+        job.pt2 = job.runtimes.get("inductor", {})
     _report(job, model, calib_data, None if on_calib else evald, eval_desc, opts, log)
     _write_summary(job, on_calib, eval_desc, opts)
     return job
@@ -341,21 +327,25 @@ def _report(
         rep.summary += [
             (f"int8 on {name}", text) for name, text in runtime_lines(job.int8_runtimes())
         ]
-        for name, rec in (("ONNX export", job.onnx), (PT2_ROW, job.pt2)):
-            if "error" in rec:
-                rep.summary.append((f"{name} failed", rec["error"]))
+        failed = [("ONNX export", job.onnx)]
+        failed += [(RUNTIMES[k].name, rec) for k, rec in job.runtimes.items()]
+        rep.summary += [(f"{name} failed", rec["error"]) for name, rec in failed if "error" in rec]
         if path is not None:
             write_report(None, path, report=rep)
             job.files["report"] = str(path)
     job.report, job.advice = rep, list(rep.advice)
     job.files.update({f"onnx_{k}": v for k, v in job.onnx.items() if k in ("int8", "fp32")})
-    if "program" in job.pt2:
-        job.files["pt2_int8"] = job.pt2["program"]
+    for (key, what), name in FILE_KEYS.items():
+        if what in job.runtimes.get(key, {}):
+            job.files[name] = job.runtimes[key][what]
 
 
 def _write_summary(job: JobResult, on_calib: bool, eval_desc: str, opts: JobOptions) -> None:
     """``job.summary``, and ``summary.json`` in ``out_dir``."""
-    job.summary = _summary(
+    from . import __version__
+
+    job.summary = job_summary(
+        __version__,
         opts.command,
         job.qmodel,
         job.result,
@@ -367,6 +357,7 @@ def _write_summary(job: JobResult, on_calib: bool, eval_desc: str, opts: JobOpti
             "latency_ms": job.latency_ms,
             "onnx": job.onnx,
             "pt2": job.pt2,
+            "runtimes": job.runtimes,
             "int8_runtimes": job.int8_runtimes(),
             "files": job.files,
             "advice": [a.to_dict() for a in job.advice],

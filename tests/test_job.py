@@ -84,9 +84,18 @@ def test_run_job_writes_everything_and_prints_nothing(
     # flips vs FP32 <= flips of the simulation vs FP32 + flips of Inductor vs the simulation
     assert agree["top1_vs_fp32"] >= sure - (100 - agree["top1_vs_simulation"]), agree
     assert summary["pt2"]["latency_ms"]["1"] == job.latency_ms["INT8 PyTorch Inductor"] > 0
-    assert [r["runtime"] for r in summary["int8_runtimes"]] == [
-        "ONNX Runtime", "PyTorch int8 (Inductor)"
+    # every runtime ran int8 and is listed with its layer counts and latency (OpenVINO and
+    # ExecuTorch in detail: tests/report/test_runtimes.py)
+    rows = summary["int8_runtimes"]
+    assert [r["runtime"] for r in rows] == [
+        "ONNX Runtime", "PyTorch int8 (Inductor)", "OpenVINO", "ExecuTorch (XNNPACK)"
     ]
+    for r in rows:
+        if "status" in r:  # a package not installed here: listed as such
+            assert r["status"].startswith("not installed (pip install"), r
+            continue
+        assert r["layers"] == 4 and r["int_kernels"] + r["float_kernels"] == 4, r
+        assert r["latency_ms"]["1"] > 0 and r["agreement"]["sqnr_db_vs_simulation"] > 30, r
     kernels = f"{want[1]}/4 conv/linear"
     assert "latency PyTorch int8 (Inductor)" in job.table() and kernels in job.table()
     html = (tmp_path / "out" / "report.html").read_text()
@@ -112,7 +121,7 @@ def test_run_job_times_the_example_it_is_given(digits_cnn, calib_batches):
     example = example_input(calib_batches, 4)
     assert example is not None and example[0].shape[0] == 4
     job = run_job(digits_cnn, calib_batches, None, CFG, export=False, example=example,
-                  layer_sqnr=False, pt2=False)
+                  layer_sqnr=False, runtimes=())
     assert job.latency_batch == 4 and "batch 4)" in job.table()
     assert set(job.latency_ms) == {"FP32 PyTorch", "INT8 simulated PyTorch"}
     f, q = _outputs(digits_cnn, job.qmodel, calib_batches)
@@ -188,6 +197,9 @@ def test_a_model_torch_export_cannot_follow_is_recorded_not_raised(calib_batches
 
 
 def test_pt2_off(digits_cnn, calib_batches):
-    job = run_job(digits_cnn, calib_batches, None, CFG, export=False, pt2=False, layer_sqnr=False)
+    """``pt2=False`` leaves Inductor out even when ``runtimes`` names it."""
+    job = run_job(digits_cnn, calib_batches, None, CFG, export=False, pt2=False, layer_sqnr=False,
+                  runtimes=("inductor",))  # fmt: skip
     assert job.pt2 == {} and job.summary["pt2"] == {} and job.summary["int8_runtimes"] == []
+    assert job.runtimes == {}
     assert set(job.latency_ms) == {"FP32 PyTorch", "INT8 simulated PyTorch"}

@@ -11,6 +11,7 @@ from typing import Any
 from ..config import PTQConfig
 from ..io.files import write_text
 from ..job import JobOptions, JobResult, example_input, run_job
+from ..report.runtimes import RUNTIMES
 from ..report.table import runtime_lines
 from .config_file import load_config
 from .console import Console
@@ -34,6 +35,18 @@ def _tune_budget(seconds: float | None) -> float | None:
     if not seconds > 0:
         raise UsageError(f"--tune takes a budget in seconds > 0 (0: off), got {seconds:g}")
     return float(seconds)
+
+
+def _runtimes(names: str | None) -> tuple[str, ...] | None:
+    """``--runtimes a,b``: the int8 runtimes to run (not given: all; ``""``: none); an unknown
+    name is a usage error listing the known ones."""
+    if names is None:
+        return None
+    keys = tuple(n.strip() for n in names.split(",") if n.strip())
+    unknown = [k for k in keys if k not in RUNTIMES]
+    if unknown:
+        raise UsageError(f"--runtimes: unknown {','.join(unknown)}; known: {','.join(RUNTIMES)}")
+    return keys
 
 
 def run(
@@ -64,6 +77,7 @@ def run(
         export=not getattr(args, "no_onnx", False),
         latency=not getattr(args, "no_latency", False),
         pt2=not getattr(args, "no_pt2", False),
+        runtimes=_runtimes(getattr(args, "runtimes", None)),
         example=None if size is None else example_input(calib.batches, size),
         layer_sqnr=size is None,
         tune_budget_s=_tune_budget(getattr(args, "tune", None)),
@@ -153,6 +167,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
         with console.step(f"loading {args.quantized}"):
             qmodel = ptqkit.load(args.quantized, model)
     args.no_onnx = args.no_pt2 = True  # a report of the model: no export, no int8 runtimes
+    args.runtimes = ""
     which = f", quantized model {args.quantized}." if args.quantized else "."
     notes = [f"Model {args.model}{which}"]
     title = f"ptqkit report: {args.model}"

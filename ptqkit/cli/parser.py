@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..report.runtimes import RUNTIMES
 from .commands import cmd_compare, cmd_quantize, cmd_report
 from .demo import DEMO_TUNE_S, cmd_demo
 
@@ -75,6 +76,12 @@ def _run_options(
         "--no-pt2",
         action="store_true",
         help="skip the PyTorch int8 run (torch.export + Inductor compilation: 10-60 s)",
+    )
+    p.add_argument(
+        "--runtimes",
+        metavar="NAMES",
+        help="the int8 runtimes to run, comma-separated, of " + ",".join(RUNTIMES)
+        + " (default: all; one whose package is missing is listed as not installed)",
     )
     p.add_argument("--max-plots", type=int, default=max_plots, help="plots per report section")
     p.add_argument(

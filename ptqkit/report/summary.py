@@ -1,5 +1,6 @@
 """The rows of the report's summary table: the evaluation result, latency and how the model
-was quantized (from its ``ptq_info``)."""
+was quantized (from its ``ptq_info``); and what a job's ``summary.json`` holds
+(:func:`job_summary`)."""
 
 from __future__ import annotations
 
@@ -107,4 +108,32 @@ def _scope_rows(
     return rows
 
 
-__all__ = ["summary_rows"]
+def job_summary(
+    version: str, command: str, qmodel: Any, res: Any, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``summary.json`` holds (:func:`ptqkit.run_job`): the ptqkit ``version``, the
+    ``command``, the config, the evaluation result ``res``, how the model was quantized (its
+    ``ptq_info``), the recipe, then ``extra`` (latencies, the int8 runtimes, files, advice)."""
+    info = qmodel.ptq_info
+    return {
+        "ptqkit": version,
+        "command": command,
+        "config": qmodel.ptq_config.to_dict(),
+        "evaluation": res.to_dict() if res is not None else None,
+        "quantization": {
+            "traced": info.traced,
+            "layers": len(info.layers),
+            "skipped": info.skipped,
+            "activation_quantizers": len(info.quantizers),
+            "float_quantizers": info.disabled,
+            "calibration_samples": info.calibration_samples,
+            "stages_s": info.stages,
+            "warnings": info.warnings,
+        },
+        # ptqkit.tune: the choice in one line and every recipe tried (empty when not tuned)
+        "recipe": {"summary": info.recipe, **info.details.get("recipe", {})},
+        **extra,
+    }
+
+
+__all__ = ["job_summary", "summary_rows"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .timing import PT2_LATENCY, PT2_ROW
+from .runtimes import RUNTIMES
 
 
 def _size(n: int | None) -> str:
@@ -36,11 +36,11 @@ def _cost_row(res: Any) -> list[tuple[str, str, str, str]]:
 
 
 def result_table(
-    res: Any, lat: dict[str, float], batch: int = 1, pt2: dict[str, Any] | None = None
+    res: Any, lat: dict[str, float], batch: int = 1, runtimes: dict[str, Any] | None = None
 ) -> str:
     """The short FP32 vs INT8 table of an :class:`~ptqkit.EvalResult` and latencies (measured on
-    batches of ``batch`` samples); ``pt2``: the PyTorch int8 record
-    (:func:`~ptqkit.report.timing.time_pt2`), for its kernel count."""
+    batches of ``batch`` samples); ``runtimes``: the int8 runtimes' records by key
+    (:func:`~ptqkit.report.runtimes.time_runtime`), for their layer counts."""
     unit = "%" if res.metric in ("top1", "top5", "agreement") else ""
     rows = [
         ("", "FP32", "INT8", ""),
@@ -59,54 +59,52 @@ def result_table(
             f"{res.compression:.2f}x smaller" if res.compression else "",
         ),
     ]
-    for label, f_key, q_key, note in (
-        ("latency PyTorch", "FP32 PyTorch", "INT8 simulated PyTorch", None),
-        ("latency ONNX Runtime", "FP32 ONNX Runtime", "INT8 ONNX Runtime", "kernels"),
-        (f"latency {PT2_ROW}", "FP32 PyTorch", PT2_LATENCY, "layers"),
-    ):
-        if q_key in lat and f_key in lat:
-            f, q = lat[f_key], lat[q_key]
-            text = "int8 simulated in float (fake-quant)"
-            if note:
-                text = _speed(f, q)
-            if note == "layers" and pt2 and "layers" in pt2:
-                text = f"{pt2['int_kernels']}/{pt2['layers']} conv/linear on " + text
-            rows.append((label, f"{f:.2f} ms", f"{q:.2f} ms", text))
+    if "FP32 PyTorch" in lat and "INT8 simulated PyTorch" in lat:
+        f, q = lat["FP32 PyTorch"], lat["INT8 simulated PyTorch"]
+        rows.append(("latency PyTorch", f"{f:.2f} ms", f"{q:.2f} ms",
+                     "int8 simulated in float (fake-quant)"))  # fmt: skip
+    for rt in RUNTIMES.values():  # ONNX Runtime against its own FP32, the others against eager
+        f_key = "FP32 ONNX Runtime" if rt.key == "onnxruntime" else "FP32 PyTorch"
+        if rt.latency not in lat or f_key not in lat:
+            continue
+        f, q = lat[f_key], lat[rt.latency]
+        text = _speed(f, q)
+        rec = (runtimes or {}).get(rt.key) or {}
+        if rec.get("layers"):
+            text = f"{rec['int_kernels']}/{rec['layers']} conv/linear on " + text
+        rows.append((f"latency {rt.name}", f"{f:.2f} ms", f"{q:.2f} ms", text))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
     lines.append(f"({res.samples} evaluation samples; latency: best of 10 runs, batch {batch})")
     return "\n".join(lines)
 
 
-def int8_runtimes(
-    lat: dict[str, float], onnx: dict[str, Any], pt2: dict[str, Any], batch: int
-) -> list[dict[str, Any]]:
-    """Every runtime that ran the quantized model on integer kernels: its name, how many
-    conv/linear (ONNX: conv/matmul/gemm) ops ran on integer and on float kernels, its latency
-    (ms) by batch size, and for PyTorch its agreement with the simulation and FP32."""
+#: what a runtime's row carries from its record into ``summary["int8_runtimes"]``
+ROW_KEYS = ("layers", "int_kernels", "float_kernels", "integer_ops", "latency_ms", "agreement",
+            "inference_precision", "layer_precisions", "outside_delegate", "partitions",
+            "delegated_nodes", "other_nodes", "compile_s", "seconds")  # fmt: skip
+
+
+def int8_runtimes(runtimes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every runtime that ran the quantized model on integer kernels (``runtimes``: records by
+    key, :func:`~ptqkit.report.runtimes.time_runtime`), in :data:`RUNTIMES`' order: its name,
+    how many conv/linear layers ran on integer and on float kernels, its latency (ms) by batch
+    size, its agreement with the simulation and FP32; and each runtime asked for whose package
+    is missing, with its ``status`` (``not installed (pip install ...)``). A runtime that
+    failed or was skipped is not listed (its record says why)."""
     rows: list[dict[str, Any]] = []
-    if onnx.get("int8") and "error" not in onnx:
-        row = {
-            "runtime": "ONNX Runtime",
-            "int_kernels": onnx["int_kernels"],
-            "float_kernels": onnx["float_kernels"],
-            "latency_ms": {},
-        }
-        if "INT8 ONNX Runtime" in lat:
-            row["latency_ms"] = {str(batch): lat["INT8 ONNX Runtime"]}
-        rows.append(row)
-    if "layers" in pt2 and "error" not in pt2:
-        rows.append(
-            {
-                "runtime": PT2_ROW,
-                "layers": pt2["layers"],
-                "int_kernels": pt2["int_kernels"],
-                "float_kernels": pt2["float_kernels"],
-                "latency_ms": dict(pt2.get("latency_ms", {})),
-                "agreement": pt2.get("agreement"),
-            }
-        )
+    for key, rec in runtimes.items():
+        rt = RUNTIMES[key]
+        if "status" in rec:
+            rows.append({"runtime": rt.name, "status": rec["status"], "latency_ms": {}})
+        elif "layers" in rec and "error" not in rec and "skipped" not in rec:
+            row: dict[str, Any] = {"runtime": rt.name, "kernel_kind": rt.kernels}
+            rows.append(row | {k: rec[k] for k in ROW_KEYS if k in rec})
     return rows
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else str(n)
 
 
 def runtime_lines(runtimes: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -114,15 +112,13 @@ def runtime_lines(runtimes: list[dict[str, Any]]) -> list[tuple[str, str]]:
     report's summary and the CLI show."""
     lines = []
     for r in runtimes:
-        if "layers" in r:
-            kernels = (
-                f"{r['int_kernels']}/{r['layers']} conv/linear on oneDNN int8 kernels, "
-                f"{r['float_kernels']} float"
-            )
-        else:
-            kernels = (
-                f"{r['int_kernels']} integer kernels, {r['float_kernels']} float conv/matmul/gemm"
-            )
+        if "status" in r:
+            lines.append((r["runtime"], r["status"]))
+            continue
+        kernels = (
+            f"{_count(r['int_kernels'])}/{r['layers']} conv/linear on {r['kernel_kind']}, "
+            f"{_count(r['float_kernels'])} float"
+        )
         speed = ", ".join(f"{ms:.2f} ms at batch {b}" for b, ms in r["latency_ms"].items())
         agree = r.get("agreement") or {}
         if "top1_vs_simulation" in agree:

@@ -1,9 +1,8 @@
-"""Timing a job's models: the float and simulated models in PyTorch, exported, the ONNX
-Runtime float and int8 models (with how many conv/matmul/gemm ops ran on integer kernels), and
-the PyTorch int8 model: the ``torch.export`` program with pt2e Q/DQ ops compiled by Inductor
-(with how many conv/linear ran on oneDNN int8 kernels, and how its outputs agree with the
-simulation and with FP32). A runtime that fails is recorded and warned about, never raised:
-the model is quantized and saved already."""
+"""Timing a job's models: the float and simulated models in PyTorch, the ONNX export (int8 and
+float) and the ONNX Runtime float model; the pieces every int8 runtime of
+:mod:`ptqkit.report.runtimes` shares: :func:`latency_ms`, :func:`pt2_agreement` (a runtime's
+outputs against the simulation and FP32), :func:`recorded` (a runtime that fails is recorded
+and warned about, never raised: the model is quantized and saved already)."""
 
 from __future__ import annotations
 
@@ -20,10 +19,6 @@ from torch import nn
 from ..data import split_batch
 from ..errors import PTQWarning, one_line
 from ..scorer import compare, db_ratio, select
-
-#: the PyTorch int8 row: its name in the table, the report and ``summary.json``, its latency key
-PT2_ROW = "PyTorch int8 (Inductor)"
-PT2_LATENCY = "INT8 PyTorch Inductor"
 
 
 class JobLog(Protocol):
@@ -69,7 +64,8 @@ def export_and_time(
     latency: bool = True,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Latencies (ms, on ``example``'s batch) of the float and simulated models and, when
-    exported, of the ONNX Runtime float and int8 models; plus what the export wrote. An export
+    exported, of the ONNX Runtime float model; plus what the export wrote (``onnx["int8"]`` is
+    what the ONNX Runtime and OpenVINO rows of :mod:`.runtimes` run). An export
     failure is recorded (``onnx["error"]``) and warned about, not raised: the model is quantized
     and saved already."""
     lat: dict[str, float] = {}
@@ -94,77 +90,30 @@ def export_and_time(
         rep = kernel_report(int8)
         onnx["int_kernels"], onnx["float_kernels"] = rep.int_kernels, rep.float_kernels
         if latency:
-            with log.step(f"timing ONNX Runtime float and int8 (batch {_batch_of(example)})"):
+            with log.step(f"timing ONNX Runtime float (batch {_batch_of(example)})"):
                 threads = torch.get_num_threads()  # the same as PyTorch's, for a fair comparison
                 lat["FP32 ONNX Runtime"] = latency_ms(OrtModule(fp32, threads), example)
-                lat["INT8 ONNX Runtime"] = latency_ms(OrtModule(int8, threads), example)
     return lat, onnx
+
+
+class Skipped(Exception):
+    """A runtime with nothing to run (the job made no ONNX export): :func:`recorded` keeps the
+    reason (``record["skipped"]``) without a warning."""
 
 
 @contextlib.contextmanager
 def recorded(record: dict[str, Any], what: str) -> Iterator[None]:
     """Run the block; an exception is recorded (``record["error"]``, one line) and warned about
     (:class:`~ptqkit.errors.PTQWarning` ``"<what> failed: ..."``), not raised: the model is
-    quantized and saved already, a runtime that cannot take it must not lose the job."""
+    quantized and saved already, a runtime that cannot take it must not lose the job. A
+    :class:`Skipped` is recorded as ``record["skipped"]``, not warned about."""
     try:
         yield
+    except Skipped as e:
+        record["skipped"] = str(e)
     except Exception as e:
         record["error"] = one_line(e)
         warnings.warn(f"{what} failed: {one_line(e)}", PTQWarning, stacklevel=3)
-
-
-def time_pt2(
-    log: JobLog,
-    model: nn.Module,
-    qmodel: nn.Module,
-    example: tuple | None,
-    eval_data: Iterable[Any] | None,
-    out: Path | None,
-    latency: bool = True,
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """The PyTorch int8 row: :func:`~ptqkit.export.pt2.export_pt2` (saved as
-    ``out/model.int8.pt2``) → :func:`~ptqkit.export.pt2.compile_int8` on ``example``'s batch
-    ``B``; its :class:`~ptqkit.export.pt2.KernelCount` (``layers``, ``int_kernels``: conv/linear
-    on oneDNN int8 kernels, ``float_kernels``), its top-1 agreement and output SQNR against the
-    simulation and against FP32 on ``eval_data`` (run in chunks of ``B``), and its latency at
-    batch 1 and ``B`` (``latency_ms``, by batch). Returns ``({PT2_LATENCY: ms at B}, record)``.
-
-    One compiled function per batch size: Inductor's dynamic-shape recompilation of the int8
-    graph (a second batch size) fails on oneDNN's channels-last outputs in torch 2.13."""
-    lat: dict[str, float] = {}
-    rec: dict[str, Any] = {}
-    if example is None:
-        rec["skipped"] = "the model takes keyword inputs; torch.export needs positional tensors"
-        return lat, rec
-    from ..export.pt2 import compile_int8
-
-    batch = _batch_of(example)
-    with recorded(rec, PT2_ROW):
-        path = out / "model.int8.pt2" if out is not None else None
-        with log.step("exporting to torch.export (pt2e Q/DQ ops)"):
-            program, dynamic = _program(qmodel, example, path)
-        if path is not None:
-            rec["program"] = str(path)
-        with log.step(f"compiling the int8 program with Inductor (batch {batch})"):
-            t0 = time.perf_counter()
-            compiled = {batch: compile_int8(program, example)}
-            rec["compile_s"] = round(time.perf_counter() - t0, 2)
-        k = compiled[batch].kernels
-        rec.update(layers=k.layers, int_kernels=k.int8, float_kernels=k.float, kernels=k.kernels)
-        if eval_data is not None:
-            with log.step("checking the Inductor int8 outputs against the simulation and FP32"):
-                rec["agreement"] = pt2_agreement(compiled[batch], model, qmodel, eval_data, batch)
-        if latency:
-            with log.step(f"timing {PT2_ROW}"):
-                one = tuple(a[:1] for a in example)
-                if batch != 1 and dynamic:
-                    compiled[1] = compile_int8(program, one, warn=False)
-                rec["latency_ms"] = {
-                    str(b): latency_ms(fn, example if b == batch else one)
-                    for b, fn in sorted(compiled.items())
-                }
-                lat[PT2_LATENCY] = rec["latency_ms"][str(batch)]
-    return lat, rec
 
 
 def _program(qmodel: nn.Module, example: tuple, path: Path | None) -> tuple[Any, bool]:
@@ -195,7 +144,7 @@ def pt2_agreement(
         args, kwargs = split_batch(b, i)
         if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
             return {"skipped": "keyword or non-tensor inputs"}
-        got = select(_chunked(fn, args, batch), None, PT2_ROW, api=None)
+        got = select(_chunked(fn, args, batch), None, "int8 runtime", api=None)
         for name, ref_model in (("simulation", qmodel), ("fp32", model)):
             ref = select(ref_model(*args), None, name, api=None)
             pair = compare(ref, got, len(args[0]), args)
@@ -219,6 +168,6 @@ def _chunked(fn: Callable[..., Any], args: tuple, batch: int) -> torch.Tensor:
         short = batch - len(part[0])
         if short:
             part = [torch.cat([p, p[-1:].expand(short, *p.shape[1:])]) for p in part]
-        out = select(fn(*part), None, PT2_ROW, api=None)
+        out = select(fn(*part), None, "int8 runtime", api=None)
         outs.append(out[: batch - short])
     return torch.cat(outs)
