@@ -41,6 +41,7 @@ from ..pipeline import attach
 from ..stage import Context
 from ..technique import run_stages, tapping
 from ..techniques import in_phase, pipeline, prefix_fields
+from ..techniques.calibrate import CALIBRATE
 
 
 def prefix_key(config: PTQConfig) -> tuple[Any, ...]:
@@ -86,7 +87,7 @@ def build_prefix(model: nn.Module, data: Iterable[Any], config: PTQConfig) -> Pr
         cals, tracker = observe_all(
             ctx.qmodel, ctx.data, config, ctx.info, AUTO_OBSERVER, ctx.channels_last
         )
-    ctx.info.stages["calibrate"] = time.perf_counter() - t
+    ctx.info.stages[CALIBRATE.name] = time.perf_counter() - t
     ctx.taps = tap_ctx.taps
     stats = {n: c.stats for n, c in cals.items()}
     tapped = frozenset(t.name for t in pipeline() if t.takes_tap(tap_cfg))
@@ -175,7 +176,7 @@ def quantize_from(prefix: Prefix, config: PTQConfig) -> nn.Module:
     ctx.qmodel = qmodel
     t = time.perf_counter()
     ctx.calibrators = set_ranges(qmodel, cals, prefix.tracker, config, info)
-    info.stages["calibrate"] = info.stages.get("calibrate", 0.0) + time.perf_counter() - t
+    info.stages[CALIBRATE.name] = info.stages.get(CALIBRATE.name, 0.0) + time.perf_counter() - t
     run_stages(in_phase("solve"), ctx)
     attach(qmodel, info, config)
     return qmodel

@@ -20,6 +20,7 @@ from ..pipeline import quantize
 from ..sync import active
 from ..technique import ModelView
 from ..techniques import resolve
+from ..techniques.calibrate import CALIBRATE
 from .candidates import measured_stages, stage_seconds, stages_of
 from .holdout import HoldOut, Score
 from .prefix import Prefix, build_prefix, can_serve, quantize_from, servable
@@ -152,7 +153,7 @@ class Search:
         if not self.trials:  # the base trial
             self.score_s, self.layers = score_s, len(info_of(qmodel).layers)
             self.work = layer_work(qmodel)
-            self.pass_s = stages.get("calibrate", quantize_s)
+            self.pass_s = stages.get(CALIBRATE.name, quantize_s)
             samples = sum(batch_size(*split_batch(b, i)) for i, b in enumerate(self.calib))
             self.view = model_view(qmodel, self.calib, samples)
         rec.update(
