@@ -17,6 +17,7 @@ neither stops the job."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -80,13 +81,26 @@ class Runtime:
     per_batch: bool = False
 
 
+#: loggers that warn while ExecuTorch is imported, about nothing a job does: torchao's CUDA
+#: kernels that do not load on a CPU machine, torch's pytree registration of an Enum
+IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
 def installed(modules: Sequence[str]) -> bool:
-    """Whether every module imports (through ``__import__``, as an ``import`` statement)."""
+    """Whether every module imports (through ``__import__``, as an ``import`` statement), with
+    the :data:`IMPORT_NOISE` loggers' warnings held back while they import."""
+    loggers = [logging.getLogger(name) for name in IMPORT_NOISE]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         for name in modules:
             __import__(name)
     except ImportError:
         return False
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     return True
 
 
