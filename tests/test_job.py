@@ -192,6 +192,8 @@ def test_a_model_torch_export_cannot_follow_is_recorded_not_raised(calib_batches
     assert "INT8 PyTorch Inductor" not in job.latency_ms
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["pt2"] == job.pt2 and summary["int8_runtimes"] == []
+    et = job.runtimes["executorch"]  # ExecuTorch starts from the same program: recorded too
+    assert "status" in et or et["error"].startswith("torch.export failed"), et
     assert "PyTorch int8 (Inductor) failed" in (tmp_path / "o" / "report.html").read_text()
     assert not (tmp_path / "o" / "model.int8.pt2").exists()
 

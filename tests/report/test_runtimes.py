@@ -127,6 +127,14 @@ def test_the_registry_and_its_selection(digits_cnn, calib_batches) -> None:
         ptqkit.run_job(digits_cnn, calib_batches, None, CFG, runtimes=("tensorrt",))
     with pytest.raises(ConfigError, match="tuple of names"):
         select("openvino")
+    # --runtimes: not given (all), "" (none), names, an unknown one a usage error naming all
+    from ptqkit.cli.commands import _runtimes
+    from ptqkit.cli.usage import UsageError
+
+    assert _runtimes(None) is None and _runtimes("") == ()
+    assert _runtimes("openvino, executorch") == ("openvino", "executorch")
+    with pytest.raises(UsageError, match="unknown trt; known: onnxruntime,inductor,openvino,exec"):
+        _runtimes("onnxruntime,trt")
 
 
 def test_no_onnx_export_skips_the_onnx_runtimes_without_a_warning(
