@@ -191,7 +191,10 @@ def test_a_model_torch_export_cannot_follow_is_recorded_not_raised(calib_batches
     assert job.result.agreement >= certain_agreement(f, q) and sqnr_db(f, q) > 25
     assert "INT8 PyTorch Inductor" not in job.latency_ms
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["pt2"] == job.pt2 and summary["int8_runtimes"] == []
+    # no runtime ran int8 (export=False: no ONNX; no program): at most 'not installed' entries
+    assert summary["pt2"] == job.pt2
+    assert [r for r in summary["int8_runtimes"] if "status" not in r] == [], summary
+    assert all(r["status"].startswith("not installed") for r in summary["int8_runtimes"])
     et = job.runtimes["executorch"]  # ExecuTorch starts from the same program: recorded too
     assert "status" in et or et["error"].startswith("torch.export failed"), et
     assert "PyTorch int8 (Inductor) failed" in (tmp_path / "o" / "report.html").read_text()
