@@ -4,6 +4,7 @@ was quantized (from its ``ptq_info``); and what a job's ``summary.json`` holds
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -23,6 +24,15 @@ def _spec(d: dict[str, Any] | None) -> str:
     return f"{d.get('bits')}-bit {kind} {gran}"
 
 
+def cost_text(result: Any) -> list[str]:
+    """``["0.04 points"]``: the expected top-1 cost (label-free), shown where the metric is
+    agreement and the cost is known; ``[]`` otherwise."""
+    cost = getattr(result, "expected_cost", math.nan)
+    if result.metric != "agreement" or not math.isfinite(cost):
+        return []
+    return [f"{cost:.2f} points"]
+
+
 def summary_rows(
     qmodel: nn.Module, result: Any = None, latency: dict[str, float] | None = None
 ) -> list[tuple[str, str]]:
@@ -35,14 +45,12 @@ def summary_rows(
             (f"INT8 {result.metric}", f"{result.quantized:.2f}{unit}"),
             ("degradation", f"{result.degradation:+.2f} points"),
             ("top-1 agreement with FP32", f"{result.agreement:.2f}%"),
+            *[("expected top-1 cost (FP32's probabilities)", c) for c in cost_text(result)],
             ("KL(FP32 ‖ INT8) per sample", f"{result.kl:.4g} nats"),
             ("evaluation samples", str(result.samples)),
             ("size FP32", _fmt_bytes(result.size_bytes_fp32)),
             ("size quantized", _fmt_bytes(result.size_bytes_quantized)),
         ]
-        if result.metric == "agreement":
-            cost = getattr(result, "expected_cost", float("nan"))
-            rows.insert(4, ("expected top-1 cost (FP32's probabilities)", f"{cost:.2f} points"))
         if result.compression is not None:
             rows.append(("compression", f"{result.compression:.2f}×"))
     for k, v in (latency or {}).items():
@@ -136,4 +144,4 @@ def job_summary(
     }
 
 
-__all__ = ["job_summary", "summary_rows"]
+__all__ = ["cost_text", "job_summary", "summary_rows"]

@@ -4,10 +4,10 @@ which runtimes ran the model on int8 kernels, how many of its layers and how fas
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from .runtimes import RUNTIMES
+from .summary import cost_text
 
 
 def _size(n: int | None) -> str:
@@ -27,14 +27,6 @@ def _speed(fp32_ms: float, int8_ms: float) -> str:
     return f"int8 kernels, {int8_ms / fp32_ms:.2f}x slower than FP32 on this machine"
 
 
-def _cost_row(res: Any) -> list[tuple[str, str, str, str]]:
-    """The expected top-1 cost (label-free) where the metric is agreement."""
-    cost = getattr(res, "expected_cost", math.nan)
-    if res.metric != "agreement" or not math.isfinite(cost):
-        return []
-    return [("expected top-1 cost", "", f"{cost:.2f} points", "under FP32's probabilities")]
-
-
 def result_table(
     res: Any, lat: dict[str, float], batch: int = 1, runtimes: dict[str, Any] | None = None
 ) -> str:
@@ -51,7 +43,7 @@ def result_table(
             f"degradation {res.degradation:+.2f} points",
         ),
         ("top-1 agreement", "", f"{res.agreement:.2f}%", f"KL {res.kl:.3g} nats"),
-        *_cost_row(res),
+        *[("expected top-1 cost", "", c, "under FP32's probabilities") for c in cost_text(res)],
         (
             "size",
             _size(res.size_bytes_fp32),
